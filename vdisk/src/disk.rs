@@ -1,0 +1,163 @@
+//! A virtual disk: an image and its parent chain, with the generic read and
+//! write loops over layer mappings.
+
+use std::sync::Mutex;
+
+use crate::{Error, Format, Geometry, Image, Mapping, Result};
+
+/// Deepest parent chain accepted; a deeper one is refused as corrupt (or a loop).
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// An opened virtual disk: `layers[0]` is the file that was opened, the last
+/// layer is the base image. Only `layers[0]` is ever written.
+pub struct Disk {
+    layers: Vec<Box<dyn Image>>,
+    /// Serialises writes: read-modify-write of partial sectors and block
+    /// allocation must not interleave. Reads take no lock.
+    write_lock: Mutex<()>,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field("format", &self.format())
+            .field("size", &self.size())
+            .field("depth", &self.layers.len())
+            .finish()
+    }
+}
+
+impl Disk {
+    /// Stacks `layers` (top first). The caller has verified the links.
+    pub fn new(layers: Vec<Box<dyn Image>>) -> Result<Disk> {
+        if layers.is_empty() {
+            return Err(Error::unsupported("a disk needs at least one image"));
+        }
+        if layers.len() > MAX_CHAIN_DEPTH {
+            return Err(Error::corrupt("parent chain", format!("deeper than {MAX_CHAIN_DEPTH}")));
+        }
+        Ok(Disk { layers, write_lock: Mutex::new(()) })
+    }
+
+    pub fn format(&self) -> Format {
+        self.layers[0].format()
+    }
+    /// Size of the virtual disk in bytes.
+    pub fn size(&self) -> u64 {
+        self.layers[0].virtual_size()
+    }
+    pub fn logical_sector_size(&self) -> u32 {
+        self.layers[0].logical_sector_size()
+    }
+    pub fn physical_sector_size(&self) -> u32 {
+        self.layers[0].physical_sector_size()
+    }
+    pub fn geometry(&self) -> Option<Geometry> {
+        self.layers[0].geometry()
+    }
+    pub fn is_writable(&self) -> bool {
+        self.layers[0].is_writable()
+    }
+    /// The chain, top first.
+    pub fn layers(&self) -> &[Box<dyn Image>] {
+        &self.layers
+    }
+
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len: len as u64, size }),
+        }
+    }
+
+    /// Reads exactly `buf.len()` bytes at `offset`; the range must lie inside the disk.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        self.read_layer(0, buf, offset)
+    }
+
+    /// Reads through layer `level` and below. A layer smaller than the top one
+    /// reads zeros past its end (a child may be larger than its parent).
+    fn read_layer(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let Some(image) = self.layers.get(level) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let size = image.virtual_size();
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            if off >= size {
+                buf[done..].fill(0);
+                break;
+            }
+            let want = ((buf.len() - done) as u64).min(size - off);
+            let (mapping, run) = image.map(off, want)?;
+            if run == 0 || run > want {
+                return Err(Error::corrupt("mapping", format!("layer {level} mapped {run} bytes of {want}")));
+            }
+            let chunk = &mut buf[done..done + run as usize];
+            match mapping {
+                Mapping::Data { file_offset } => image.read_data(chunk, file_offset)?,
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Unallocated => self.read_layer(level + 1, chunk, off)?,
+            }
+            done += run as usize;
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` into the top layer. Unaligned heads and tails
+    /// are merged with the current contents (read-modify-write of one sector).
+    pub fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len())?;
+        if !self.is_writable() {
+            return Err(Error::ReadOnly);
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let _serial = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let ss = self.logical_sector_size() as u64;
+        let end = offset + buf.len() as u64;
+        let head = offset % ss;
+        let mut pos = offset;
+        let mut consumed = 0usize;
+        if head != 0 || end - offset < ss {
+            // Partial first sector.
+            let sector = offset - head;
+            let n = ((ss - head).min(end - offset)) as usize;
+            self.merge_sector(sector, head as usize, &buf[..n])?;
+            pos += n as u64;
+            consumed += n;
+        }
+        let whole = (end - pos) / ss * ss;
+        if whole > 0 {
+            self.write_top(&buf[consumed..consumed + whole as usize], pos)?;
+            pos += whole;
+            consumed += whole as usize;
+        }
+        if pos < end {
+            self.merge_sector(pos, 0, &buf[consumed..])?;
+        }
+        Ok(())
+    }
+
+    fn merge_sector(&self, sector: u64, at: usize, data: &[u8]) -> Result<()> {
+        let mut tmp = vec![0u8; self.logical_sector_size() as usize];
+        self.read_layer(0, &mut tmp, sector)?;
+        tmp[at..at + data.len()].copy_from_slice(data);
+        self.write_top(&tmp, sector)
+    }
+
+    fn write_top(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let parent = |b: &mut [u8], off: u64| self.read_layer(1, b, off);
+        self.layers[0].write(buf, offset, &parent)
+    }
+
+    /// Makes all completed writes durable.
+    pub fn flush(&self) -> Result<()> {
+        self.layers[0].flush()
+    }
+}

@@ -1,0 +1,96 @@
+//! One layer of a virtual disk: the contract every format implements.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use crate::Result;
+
+/// The image formats this crate understands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    Vhd,
+    Vhdx,
+    Vdi,
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Format::Vhd => "vhd",
+            Format::Vhdx => "vhdx",
+            Format::Vdi => "vdi",
+        })
+    }
+}
+
+/// Cylinder/head/sector geometry, as recorded by the image (HDIO_GETGEO).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub cylinders: u32,
+    pub heads: u32,
+    pub sectors: u32,
+}
+
+/// Where a run of virtual bytes lives in one image layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mapping {
+    /// Stored in this layer's file, starting at `file_offset`.
+    Data { file_offset: u64 },
+    /// Reads as zeros, whatever the parents hold.
+    Zero,
+    /// Not stored in this layer: the parent's bytes, or zeros in a base image.
+    Unallocated,
+}
+
+/// How a differencing image names its parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParentLink {
+    /// Paths to try, in order (already resolved against the child's folder).
+    pub candidates: Vec<PathBuf>,
+    /// The identity the parent must have: its [`Image::link_id`].
+    pub id: [u8; 16],
+    /// What to name in an error when no candidate matches.
+    pub description: String,
+}
+
+/// One image file (one layer of a chain), as a map from virtual offsets to
+/// file extents plus the operations that change it.
+///
+/// Offsets given to `map` and `write` are inside `0..virtual_size()`;
+/// `write` offsets and lengths are multiples of `logical_sector_size()`. The
+/// chain logic in [`crate::Disk`] guarantees both.
+pub trait Image: Send + Sync {
+    fn format(&self) -> Format;
+    fn virtual_size(&self) -> u64;
+    fn logical_sector_size(&self) -> u32 {
+        512
+    }
+    fn physical_sector_size(&self) -> u32 {
+        self.logical_sector_size()
+    }
+    fn geometry(&self) -> Option<Geometry> {
+        None
+    }
+    /// Maps the run starting at `offset` of at most `len` bytes (`len > 0`).
+    /// Returns the mapping and the length of the run it covers, `1..=len`.
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)>;
+    /// Reads bytes of a `Mapping::Data` run from this layer's file.
+    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()>;
+    /// Writes sector-aligned data. `parent` reads the chain below this layer
+    /// (zeros for a base image), for formats that copy whole blocks on write.
+    fn write(&self, buf: &[u8], offset: u64, parent: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> Result<()>;
+    /// Whether this layer was opened for writing.
+    fn is_writable(&self) -> bool;
+    /// The identity a child image records for this one as its parent.
+    fn link_id(&self) -> [u8; 16];
+    /// For a differencing image: how to find its parent.
+    fn parent_link(&self) -> Option<&ParentLink> {
+        None
+    }
+    /// One line describing the layer, for logs and `vhdio info`.
+    fn describe(&self) -> String {
+        format!("{} image, {} bytes", self.format(), self.virtual_size())
+    }
+}

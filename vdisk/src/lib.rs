@@ -1,0 +1,32 @@
+//! `vdisk`: virtual disks inside VHD, VHDX and VDI image files.
+//!
+//! Safe Rust, no globals, no FFI. All I/O on image files goes through the
+//! [`Storage`] trait, so the same code runs over raw syscalls in the preload
+//! library and over `std::fs::File` in tools and tests. Opening another file (a
+//! parent image) goes through [`ParentOpener`], which the caller supplies: the
+//! library never opens a path on its own.
+//!
+//! Layers: a format module (`vhd`, ...) parses and validates its on-disk
+//! structures and implements [`Image`], which maps virtual offsets to file
+//! extents. [`Disk`] stacks images into a parent chain and runs the generic
+//! read and write loops over those mappings.
+#![forbid(unsafe_code)]
+
+pub mod bytes;
+pub mod crc;
+mod disk;
+mod error;
+mod image;
+mod open;
+mod probe;
+mod storage;
+pub mod vdi;
+pub mod vhd;
+pub mod vhdx;
+
+pub use disk::{Disk, MAX_CHAIN_DEPTH};
+pub use error::{Error, Result};
+pub use image::{Format, Geometry, Image, Mapping, ParentLink};
+pub use open::{open_disk, open_image, OpenOptions, ParentOpener, StdParentOpener};
+pub use probe::probe;
+pub use storage::{MemStorage, Storage};

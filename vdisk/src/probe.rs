@@ -1,0 +1,44 @@
+//! Deciding from the first and last sectors whether a file is an image.
+
+use crate::bytes::le32;
+use crate::vhd::footer::{Footer, COOKIE as VHD_COOKIE};
+use crate::{Format, Result, Storage};
+
+/// `vhdxfile` at offset 0 (MS-VHDX 2.2.1).
+pub const VHDX_SIGNATURE: &[u8; 8] = b"vhdxfile";
+/// VDI signature at offset 0x40.
+pub const VDI_SIGNATURE: u32 = 0xBEDA_107F;
+
+/// Which format `storage` holds, or `None` if it is not an image.
+///
+/// Reads at most the first and last sectors. A VHD is recognised by its footer
+/// at the end of the file (also the 511-byte footer of old Virtual PC), or by
+/// the footer copy at offset 0 of a dynamic or differencing disk; a `conectix`
+/// at offset 0 alone is not enough, since a fixed disk may hold a VHD as data.
+pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
+    let len = storage.len()?;
+    if len < 512 {
+        return Ok(None);
+    }
+    let mut first = [0u8; 512];
+    storage.read_exact_at(&mut first, 0)?;
+    if &first[..8] == VHDX_SIGNATURE {
+        return Ok(Some(Format::Vhdx));
+    }
+    if le32(&first, 0x40) == VDI_SIGNATURE {
+        return Ok(Some(Format::Vdi));
+    }
+    let mut last = [0u8; 512];
+    storage.read_exact_at(&mut last, len - 512)?;
+    if &last[..8] == VHD_COOKIE || &last[1..9] == VHD_COOKIE {
+        return Ok(Some(Format::Vhd));
+    }
+    if &first[..8] == VHD_COOKIE {
+        if let Ok(footer) = Footer::parse(&first) {
+            if footer.disk_type.is_sparse() && footer.data_offset < len {
+                return Ok(Some(Format::Vhd));
+            }
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,153 @@
+//! Positioned I/O on a container file.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Mutex;
+
+/// What an image file sits on: positioned reads and writes, length, sync.
+///
+/// Implementations take `&self` and keep no file offset, so one storage can serve
+/// concurrent readers. The preload library implements it over raw syscalls, tools
+/// and tests use the `std::fs::File` implementation below.
+pub trait Storage: Send + Sync {
+    /// Reads up to `buf.len()` bytes at `offset`; returns 0 only at end of file.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes up to `buf.len()` bytes at `offset`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
+    /// Current length of the file in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncates or extends the file.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes written data and the file size durable (fdatasync).
+    fn sync(&self) -> io::Result<()>;
+    /// Whether writes are permitted (the file was opened for writing).
+    fn is_writable(&self) -> bool;
+
+    /// Reads exactly `buf.len()` bytes; a short file is `UnexpectedEof`.
+    fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+        while !buf.is_empty() {
+            match self.read_at(buf, offset) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("image file ends before offset {offset}"),
+                    ));
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `buf` at `offset`.
+    fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        if !self.is_writable() {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "image opened read-only"));
+        }
+        while !buf.is_empty() {
+            match self.write_at(buf, offset) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "write returned 0")),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A `std::fs::File` together with whether it was opened for writing.
+impl Storage for (File, bool) {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn is_writable(&self) -> bool {
+        self.1
+    }
+}
+
+/// An in-memory file, for tests and for building images in memory.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: Mutex<Vec<u8>>,
+    read_only: bool,
+}
+
+impl MemStorage {
+    pub fn new(data: Vec<u8>) -> MemStorage {
+        MemStorage { data: Mutex::new(data), read_only: false }
+    }
+    pub fn read_only(data: Vec<u8>) -> MemStorage {
+        MemStorage { data: Mutex::new(data), read_only: true }
+    }
+    pub fn into_inner(self) -> Vec<u8> {
+        self.data.into_inner().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn contents(&self) -> Vec<u8> {
+        self.lock().clone()
+    }
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.data.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let data = self.lock();
+        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
+        if start >= data.len() {
+            return Ok(0);
+        }
+        let n = buf.len().min(data.len() - start);
+        buf[..n].copy_from_slice(&data[start..start + n]);
+        Ok(n)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        if self.read_only {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "read-only"));
+        }
+        let mut data = self.lock();
+        let start = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
+        let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("offset too large"))?;
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        data[start..end].copy_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.lock().len() as u64)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+        self.lock().resize(len, 0);
+        Ok(())
+    }
+    fn sync(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        !self.read_only
+    }
+}

@@ -1,0 +1,392 @@
+//! VHD (Microsoft Virtual Hard Disk 1.0, "vpc" in qemu): fixed, dynamic and
+//! differencing disks.
+//!
+//! Layouts: fixed `[data][footer]`; dynamic and differencing `[footer copy]
+//! [dynamic header][BAT][blocks...][footer]`, where each block is a sector
+//! bitmap followed by `block_size` bytes of data.
+
+pub mod bat;
+pub mod bitmap;
+pub mod dynamic_header;
+pub mod footer;
+pub mod locator;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::bytes::align_up;
+use crate::{Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, Result, Storage};
+use bat::BlockAllocationTable;
+use dynamic_header::{DynamicHeader, HEADER_SIZE};
+use footer::{DiskType, Footer, FOOTER_SIZE, NO_DATA_OFFSET};
+
+/// Data of newly allocated blocks starts on this boundary in the file (as
+/// Windows and blktap do), so guest pages map to file pages.
+const DATA_ALIGN: u64 = 4096;
+
+/// A VHD file.
+pub struct VhdImage {
+    storage: Box<dyn Storage>,
+    footer: Mutex<Footer>,
+    size: u64,
+    sparse: Option<Sparse>,
+    parent: Option<ParentLink>,
+    /// Set when a damaged checksum must be rewritten before the first write.
+    repair_checksums: AtomicBool,
+}
+
+/// The parts of a dynamic or differencing disk.
+struct Sparse {
+    header: DynamicHeader,
+    header_offset: u64,
+    bat: BlockAllocationTable,
+    block_size: u64,
+    bitmap_size: u64,
+    /// One bit per block: its bitmap is known to be all ones, so reads skip it.
+    full: Vec<AtomicU64>,
+    /// Where the next block may start: past every structure and block.
+    next_free: AtomicU64,
+}
+
+impl Sparse {
+    fn is_full(&self, b: usize) -> bool {
+        self.full[b / 64].load(Ordering::Relaxed) & (1 << (b % 64)) != 0
+    }
+    fn mark_full(&self, b: usize) {
+        self.full[b / 64].fetch_or(1 << (b % 64), Ordering::Relaxed);
+    }
+    fn sectors_per_block(&self) -> u32 {
+        (self.block_size / 512) as u32
+    }
+}
+
+impl VhdImage {
+    pub fn open(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<VhdImage> {
+        let len = storage.len()?;
+        let footer = read_footer(storage.as_ref(), len)?;
+        let mut repair = !footer.checksum_ok;
+        let size = footer.virtual_size();
+        let mut sparse = None;
+        let mut parent = None;
+        match footer.disk_type {
+            DiskType::Fixed => {
+                if size > len - FOOTER_SIZE as u64 {
+                    return Err(Error::corrupt(
+                        "VHD",
+                        format!("fixed disk of {size} bytes in a file of {len} bytes"),
+                    ));
+                }
+            }
+            DiskType::Dynamic | DiskType::Differencing => {
+                let s = open_sparse(storage.as_ref(), &footer, size, len)?;
+                repair |= !s.header.checksum_ok;
+                if footer.disk_type == DiskType::Differencing {
+                    parent = Some(ParentLink {
+                        candidates: locator::parent_candidates(storage.as_ref(), &s.header, path)?,
+                        id: s.header.parent_unique_id,
+                        description: format!(
+                            "VHD parent '{}' with unique id {}",
+                            s.header.parent_name,
+                            hex(&s.header.parent_unique_id)
+                        ),
+                    });
+                }
+                sparse = Some(s);
+            }
+        }
+        if repair {
+            log::warn!("{}: VHD checksum mismatch; reading anyway", path.display());
+        }
+        let _ = opts;
+        Ok(VhdImage {
+            storage,
+            footer: Mutex::new(footer),
+            size,
+            sparse,
+            parent,
+            repair_checksums: AtomicBool::new(repair),
+        })
+    }
+
+    pub fn disk_type(&self) -> DiskType {
+        self.footer().disk_type
+    }
+
+    pub fn block_size(&self) -> Option<u64> {
+        self.sparse.as_ref().map(|s| s.block_size)
+    }
+
+    fn footer(&self) -> std::sync::MutexGuard<'_, Footer> {
+        self.footer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Rewrites the footer (at the end and, for sparse disks, the copy at 0) and
+    /// the dynamic header with correct checksums, once, before the first write.
+    fn repair_checksums(&self) -> Result<()> {
+        if !self.repair_checksums.swap(false, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let bytes = self.footer().encode();
+        let len = self.storage.len()?;
+        self.storage.write_all_at(&bytes, len - FOOTER_SIZE as u64)?;
+        if let Some(s) = &self.sparse {
+            self.storage.write_all_at(&bytes, 0)?;
+            self.storage.write_all_at(&s.header.encode(), s.header_offset)?;
+        }
+        Ok(())
+    }
+
+    fn read_bitmap(&self, s: &Sparse, bitmap_offset: u64) -> Result<Vec<u8>> {
+        let mut bits = vec![0u8; s.bitmap_size as usize];
+        self.storage.read_exact_at(&mut bits, bitmap_offset)?;
+        Ok(bits)
+    }
+
+    /// Writes sectors of one block (`offset..offset + buf.len()` inside block `b`).
+    fn write_in_block(&self, s: &Sparse, b: usize, buf: &[u8], offset: u64) -> Result<()> {
+        let in_block = offset % s.block_size;
+        let first = (in_block / 512) as u32;
+        let count = (buf.len() / 512) as u32;
+        match s.bat.get(b) {
+            Some(bitmap_offset) => {
+                // Data first, then the bitmap: a crash between them leaves the old
+                // view (the sectors still unmapped), never garbage mapped.
+                self.storage.write_all_at(buf, bitmap_offset + s.bitmap_size + in_block)?;
+                if !s.is_full(b) {
+                    let mut bits = self.read_bitmap(s, bitmap_offset)?;
+                    if bitmap::run(&bits, first, count) != (true, count) {
+                        bitmap::set_range(&mut bits, first, count);
+                        self.storage.write_all_at(&bits, bitmap_offset)?;
+                    }
+                    if bitmap::is_full(&bits, s.sectors_per_block()) {
+                        s.mark_full(b);
+                    }
+                }
+            }
+            None => self.allocate(s, b, buf, first, count)?,
+        }
+        Ok(())
+    }
+
+    /// Allocates block `b` at the end of the file and writes the first data.
+    ///
+    /// Order, so that a process dying between any two writes leaves a valid image:
+    /// the footer past the new block (the file now ends with a footer again), then
+    /// bitmap and data, then the BAT entry. A crash before the last step leaks the
+    /// block; the BAT never points at a block whose bitmap is not written.
+    fn allocate(&self, s: &Sparse, b: usize, buf: &[u8], first: u32, count: u32) -> Result<()> {
+        let start = s.next_free.load(Ordering::Acquire);
+        let data = align_up(start + s.bitmap_size, DATA_ALIGN).ok_or_else(|| Error::NoSpace("file offset".into()))?;
+        let bitmap_offset = data - s.bitmap_size;
+        let end = data + s.block_size;
+        let len = self.storage.len()?;
+        if end > len - FOOTER_SIZE as u64 {
+            let footer = self.footer().encode();
+            self.storage.write_all_at(&footer, end)?;
+        }
+        let mut bits = vec![0u8; s.bitmap_size as usize];
+        bitmap::set_range(&mut bits, first, count);
+        self.storage.write_all_at(&bits, bitmap_offset)?;
+        self.storage.write_all_at(buf, data + first as u64 * 512)?;
+        s.bat.set(self.storage.as_ref(), b, bitmap_offset)?;
+        s.next_free.store(end, Ordering::Release);
+        if count == s.sectors_per_block() {
+            s.mark_full(b);
+        }
+        Ok(())
+    }
+}
+
+/// Finds the footer: at the end of the file (or the 511-byte footer of old
+/// Virtual PC), else the copy at offset 0 of a sparse disk. A copy with a good
+/// checksum is preferred over one with a bad checksum.
+fn read_footer(storage: &dyn Storage, len: u64) -> Result<Footer> {
+    if len < FOOTER_SIZE as u64 {
+        return Err(Error::NotAnImage);
+    }
+    let mut buf = [0u8; FOOTER_SIZE];
+    storage.read_exact_at(&mut buf, len - FOOTER_SIZE as u64)?;
+    let mut end = Footer::parse(&buf);
+    if end.is_err() && buf[1..9] == *footer::COOKIE {
+        let mut old = [0u8; FOOTER_SIZE];
+        old[..511].copy_from_slice(&buf[1..]);
+        end = Footer::parse(&old);
+    }
+    if let Err(Error::Unsupported(e)) = end {
+        return Err(Error::Unsupported(e));
+    }
+    storage.read_exact_at(&mut buf, 0)?;
+    let copy = Footer::parse(&buf).ok().filter(|f| f.disk_type.is_sparse());
+    match (end, copy) {
+        (Ok(e), _) if e.checksum_ok => Ok(e),
+        (_, Some(c)) if c.checksum_ok => {
+            log::warn!("VHD footer at the end of the file is damaged; using the copy at offset 0");
+            Ok(c)
+        }
+        (Ok(e), _) => Ok(e),
+        (Err(_), Some(c)) => {
+            log::warn!("VHD footer at the end of the file is missing; using the copy at offset 0");
+            Ok(c)
+        }
+        (Err(e), None) => Err(e),
+    }
+}
+
+fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> Result<Sparse> {
+    let header_offset = footer.data_offset;
+    if header_offset == NO_DATA_OFFSET || header_offset.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
+        return Err(Error::corrupt("VHD footer", format!("dynamic header offset {header_offset}")));
+    }
+    let mut raw = [0u8; HEADER_SIZE];
+    storage.read_exact_at(&mut raw, header_offset)?;
+    let header = DynamicHeader::parse(&raw)?;
+    let block_size = header.block_size as u64;
+    let entries = header.max_table_entries as u64;
+    if entries * block_size < size {
+        return Err(Error::corrupt("VHD dynamic header", format!("{entries} blocks of {block_size} bytes < disk size {size}")));
+    }
+    let bat_end = header.table_offset.checked_add(entries * 4).filter(|&e| e <= len);
+    let Some(bat_end) = bat_end else {
+        return Err(Error::corrupt("VHD dynamic header", format!("BAT at {} with {entries} entries", header.table_offset)));
+    };
+    // Only the entries that cover the disk are used.
+    let used = size.div_ceil(block_size) as u32;
+    let bat = BlockAllocationTable::load(storage, header.table_offset, used)?;
+    let bitmap_size = bitmap::bitmap_size(header.block_size) as u64;
+    let mut next_free = (header_offset + HEADER_SIZE as u64).max(align_up(bat_end, 512).unwrap_or(bat_end));
+    for (b, off) in bat.allocated() {
+        let end = off + bitmap_size + block_size;
+        if end > len {
+            return Err(Error::corrupt("VHD BAT", format!("block {b} at {off} extends past the end of the file ({len})")));
+        }
+        next_free = next_free.max(end);
+    }
+    for loc in header.locators.iter().filter(|l| l.is_used()) {
+        if let Some(end) = loc.data_offset.checked_add(loc.space_bytes().max(loc.data_length as u64)) {
+            if end <= len {
+                next_free = next_free.max(end);
+            }
+        }
+    }
+    next_free = next_free.max(batmap_end(storage, header.table_offset + align_up(entries * 4, 512).unwrap_or(0), len)?);
+    Ok(Sparse {
+        full: (0..bat.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        header,
+        header_offset,
+        bat,
+        block_size,
+        bitmap_size,
+        next_free: AtomicU64::new(next_free),
+    })
+}
+
+/// blktap may keep a "batmap" right after the BAT; new blocks must not overwrite
+/// it, and an encrypted disk (keyhash cookie set) must be refused.
+fn batmap_end(storage: &dyn Storage, at: u64, len: u64) -> Result<u64> {
+    if at + 512 > len {
+        return Ok(0);
+    }
+    let mut h = [0u8; 512];
+    storage.read_exact_at(&mut h, at)?;
+    if &h[..8] != b"tdbatmap" {
+        return Ok(0);
+    }
+    if h[29] != 0 {
+        return Err(Error::unsupported("VHD encrypted by blktap (batmap keyhash set)"));
+    }
+    let off = crate::bytes::be64(&h, 8);
+    let sectors = crate::bytes::be32(&h, 16) as u64;
+    Ok(off.saturating_add(sectors * 512).min(len).max(at + 512))
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Image for VhdImage {
+    fn format(&self) -> Format {
+        Format::Vhd
+    }
+    fn virtual_size(&self) -> u64 {
+        self.size
+    }
+    fn geometry(&self) -> Option<Geometry> {
+        Some(self.footer().geometry)
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        let Some(s) = &self.sparse else {
+            return Ok((Mapping::Data { file_offset: offset }, len));
+        };
+        let b = (offset / s.block_size) as usize;
+        let in_block = offset % s.block_size;
+        let max = len.min(s.block_size - in_block);
+        let Some(bitmap_offset) = s.bat.get(b) else {
+            return Ok((Mapping::Unallocated, max));
+        };
+        let data = Mapping::Data { file_offset: bitmap_offset + s.bitmap_size + in_block };
+        if s.is_full(b) {
+            return Ok((data, max));
+        }
+        let bits = self.read_bitmap(s, bitmap_offset)?;
+        if bitmap::is_full(&bits, s.sectors_per_block()) {
+            s.mark_full(b);
+            return Ok((data, max));
+        }
+        let sector = (in_block / 512) as u32;
+        let within = in_block % 512;
+        let max_sectors = (within + max).div_ceil(512) as u32;
+        let (present, n) = bitmap::run(&bits, sector, max_sectors);
+        let run = (n as u64 * 512 - within).min(max);
+        Ok((if present { data } else { Mapping::Unallocated }, run))
+    }
+
+    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        Ok(self.storage.read_exact_at(buf, file_offset)?)
+    }
+
+    fn write(&self, buf: &[u8], offset: u64, _parent: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()> {
+        self.repair_checksums()?;
+        let Some(s) = &self.sparse else {
+            return Ok(self.storage.write_all_at(buf, offset)?);
+        };
+        // Sector bitmaps make copy-on-write unnecessary: unwritten sectors of a
+        // new block keep reading from the parent (or as zeros).
+        let mut done = 0usize;
+        while done < buf.len() {
+            let off = offset + done as u64;
+            let b = (off / s.block_size) as usize;
+            let n = ((s.block_size - off % s.block_size) as usize).min(buf.len() - done);
+            self.write_in_block(s, b, &buf[done..done + n], off)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.storage.is_writable() {
+            self.storage.sync()?;
+        }
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        self.storage.is_writable()
+    }
+    fn link_id(&self) -> [u8; 16] {
+        self.footer().unique_id
+    }
+    fn parent_link(&self) -> Option<&ParentLink> {
+        self.parent.as_ref()
+    }
+    fn describe(&self) -> String {
+        let f = self.footer();
+        let kind = match f.disk_type {
+            DiskType::Fixed => "fixed",
+            DiskType::Dynamic => "dynamic",
+            DiskType::Differencing => "differencing",
+        };
+        let block = self.sparse.as_ref().map(|s| format!(", {} byte blocks", s.block_size)).unwrap_or_default();
+        format!("VHD {kind}, {} bytes{block}, creator '{}'", self.size, String::from_utf8_lossy(&f.creator_app))
+    }
+}
