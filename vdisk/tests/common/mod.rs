@@ -51,5 +51,5 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 #[test]
 fn sha256_known_answer() {
-    assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177e9c9cb410ff61f20015ad");
+    assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
