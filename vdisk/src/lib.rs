@@ -14,6 +14,7 @@
 
 pub mod bytes;
 pub mod crc;
+pub mod part;
 mod disk;
 mod error;
 mod image;

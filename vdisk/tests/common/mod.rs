@@ -53,3 +53,104 @@ pub fn sha256_hex(data: &[u8]) -> String {
 fn sha256_known_answer() {
     assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
 }
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs a command that must succeed (qemu-img, qemu-io, sfdisk...), returning
+/// stdout. A missing tool fails the test: CI installs every tool the README names.
+pub fn run(program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (install it: see README): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Deterministic test data of `len` bytes: runs of pseudo-random bytes, zeros
+/// and untouched holes (the caller decides what a hole is), chosen by `seed`.
+/// Returns the data and the (offset, len) list of non-hole runs.
+pub fn pattern(seed: u64, len: usize) -> (Vec<u8>, Vec<(usize, usize)>) {
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut data = vec![0u8; len];
+    let mut runs = Vec::new();
+    let mut off = 0usize;
+    while off < len {
+        let n = (1 + rng.next() as usize % (3 << 20)).min(len - off);
+        match rng.next() % 3 {
+            0 => {
+                for b in &mut data[off..off + n] {
+                    *b = rng.next() as u8;
+                }
+                runs.push((off, n));
+            }
+            1 => runs.push((off, n)), // explicit zeros
+            _ => {}                   // hole: never written
+        }
+        off += n;
+    }
+    (data, runs)
+}
+
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// Writes `data` as a raw file and converts it with qemu-img into `fmt` with
+/// `opts` (e.g. "subformat=dynamic,force_size=on").
+pub fn qemu_image_from(data: &[u8], dir: &Path, name: &str, fmt: &str, opts: &str) -> std::path::PathBuf {
+    let raw = dir.join(format!("{name}.src.raw"));
+    std::fs::write(&raw, data).unwrap();
+    let img = dir.join(name);
+    let mut args = vec!["convert", "-f", "raw", "-O", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    let (r, i) = (raw.to_str().unwrap().to_string(), img.to_str().unwrap().to_string());
+    args.push(&r);
+    args.push(&i);
+    run("qemu-img", &args);
+    img
+}
+
+/// The virtual disk of `img` as qemu-img reads it (the independent reader).
+pub fn qemu_raw(img: &Path, fmt: &str) -> Vec<u8> {
+    let out = img.with_extension("qemu.raw");
+    run("qemu-img", &["convert", "-f", fmt, "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    data
+}
+
+/// Opens `path` with vdisk (std files, std parent opener).
+pub fn open(path: &Path, writable: bool) -> vdisk::Result<vdisk::Disk> {
+    let file = std::fs::OpenOptions::new().read(true).write(writable).open(path).unwrap();
+    vdisk::open_disk(Box::new((file, writable)), path, vdisk::OpenOptions { writable }, &vdisk::StdParentOpener)
+}
+
+/// Reads the whole disk in odd-sized pieces that cross sectors and blocks.
+pub fn read_all(disk: &vdisk::Disk) -> Vec<u8> {
+    let mut data = vec![0u8; disk.size() as usize];
+    let mut off = 0usize;
+    let mut step = 1usize;
+    while off < data.len() {
+        let n = step.min(data.len() - off);
+        disk.read_at(&mut data[off..off + n], off as u64).unwrap();
+        off += n;
+        step = step * 7 % 300_007 + 1;
+    }
+    data
+}
