@@ -1,0 +1,186 @@
+//! The fd table: fd -> open file (the fd context shared by dup'ed fds).
+//!
+//! A lookup for an fd that is not an image is one atomic load and takes no
+//! lock. Entries are `Arc<OpenFile>` stored as raw pointers; taking a
+//! reference (or replacing an entry) happens under `LOCK`, so a concurrent
+//! close never frees an entry another thread is about to use.
+//!
+//! Entries can go stale behind our back (fclose, close_range inside libc, a
+//! raw close syscall): every use validates the fd against the dummy's identity
+//! (device and inode of its memfd) and drops a stale entry.
+
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use libc::c_int;
+
+use crate::images::ImageObject;
+use crate::sys;
+
+/// Fds at or above this number are never images: opening an image there fails
+/// with EMFILE. 64 Ki pointers of address space, touched only where used.
+pub const MAX_FDS: usize = 1 << 16;
+
+static SLOTS: [AtomicPtr<OpenFile>; MAX_FDS] = [const { AtomicPtr::new(null_mut()) }; MAX_FDS];
+/// The library's own fds (containers, parents): one bit each.
+static INTERNAL: [AtomicU64; MAX_FDS / 64] = [const { AtomicU64::new(0) }; MAX_FDS / 64];
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// One open of an image (or partition): what dup'ed fds share. The file offset
+/// is not here: it lives in the dummy memfd, so the kernel shares it across
+/// dup, fork and exec.
+pub struct OpenFile {
+    /// Identity of the dummy memfd.
+    pub dummy_dev: u64,
+    pub dummy_ino: u64,
+    /// O_RDONLY, O_WRONLY or O_RDWR as the caller asked.
+    pub access: c_int,
+    /// O_SYNC / O_DSYNC: flush after every write.
+    pub sync: bool,
+    pub image: Arc<ImageObject>,
+    /// The window on the disk: a partition, or the whole disk.
+    pub start: u64,
+    pub len: u64,
+    /// Partition number, 0 for the whole disk.
+    pub partition: u32,
+    /// Serialises read-modify-update of the shared file offset between threads.
+    pub offset_lock: Mutex<()>,
+}
+
+impl OpenFile {
+    pub fn readable(&self) -> bool {
+        self.access != libc::O_WRONLY
+    }
+    pub fn writable(&self) -> bool {
+        self.access != libc::O_RDONLY
+    }
+}
+
+fn slot(fd: c_int) -> Option<&'static AtomicPtr<OpenFile>> {
+    SLOTS.get(usize::try_from(fd).ok()?)
+}
+
+/// The fast check: might `fd` be an image? False for every other fd.
+#[inline]
+pub fn is_mapped(fd: c_int) -> bool {
+    match slot(fd) {
+        Some(s) => !s.load(Ordering::Relaxed).is_null(),
+        None => false,
+    }
+}
+
+fn lock() -> std::sync::MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The open file behind `fd`, if `fd` is still the dummy it was mapped to.
+pub fn lookup(fd: c_int) -> Option<Arc<OpenFile>> {
+    let s = slot(fd)?;
+    let of = {
+        let _l = lock();
+        let p = s.load(Ordering::Acquire);
+        if p.is_null() {
+            return None;
+        }
+        // SAFETY: p came from Arc::into_raw and the table holds a count on it,
+        // which cannot be released while we hold LOCK.
+        unsafe {
+            Arc::increment_strong_count(p);
+            Arc::from_raw(p)
+        }
+    };
+    match sys::fstat(fd) {
+        Ok(st) if st.st_dev == of.dummy_dev && st.st_ino == of.dummy_ino => Some(of),
+        _ => {
+            log::debug!("fd {fd}: stale mapping to {} dropped", of.image.path_str());
+            remove_if(fd, &of);
+            None
+        }
+    }
+}
+
+/// Maps `fd` to `of`, replacing any earlier mapping.
+pub fn insert(fd: c_int, of: Arc<OpenFile>) -> bool {
+    let Some(s) = slot(fd) else { return false };
+    let old = {
+        let _l = lock();
+        s.swap(Arc::into_raw(of).cast_mut(), Ordering::AcqRel)
+    };
+    release(old);
+    true
+}
+
+/// Unmaps `fd`, returning what it was mapped to.
+pub fn remove(fd: c_int) -> Option<Arc<OpenFile>> {
+    let s = slot(fd)?;
+    let old = {
+        let _l = lock();
+        s.swap(null_mut(), Ordering::AcqRel)
+    };
+    // SAFETY: old came from Arc::into_raw; the table's count moves to the caller.
+    (!old.is_null()).then(|| unsafe { Arc::from_raw(old) })
+}
+
+fn remove_if(fd: c_int, of: &Arc<OpenFile>) {
+    let Some(s) = slot(fd) else { return };
+    let p = Arc::as_ptr(of).cast_mut();
+    let won = {
+        let _l = lock();
+        s.compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+    };
+    if won {
+        release(p);
+    }
+}
+
+fn release(p: *mut OpenFile) {
+    if !p.is_null() {
+        // SAFETY: p came from Arc::into_raw and was removed from the table.
+        drop(unsafe { Arc::from_raw(p) });
+    }
+}
+
+/// Unmaps every fd in `lo..=hi` (after close_range or closefrom).
+pub fn remove_range(lo: c_int, hi: c_int) {
+    let lo = lo.max(0) as usize;
+    let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
+    for fd in lo..=hi {
+        if !SLOTS[fd].load(Ordering::Relaxed).is_null() {
+            drop(remove(fd as c_int));
+        }
+    }
+}
+
+pub fn mark_internal(fd: c_int, on: bool) {
+    let Ok(i) = usize::try_from(fd) else { return };
+    if let Some(w) = INTERNAL.get(i / 64) {
+        if on {
+            w.fetch_or(1 << (i % 64), Ordering::Relaxed);
+        } else {
+            w.fetch_and(!(1 << (i % 64)), Ordering::Relaxed);
+        }
+    }
+}
+
+#[inline]
+pub fn is_internal(fd: c_int) -> bool {
+    let Ok(i) = usize::try_from(fd) else { return false };
+    INTERNAL.get(i / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+}
+
+/// The library's fds in `lo..=hi`, ascending.
+pub fn internal_in(lo: c_int, hi: c_int, out: &mut Vec<c_int>) {
+    let lo = lo.max(0) as usize;
+    let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
+    for (w, word) in INTERNAL.iter().enumerate().skip(lo / 64).take(hi / 64 - lo / 64 + 1) {
+        let mut bits = word.load(Ordering::Relaxed);
+        while bits != 0 {
+            let fd = w * 64 + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if (lo..=hi).contains(&fd) {
+                out.push(fd as c_int);
+            }
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! close, dup, fcntl, sync, truncate and mmap on dummy fds.
+
+use std::ffi::c_void;
+
+use libc::{c_int, c_uint, c_ulong, off64_t, off_t, size_t};
+
+use super::open::call;
+use super::{disk_error, emulate, image_fd, Errno};
+use crate::fdtable::{self, is_mapped};
+use crate::{guard, real};
+
+/// close: unmaps a dummy. Closing one of the library's own fds (a program that
+/// closes every fd it does not know) succeeds without closing it.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    if fdtable::is_internal(fd) && !guard::inside() {
+        return 0;
+    }
+    if is_mapped(fd) && !guard::inside() {
+        let _g = guard::Guard::enter();
+        if let Some(of) = fdtable::remove(fd) {
+            log::debug!("close dummy fd {fd} ({})", of.image.path_str());
+        }
+    }
+    call!(real::CLOSE, fd)
+}
+
+/// close_range and closefrom close in one call inside libc: close the gaps
+/// between the library's fds instead, and unmap dummies in the range.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    if guard::inside() || flags & libc::CLOSE_RANGE_CLOEXEC as c_int != 0 {
+        return call!(real::CLOSE_RANGE, first, last, flags);
+    }
+    let lo = first.min(c_int::MAX as c_uint) as c_int;
+    let hi = last.min(c_int::MAX as c_uint) as c_int;
+    let mut keep = Vec::new();
+    {
+        let _g = guard::Guard::enter();
+        fdtable::internal_in(lo, hi, &mut keep);
+        fdtable::remove_range(lo, hi);
+    }
+    let mut start = lo;
+    for &k in &keep {
+        if k > start {
+            let r = call!(real::CLOSE_RANGE, start as c_uint, (k - 1) as c_uint, flags);
+            if r != 0 {
+                return r;
+            }
+        }
+        start = k + 1;
+    }
+    if start > hi || keep.last() == Some(&c_int::MAX) {
+        return 0;
+    }
+    let end = if hi == c_int::MAX { last } else { hi as c_uint };
+    call!(real::CLOSE_RANGE, start as c_uint, end, flags)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn closefrom(lo: c_int) {
+    // SAFETY: same contract as glibc's closefrom, which uses close_range.
+    unsafe { close_range(lo.max(0) as c_uint, c_uint::MAX, 0) };
+}
+
+/// After a successful dup of `old` to `new`, `new` shares `old`'s mapping.
+fn after_dup(old: c_int, new: c_int) {
+    if new < 0 || guard::inside() {
+        return;
+    }
+    let _g = guard::Guard::enter();
+    if is_mapped(new) {
+        drop(fdtable::remove(new));
+    }
+    if is_mapped(old) {
+        if let Some(of) = fdtable::lookup(old) {
+            log::debug!("dup dummy fd {old} -> {new}");
+            fdtable::insert(new, of);
+        }
+    }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup(old: c_int) -> c_int {
+    let new = call!(real::DUP, old);
+    if new >= 0 && is_mapped(old) {
+        after_dup(old, new);
+    }
+    new
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    let r = call!(real::DUP2, old, new);
+    if r >= 0 && (is_mapped(old) || is_mapped(new)) {
+        after_dup(old, r);
+    }
+    r
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    let r = call!(real::DUP3, old, new, flags);
+    if r >= 0 && (is_mapped(old) || is_mapped(new)) {
+        after_dup(old, r);
+    }
+    r
+}
+
+/// fcntl: duplicates share the mapping, record locks go to the container,
+/// everything else (flags, F_GETFL with the caller's access mode) is the dummy's.
+unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, real: &real::Real<unsafe extern "C" fn(c_int, c_int, ...) -> c_int>) -> c_int {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            match cmd {
+                libc::F_SETLK | libc::F_SETLKW | libc::F_GETLK | libc::F_OFD_SETLK | libc::F_OFD_SETLKW | libc::F_OFD_GETLK => {
+                    let target = of.image.container_fd();
+                    return call!(real, target, cmd, arg);
+                }
+                libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
+                    let new = call!(real, fd, cmd, arg);
+                    after_dup(fd, new);
+                    return new;
+                }
+                _ => {}
+            }
+        }
+    } else if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+        let new = call!(real, fd, cmd, arg);
+        if new >= 0 && is_mapped(new) {
+            after_dup(fd, new);
+        }
+        return new;
+    }
+    call!(real, fd, cmd, arg)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    unsafe { fcntl_common(fd, cmd, arg, &real::FCNTL) }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
+    unsafe { fcntl_common(fd, cmd, arg, &real::FCNTL64) }
+}
+
+fn flush(fd: c_int) -> Option<c_int> {
+    let of = image_fd(fd)?;
+    Some(emulate(-1, || {
+        of.image.disk().flush().map_err(|e| disk_error("fsync", &of, e))?;
+        Ok(0)
+    }))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
+    if is_mapped(fd) {
+        if let Some(r) = flush(fd) {
+            return r;
+        }
+    }
+    call!(real::FSYNC, fd)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
+    if is_mapped(fd) {
+        if let Some(r) = flush(fd) {
+            return r;
+        }
+    }
+    call!(real::FDATASYNC, fd)
+}
+
+/// A block device cannot be truncated: EINVAL, and the container is untouched.
+fn no_truncate(fd: c_int) -> Option<c_int> {
+    let _of = image_fd(fd)?;
+    Some(emulate(-1, || Err::<c_int, Errno>(libc::EINVAL)))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
+    if is_mapped(fd) {
+        if let Some(r) = no_truncate(fd) {
+            return r;
+        }
+    }
+    call!(real::FTRUNCATE, fd, len)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
+    if is_mapped(fd) {
+        if let Some(r) = no_truncate(fd) {
+            return r;
+        }
+    }
+    call!(real::FTRUNCATE64, fd, len)
+}
+
+/// Mapping a dummy would silently map the empty memfd: ENODEV, as for a
+/// device without mmap.
+fn refuse_map(fd: c_int, flags: c_int) -> bool {
+    flags & libc::MAP_ANONYMOUS == 0 && is_mapped(fd) && image_fd(fd).is_some()
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+    if refuse_map(fd, flags) {
+        crate::logger::set_errno(libc::ENODEV);
+        return libc::MAP_FAILED;
+    }
+    match real::MMAP.get() {
+        // SAFETY: forwarding the caller's arguments.
+        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
+        None => libc::MAP_FAILED,
+    }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+    if refuse_map(fd, flags) {
+        crate::logger::set_errno(libc::ENODEV);
+        return libc::MAP_FAILED;
+    }
+    match real::MMAP64.get() {
+        // SAFETY: forwarding the caller's arguments.
+        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
+        None => libc::MAP_FAILED,
+    }
+}

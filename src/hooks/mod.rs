@@ -1,0 +1,61 @@
+//! The exported hook symbols, one file per family.
+//!
+//! Every hook first makes the cheapest possible test (is this fd an image? is
+//! this path named like one?) and otherwise calls libc directly. Emulation runs
+//! inside [`emulate`]: re-entrancy guard on, panics caught, errno managed.
+
+pub mod fd;
+pub mod ioctl;
+pub mod open;
+pub mod rw;
+pub mod stat;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+
+use libc::c_int;
+
+use crate::fdtable::{self, OpenFile};
+use crate::guard::Guard;
+use crate::logger::{errno, set_errno};
+
+/// The error of an emulated call: an errno value.
+pub type Errno = c_int;
+
+/// Runs an emulation: on `Ok` restores the caller's errno and returns the
+/// value, on `Err(e)` sets errno to `e` and returns `fail`. A panic becomes EIO.
+pub fn emulate<T>(fail: T, f: impl FnOnce() -> Result<T, Errno>) -> T {
+    let saved = errno();
+    let _guard = Guard::enter();
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(v)) => {
+            set_errno(saved);
+            v
+        }
+        Ok(Err(e)) => {
+            set_errno(e);
+            fail
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            fail
+        }
+    }
+}
+
+/// The image behind `fd` if it is one of our dummies; `None` sends the call to libc.
+/// Callers test `fdtable::is_mapped` first, so this runs only for image fds.
+pub fn image_fd(fd: c_int) -> Option<Arc<OpenFile>> {
+    if crate::guard::inside() {
+        return None;
+    }
+    crate::config::load();
+    let _guard = Guard::enter();
+    fdtable::lookup(fd)
+}
+
+/// A vdisk error on `of`: logged once here, returned as errno.
+pub fn disk_error(op: &str, of: &OpenFile, e: vdisk::Error) -> Errno {
+    log::warn!("{op} {}: {e}", of.image.path_str());
+    crate::errno::from_vdisk(&e)
+}

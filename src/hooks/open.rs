@@ -1,0 +1,222 @@
+//! open, openat, creat and their 64-bit and _FORTIFY variants.
+//!
+//! A path is a candidate when its file name looks like an image (`.vhd`,
+//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, optionally followed by a partition
+//! number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
+//! regular file holding an image is opened by the library; the caller gets a
+//! dummy fd: a memfd named `vhdio:<absolute path>`, reopened through
+//! /proc/self/fd with the caller's access mode, whose file offset is the
+//! offset on the virtual disk.
+
+use std::ffi::{CStr, CString};
+use std::sync::{Arc, Mutex};
+
+use libc::{c_char, c_int, mode_t};
+
+use super::{emulate, Errno};
+use crate::fdtable::{self, OpenFile};
+use crate::images::{self, Opened};
+use crate::{guard, real, sys};
+
+const IMAGE_EXTENSIONS: [&[u8]; 5] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx"];
+
+/// Whether `path`'s file name looks like an image (or we probe everything).
+pub fn is_candidate(path: &CStr) -> bool {
+    let bytes = path.to_bytes();
+    let name = bytes.rsplit(|&b| b == b'/').next().unwrap_or(bytes);
+    let stem = name.trim_ascii_end();
+    let stem = &stem[..stem.len() - stem.iter().rev().take_while(|b| b.is_ascii_digit()).count()];
+    let Some(dot) = stem.iter().rposition(|&b| b == b'.') else {
+        return crate::config::probe_all();
+    };
+    let ext = &stem[dot + 1..];
+    IMAGE_EXTENSIONS.iter().any(|e| e.eq_ignore_ascii_case(ext)) || crate::config::probe_all()
+}
+
+/// `path` made absolute against `dirfd` (the memfd name and parent lookup need it).
+pub fn absolute(dirfd: c_int, path: &CStr) -> Result<CString, Errno> {
+    let p = path.to_bytes();
+    if p.first() == Some(&b'/') {
+        return Ok(path.to_owned());
+    }
+    let mut base = vec![0u8; libc::PATH_MAX as usize];
+    let n = if dirfd == libc::AT_FDCWD {
+        sys::getcwd(&mut base).map_err(|e| crate::errno::from_io(&e))?
+    } else {
+        let link = CString::new(format!("/proc/self/fd/{dirfd}")).map_err(|_| libc::EINVAL)?;
+        sys::readlink(&link, &mut base).map_err(|e| crate::errno::from_io(&e))?
+    };
+    base.truncate(n);
+    if base.last() != Some(&b'/') {
+        base.push(b'/');
+    }
+    base.extend_from_slice(p);
+    CString::new(base).map_err(|_| libc::EINVAL)
+}
+
+/// The common open: `Ok(None)` means "not an image, call libc".
+fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+    let abs = absolute(dirfd, path)?;
+    let access = flags & libc::O_ACCMODE;
+    let writable = access != libc::O_RDONLY;
+    let obj = match images::open(&abs, writable)? {
+        Opened::Image(obj) => obj,
+        Opened::NotImage => return Ok(None),
+    };
+    let len = obj.disk().size();
+    let fd = make_dummy(&abs, "", flags)?;
+    let st = sys::fstat(fd).map_err(|e| crate::errno::from_io(&e))?;
+    let of = Arc::new(OpenFile {
+        dummy_dev: st.st_dev,
+        dummy_ino: st.st_ino,
+        access,
+        sync: flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
+        image: obj,
+        start: 0,
+        len,
+        partition: 0,
+        offset_lock: Mutex::new(()),
+    });
+    if !fdtable::insert(fd, of) {
+        sys::close(fd);
+        return Err(libc::EMFILE);
+    }
+    log::debug!("open {} flags {flags:#o} -> dummy fd {fd}", abs.to_string_lossy());
+    Ok(Some(fd))
+}
+
+/// A memfd named after the image, reopened with the caller's access mode and
+/// flags so F_GETFL, O_CLOEXEC and O_NONBLOCK behave as on the real file.
+fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
+    // memfd names are limited to 249 bytes; a longer path is cut (the name is
+    // informational for the dummy; exec'ed children need the full one).
+    let mut name = b"vhdio:".to_vec();
+    name.extend_from_slice(abs.to_bytes());
+    name.extend_from_slice(suffix.as_bytes());
+    name.truncate(248);
+    let name = CString::new(name).map_err(|_| libc::EINVAL)?;
+    let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC).map_err(|e| crate::errno::from_io(&e))?;
+    let keep = libc::O_ACCMODE | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC;
+    let reopen = CString::new(format!("/proc/self/fd/{memfd}")).map_err(|_| libc::EINVAL)?;
+    match sys::openat(libc::AT_FDCWD, &reopen, (flags & keep) | libc::O_NOCTTY, 0) {
+        Ok(fd) => {
+            sys::close(memfd);
+            Ok(fd)
+        }
+        Err(_) => {
+            // No /proc: keep the memfd itself (F_GETFL then says O_RDWR).
+            if flags & libc::O_CLOEXEC == 0 {
+                let _ = sys::fcntl(memfd, libc::F_SETFD, 0);
+            }
+            Ok(memfd)
+        }
+    }
+}
+
+/// Shared entry of every open variant. `real` performs the libc call.
+///
+/// `path` is the caller's pointer, possibly NULL: it is only dereferenced
+/// when non-NULL, as libc would (an invalid pointer faults there too).
+fn open_common(dirfd: c_int, path: *const c_char, flags: c_int, real: impl FnOnce() -> c_int) -> c_int {
+    if path.is_null() || guard::inside() || flags & (libc::O_PATH | libc::O_DIRECTORY) != 0 {
+        return real();
+    }
+    // O_CREAT|O_EXCL can only create a new (non-image) file or fail with EEXIST.
+    if flags & (libc::O_CREAT | libc::O_EXCL) == libc::O_CREAT | libc::O_EXCL {
+        return real();
+    }
+    // SAFETY: non-NULL path from the caller, NUL-terminated per the API.
+    let p = unsafe { CStr::from_ptr(path) };
+    crate::config::load();
+    if !is_candidate(p) {
+        return real();
+    }
+    match emulate(Err(libc::EIO), || Ok(open_image(dirfd, p, flags))) {
+        Ok(Some(fd)) => fd,
+        Ok(None) => real(),
+        Err(e) => {
+            crate::logger::set_errno(e);
+            -1
+        }
+    }
+}
+
+fn needs_mode(flags: c_int) -> bool {
+    flags & libc::O_CREAT != 0 || flags & libc::O_TMPFILE == libc::O_TMPFILE
+}
+
+macro_rules! call {
+    ($real:expr, $($arg:expr),*) => {
+        match $real.get() {
+            // SAFETY: forwarding the caller's arguments to the real function.
+            Some(f) => unsafe { f($($arg),*) },
+            None => {
+                crate::logger::set_errno(libc::ENOSYS);
+                -1
+            }
+        }
+    };
+}
+pub(crate) use call;
+
+// The variadic mode argument is declared as a fixed parameter: on x86_64 and
+// aarch64 Linux it arrives in the same register (Rust 1.95 cannot define
+// C-variadic functions). It is only meaningful, and only passed on, with
+// O_CREAT or O_TMPFILE.
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    let mode = if needs_mode(flags) { mode } else { 0 };
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN, path, flags, mode))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    let mode = if needs_mode(flags) { mode } else { 0 };
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN64, path, flags, mode))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    let mode = if needs_mode(flags) { mode } else { 0 };
+    open_common(dirfd, path, flags, || call!(real::OPENAT, dirfd, path, flags, mode))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+    let mode = if needs_mode(flags) { mode } else { 0 };
+    open_common(dirfd, path, flags, || call!(real::OPENAT64, dirfd, path, flags, mode))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN_2, path, flags))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN64_2, path, flags))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    open_common(dirfd, path, flags, || call!(real::OPENAT_2, dirfd, path, flags))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
+    open_common(dirfd, path, flags, || call!(real::OPENAT64_2, dirfd, path, flags))
+}
+
+/// creat is open(O_CREAT|O_WRONLY|O_TRUNC): on an image, a write-only open.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::CREAT, path, mode))
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
+    let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
+    open_common(libc::AT_FDCWD, path, flags, || call!(real::CREAT64, path, mode))
+}

@@ -1,0 +1,339 @@
+//! read, write, their positioned, vectored and _FORTIFY variants, and lseek.
+//!
+//! Reads go straight into the caller's buffer. The file offset is the dummy
+//! memfd's own offset, updated with lseek around each transfer.
+
+use std::ffi::c_void;
+use std::slice;
+
+use libc::{c_int, iovec, off64_t, off_t, size_t, ssize_t};
+
+use super::open::call;
+use super::{disk_error, emulate, image_fd, Errno};
+use crate::fdtable::{is_mapped, OpenFile};
+use crate::{config, logger, real, sys};
+
+impl OpenFile {
+    /// Reads at `pos` of the window; 0 at or past its end.
+    pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize, Errno> {
+        if !self.readable() {
+            return Err(libc::EBADF);
+        }
+        if pos >= self.len || buf.is_empty() {
+            return Ok(0);
+        }
+        let n = buf.len().min((self.len - pos) as usize);
+        let buf = &mut buf[..n];
+        self.image.disk().read_at(buf, self.start + pos).map_err(|e| disk_error("read", self, e))?;
+        if config::dump() {
+            logger::dump("read", pos, buf);
+        }
+        Ok(n)
+    }
+
+    /// Writes at `pos`; past the end of a block device that is ENOSPC, after
+    /// writing the part that fits.
+    pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize, Errno> {
+        if !self.writable() {
+            return Err(libc::EBADF);
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if pos >= self.len {
+            return Err(libc::ENOSPC);
+        }
+        let n = buf.len().min((self.len - pos) as usize);
+        let buf = &buf[..n];
+        if config::dump() {
+            logger::dump("write", pos, buf);
+        }
+        let disk = self.image.disk();
+        disk.write_at(buf, self.start + pos).map_err(|e| disk_error("write", self, e))?;
+        if self.sync {
+            disk.flush().map_err(|e| disk_error("flush", self, e))?;
+        }
+        Ok(n)
+    }
+
+    /// Runs `f` at the dummy's file offset and advances it by the result.
+    fn at_offset(&self, fd: c_int, f: impl FnOnce(u64) -> Result<usize, Errno>) -> Result<usize, Errno> {
+        let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let pos = sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e))? as u64;
+        let n = f(pos)?;
+        if n > 0 {
+            sys::lseek(fd, (pos + n as u64) as i64, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e))?;
+        }
+        Ok(n)
+    }
+
+    /// SEEK_SET/CUR/END relative to the window; beyond the end is EINVAL, as
+    /// for a block device. SEEK_DATA/SEEK_HOLE see the whole disk as data.
+    pub fn seek(&self, fd: c_int, off: i64, whence: c_int) -> Result<i64, Errno> {
+        let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let len = self.len as i64;
+        let cur = || sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e));
+        let target = match whence {
+            libc::SEEK_SET => Some(off),
+            libc::SEEK_CUR => cur()?.checked_add(off),
+            libc::SEEK_END => len.checked_add(off),
+            libc::SEEK_DATA if (0..len).contains(&off) => Some(off),
+            libc::SEEK_HOLE if (0..len).contains(&off) => Some(len),
+            libc::SEEK_DATA | libc::SEEK_HOLE => return Err(libc::ENXIO),
+            _ => return Err(libc::EINVAL),
+        };
+        match target {
+            Some(t) if (0..=len).contains(&t) => sys::lseek(fd, t, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e)),
+            _ => Err(libc::EINVAL),
+        }
+    }
+}
+
+fn as_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
+    if n == 0 || buf.is_null() {
+        return &mut [];
+    }
+    // SAFETY: the caller passed a buffer of n writable bytes (read(2) contract).
+    unsafe { slice::from_raw_parts_mut(buf.cast(), n) }
+}
+
+fn as_ref<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
+    if n == 0 || buf.is_null() {
+        return &[];
+    }
+    // SAFETY: the caller passed a buffer of n readable bytes (write(2) contract).
+    unsafe { slice::from_raw_parts(buf.cast(), n) }
+}
+
+fn iovecs<'a>(iov: *const iovec, cnt: c_int) -> Result<&'a [iovec], Errno> {
+    if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
+        return Err(libc::EINVAL);
+    }
+    if cnt == 0 {
+        return Ok(&[]);
+    }
+    if iov.is_null() {
+        return Err(libc::EFAULT);
+    }
+    // SAFETY: the caller passed cnt iovecs.
+    Ok(unsafe { slice::from_raw_parts(iov, cnt as usize) })
+}
+
+fn to_ssize(r: usize) -> ssize_t {
+    r as ssize_t
+}
+
+/// Reads into each iovec in turn from `pos`, stopping at a short read.
+fn readv_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
+    let mut done = 0usize;
+    for v in iov {
+        let n = of.read_at(as_mut(v.iov_base, v.iov_len), pos + done as u64)?;
+        done += n;
+        if n < v.iov_len {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+fn writev_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
+    let mut done = 0usize;
+    for v in iov {
+        let n = match of.write_at(as_ref(v.iov_base, v.iov_len), pos + done as u64) {
+            Ok(n) => n,
+            Err(e) if done > 0 && e == libc::ENOSPC => break,
+            Err(e) => return Err(e),
+        };
+        done += n;
+        if n < v.iov_len {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+fn checked_pos(off: i64) -> Result<u64, Errno> {
+    u64::try_from(off).map_err(|_| libc::EINVAL)
+}
+
+unsafe extern "C" {
+    fn __chk_fail() -> !;
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos)).map(to_ssize));
+        }
+    }
+    call!(real::READ, fd, buf, n)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+    if n > buflen {
+        // SAFETY: glibc's fortify failure: abort, as the real __read_chk does.
+        unsafe { __chk_fail() }
+    }
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos)).map(to_ssize));
+        }
+    }
+    call!(real::READ_CHK, fd, buf, n, buflen)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, off: off_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PREAD, fd, buf, n, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PREAD64, fd, buf, n, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __pread_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off_t, buflen: size_t) -> ssize_t {
+    if n > buflen {
+        // SAFETY: as in __read_chk.
+        unsafe { __chk_fail() }
+    }
+    unsafe { pread(fd, buf, n, off) }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+    if n > buflen {
+        // SAFETY: as in __read_chk.
+        unsafe { __chk_fail() }
+    }
+    unsafe { pread64(fd, buf, n, off) }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos)).map(to_ssize));
+        }
+    }
+    call!(real::WRITE, fd, buf, n)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, off: off_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PWRITE, fd, buf, n, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, off: off64_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PWRITE64, fd, buf, n, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || {
+                let iov = iovecs(iov, cnt)?;
+                of.at_offset(fd, |pos| readv_at(&of, iov, pos)).map(to_ssize)
+            });
+        }
+    }
+    call!(real::READV, fd, iov, cnt)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || {
+                let iov = iovecs(iov, cnt)?;
+                of.at_offset(fd, |pos| writev_at(&of, iov, pos)).map(to_ssize)
+            });
+        }
+    }
+    call!(real::WRITEV, fd, iov, cnt)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn preadv(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PREADV, fd, iov, cnt, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn preadv64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PREADV64, fd, iov, cnt, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PWRITEV, fd, iov, cnt, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn pwritev64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+        }
+    }
+    call!(real::PWRITEV64, fd, iov, cnt, off)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn lseek(fd: c_int, off: off_t, whence: c_int) -> off_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.seek(fd, off, whence));
+        }
+    }
+    call!(real::LSEEK, fd, off, whence)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn lseek64(fd: c_int, off: off64_t, whence: c_int) -> off64_t {
+    if is_mapped(fd) {
+        if let Some(of) = image_fd(fd) {
+            return emulate(-1, || of.seek(fd, off, whence));
+        }
+    }
+    call!(real::LSEEK64, fd, off, whence)
+}

@@ -1,0 +1,166 @@
+//! Image objects: one per container file (device, inode) in the process,
+//! shared by every open of that file and dropped with the last one.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use libc::c_int;
+
+use crate::errno;
+use crate::storage::FdStorage;
+use crate::sys;
+
+/// Internal fds are moved to this number or above, away from the numbers
+/// programs expect to get (and dup2 onto).
+const INTERNAL_FD_FLOOR: c_int = 300;
+
+pub struct ImageObject {
+    pub dev: u64,
+    pub ino: u64,
+    /// Absolute path it was first opened by.
+    pub path: CString,
+    disk: RwLock<Arc<vdisk::Disk>>,
+    /// A second fd on the container, for fstat and forwarded locks.
+    stat_fd: c_int,
+}
+
+impl Drop for ImageObject {
+    fn drop(&mut self) {
+        crate::fdtable::mark_internal(self.stat_fd, false);
+        sys::close(self.stat_fd);
+    }
+}
+
+impl ImageObject {
+    pub fn disk(&self) -> Arc<vdisk::Disk> {
+        self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn path_str(&self) -> &str {
+        self.path.to_str().unwrap_or("<non-UTF-8 path>")
+    }
+    /// fstat of the container file.
+    pub fn container_stat(&self) -> io::Result<libc::stat64> {
+        sys::fstat(self.stat_fd)
+    }
+    pub fn container_fd(&self) -> c_int {
+        self.stat_fd
+    }
+}
+
+static IMAGES: Mutex<Vec<Weak<ImageObject>>> = Mutex::new(Vec::new());
+
+fn registry() -> std::sync::MutexGuard<'static, Vec<Weak<ImageObject>>> {
+    IMAGES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Moves an fd of ours out of the way of the program's fds, close-on-exec.
+fn move_high(fd: c_int) -> c_int {
+    match sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long) {
+        Ok(high) => {
+            sys::close(fd);
+            high as c_int
+        }
+        Err(_) => fd,
+    }
+}
+
+fn path_of(p: &CStr) -> &Path {
+    Path::new(OsStr::from_bytes(p.to_bytes()))
+}
+
+/// What opening a path as an image found.
+pub enum Opened {
+    Image(Arc<ImageObject>),
+    /// Not an image (or not a regular file): the caller passes the call on.
+    NotImage,
+}
+
+/// Opens (or finds) the image at absolute path `abs`, for writing if `writable`.
+/// Errors are errno values, already logged.
+pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
+    let mode = if writable { libc::O_RDWR } else { libc::O_RDONLY };
+    // If we cannot open it, the real call decides (O_CREAT of a new file,
+    // EACCES, ENOENT...): its result is exactly libc's.
+    let Ok(fd) = sys::openat(libc::AT_FDCWD, abs, mode | libc::O_CLOEXEC | libc::O_NOCTTY, 0) else {
+        return Ok(Opened::NotImage);
+    };
+    let fd = move_high(fd);
+    let st = match sys::fstat(fd) {
+        Ok(st) if st.st_mode & libc::S_IFMT == libc::S_IFREG => st,
+        _ => {
+            sys::close(fd);
+            return Ok(Opened::NotImage);
+        }
+    };
+    let mut reg = registry();
+    reg.retain(|w| w.strong_count() > 0);
+    let existing = reg.iter().filter_map(Weak::upgrade).find(|o| o.dev == st.st_dev && o.ino == st.st_ino);
+    if let Some(obj) = &existing {
+        if !writable || obj.disk().is_writable() {
+            sys::close(fd);
+            return Ok(Opened::Image(obj.clone()));
+        }
+    }
+    let storage = FdStorage::new(fd, writable);
+    match vdisk::probe(&storage) {
+        Ok(Some(_)) => {}
+        Ok(None) => return Ok(Opened::NotImage),
+        Err(e) => {
+            log::warn!("{}: cannot probe: {e}", abs.to_string_lossy());
+            return Err(errno::from_vdisk(&e));
+        }
+    }
+    let stat_fd = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long).map_err(|e| errno::from_io(&e))? as c_int;
+    let disk = vdisk::open_disk(Box::new(storage), path_of(abs), vdisk::OpenOptions { writable }, &RawParentOpener);
+    let disk = match disk {
+        Ok(d) => Arc::new(d),
+        Err(e) => {
+            sys::close(stat_fd);
+            log::warn!("{}: {e}", abs.to_string_lossy());
+            return Err(errno::from_vdisk(&e));
+        }
+    };
+    log::debug!("opened {}: {}", abs.to_string_lossy(), disk.layers()[0].describe());
+    if let Some(obj) = existing {
+        // A read-write open of an image opened read-only so far: every fd of
+        // it moves to the writable disk, so all share one metadata cache.
+        sys::close(stat_fd);
+        *obj.disk.write().unwrap_or_else(|e| e.into_inner()) = disk;
+        return Ok(Opened::Image(obj));
+    }
+    crate::fdtable::mark_internal(stat_fd, true);
+    let obj = Arc::new(ImageObject { dev: st.st_dev, ino: st.st_ino, path: abs.to_owned(), disk: RwLock::new(disk), stat_fd });
+    reg.push(Arc::downgrade(&obj));
+    Ok(Opened::Image(obj))
+}
+
+/// Whether the regular file at `abs` is an image (for stat on a path).
+pub fn is_image(abs: &CStr, st_dev: u64, st_ino: u64) -> bool {
+    if registry().iter().filter_map(Weak::upgrade).any(|o| o.dev == st_dev && o.ino == st_ino) {
+        return true;
+    }
+    let Ok(fd) = sys::openat(libc::AT_FDCWD, abs, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0) else {
+        return false;
+    };
+    let storage = FdStorage::new(fd, false);
+    matches!(vdisk::probe(&storage), Ok(Some(_)))
+}
+
+/// Opens parent images: read-only, regular files only, never a hook.
+struct RawParentOpener;
+
+impl vdisk::ParentOpener for RawParentOpener {
+    fn open_parent(&self, path: &Path) -> io::Result<Box<dyn vdisk::Storage>> {
+        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = move_high(sys::openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0)?);
+        let storage = FdStorage::new(fd, false);
+        let st = sys::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(Box::new(storage))
+    }
+}

@@ -1,0 +1,123 @@
+//! The real libc functions, found with `dlsym(RTLD_NEXT)` and cached in atomics.
+//!
+//! Not `OnceLock`: a hook can run before our constructor and re-enter while a
+//! lazy initialiser runs, and a blocking `get_or_init` then deadlocks. Two
+//! threads racing to resolve the same symbol store the same pointer.
+
+use std::ffi::{c_void, CStr};
+use std::marker::PhantomData;
+use std::ptr::null_mut;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use libc::{c_char, c_int, c_uint, c_ulong, mode_t, off64_t, off_t, size_t, ssize_t, FILE};
+
+pub struct Real<F> {
+    ptr: AtomicPtr<c_void>,
+    name: &'static CStr,
+    _f: PhantomData<F>,
+}
+
+// SAFETY: the only state is an atomic pointer; F is a function pointer type.
+unsafe impl<F> Sync for Real<F> {}
+
+impl<F: Copy> Real<F> {
+    pub const fn new(name: &'static CStr) -> Real<F> {
+        Real { ptr: AtomicPtr::new(null_mut()), name, _f: PhantomData }
+    }
+
+    /// The next definition of the symbol after ours, or `None` if libc lacks it.
+    pub fn get(&self) -> Option<F> {
+        const { assert!(size_of::<F>() == size_of::<*mut c_void>()) };
+        let mut p = self.ptr.load(Ordering::Acquire);
+        if p.is_null() {
+            // SAFETY: dlsym with a valid NUL-terminated name.
+            p = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) };
+            if p.is_null() {
+                return None;
+            }
+            self.ptr.store(p, Ordering::Release);
+        }
+        // SAFETY: F is the C signature of the symbol `name`, pointer-sized.
+        Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+    }
+
+    pub fn name(&self) -> &'static CStr {
+        self.name
+    }
+}
+
+macro_rules! reals {
+    ($($id:ident = $name:literal : $ty:ty;)*) => {
+        $(pub static $id: Real<$ty> = Real::new($name);)*
+        /// Resolves every symbol now (at init), so hooks never call dlsym later,
+        /// where it could take the loader lock at a bad moment.
+        pub fn resolve_all() {
+            $(let _ = $id.get();)*
+        }
+    };
+}
+
+type Stat = libc::stat64;
+
+reals! {
+    OPEN = c"open": unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
+    OPEN64 = c"open64": unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
+    OPENAT = c"openat": unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int;
+    OPENAT64 = c"openat64": unsafe extern "C" fn(c_int, *const c_char, c_int, ...) -> c_int;
+    OPEN_2 = c"__open_2": unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+    OPEN64_2 = c"__open64_2": unsafe extern "C" fn(*const c_char, c_int) -> c_int;
+    OPENAT_2 = c"__openat_2": unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+    OPENAT64_2 = c"__openat64_2": unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+    CREAT = c"creat": unsafe extern "C" fn(*const c_char, mode_t) -> c_int;
+    CREAT64 = c"creat64": unsafe extern "C" fn(*const c_char, mode_t) -> c_int;
+    READ = c"read": unsafe extern "C" fn(c_int, *mut c_void, size_t) -> ssize_t;
+    READ_CHK = c"__read_chk": unsafe extern "C" fn(c_int, *mut c_void, size_t, size_t) -> ssize_t;
+    WRITE = c"write": unsafe extern "C" fn(c_int, *const c_void, size_t) -> ssize_t;
+    PREAD = c"pread": unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t) -> ssize_t;
+    PREAD64 = c"pread64": unsafe extern "C" fn(c_int, *mut c_void, size_t, off64_t) -> ssize_t;
+    PREAD_CHK = c"__pread_chk": unsafe extern "C" fn(c_int, *mut c_void, size_t, off_t, size_t) -> ssize_t;
+    PREAD64_CHK = c"__pread64_chk": unsafe extern "C" fn(c_int, *mut c_void, size_t, off64_t, size_t) -> ssize_t;
+    PWRITE = c"pwrite": unsafe extern "C" fn(c_int, *const c_void, size_t, off_t) -> ssize_t;
+    PWRITE64 = c"pwrite64": unsafe extern "C" fn(c_int, *const c_void, size_t, off64_t) -> ssize_t;
+    READV = c"readv": unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
+    WRITEV = c"writev": unsafe extern "C" fn(c_int, *const libc::iovec, c_int) -> ssize_t;
+    PREADV = c"preadv": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off_t) -> ssize_t;
+    PREADV64 = c"preadv64": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t) -> ssize_t;
+    PWRITEV = c"pwritev": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off_t) -> ssize_t;
+    PWRITEV64 = c"pwritev64": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t) -> ssize_t;
+    LSEEK = c"lseek": unsafe extern "C" fn(c_int, off_t, c_int) -> off_t;
+    LSEEK64 = c"lseek64": unsafe extern "C" fn(c_int, off64_t, c_int) -> off64_t;
+    CLOSE = c"close": unsafe extern "C" fn(c_int) -> c_int;
+    CLOSE_RANGE = c"close_range": unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;
+    CLOSEFROM = c"closefrom": unsafe extern "C" fn(c_int);
+    DUP = c"dup": unsafe extern "C" fn(c_int) -> c_int;
+    DUP2 = c"dup2": unsafe extern "C" fn(c_int, c_int) -> c_int;
+    DUP3 = c"dup3": unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
+    FCNTL = c"fcntl": unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+    FCNTL64 = c"fcntl64": unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
+    IOCTL = c"ioctl": unsafe extern "C" fn(c_int, c_ulong, ...) -> c_int;
+    FSYNC = c"fsync": unsafe extern "C" fn(c_int) -> c_int;
+    FDATASYNC = c"fdatasync": unsafe extern "C" fn(c_int) -> c_int;
+    STAT = c"stat": unsafe extern "C" fn(*const c_char, *mut libc::stat) -> c_int;
+    STAT64 = c"stat64": unsafe extern "C" fn(*const c_char, *mut Stat) -> c_int;
+    LSTAT = c"lstat": unsafe extern "C" fn(*const c_char, *mut libc::stat) -> c_int;
+    LSTAT64 = c"lstat64": unsafe extern "C" fn(*const c_char, *mut Stat) -> c_int;
+    FSTAT = c"fstat": unsafe extern "C" fn(c_int, *mut libc::stat) -> c_int;
+    FSTAT64 = c"fstat64": unsafe extern "C" fn(c_int, *mut Stat) -> c_int;
+    FSTATAT = c"fstatat": unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat, c_int) -> c_int;
+    FSTATAT64 = c"fstatat64": unsafe extern "C" fn(c_int, *const c_char, *mut Stat, c_int) -> c_int;
+    STATX = c"statx": unsafe extern "C" fn(c_int, *const c_char, c_int, c_uint, *mut libc::statx) -> c_int;
+    XSTAT = c"__xstat": unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat) -> c_int;
+    XSTAT64 = c"__xstat64": unsafe extern "C" fn(c_int, *const c_char, *mut Stat) -> c_int;
+    LXSTAT = c"__lxstat": unsafe extern "C" fn(c_int, *const c_char, *mut libc::stat) -> c_int;
+    LXSTAT64 = c"__lxstat64": unsafe extern "C" fn(c_int, *const c_char, *mut Stat) -> c_int;
+    FXSTAT = c"__fxstat": unsafe extern "C" fn(c_int, c_int, *mut libc::stat) -> c_int;
+    FXSTAT64 = c"__fxstat64": unsafe extern "C" fn(c_int, c_int, *mut Stat) -> c_int;
+    FXSTATAT = c"__fxstatat": unsafe extern "C" fn(c_int, c_int, *const c_char, *mut libc::stat, c_int) -> c_int;
+    FXSTATAT64 = c"__fxstatat64": unsafe extern "C" fn(c_int, c_int, *const c_char, *mut Stat, c_int) -> c_int;
+    FTRUNCATE = c"ftruncate": unsafe extern "C" fn(c_int, off_t) -> c_int;
+    FTRUNCATE64 = c"ftruncate64": unsafe extern "C" fn(c_int, off64_t) -> c_int;
+    MMAP = c"mmap": unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
+    MMAP64 = c"mmap64": unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off64_t) -> *mut c_void;
+    FOPEN = c"fopen": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
+}

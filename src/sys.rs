@@ -1,0 +1,106 @@
+//! The library's own I/O: raw system calls, which never reach our hooks (or
+//! anyone else's) and report errors as `io::Error` instead of through errno.
+
+use std::ffi::CStr;
+use std::io;
+use std::mem::MaybeUninit;
+
+use libc::{c_int, c_long};
+
+fn check(r: c_long) -> io::Result<c_long> {
+    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+}
+
+/// Retries on EINTR.
+fn retry(mut f: impl FnMut() -> c_long) -> io::Result<c_long> {
+    loop {
+        match check(f()) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => return r,
+        }
+    }
+}
+
+pub fn pread(fd: c_int, buf: &mut [u8], off: u64) -> io::Result<usize> {
+    // SAFETY: buf is valid for writes of its length.
+    retry(|| unsafe { libc::syscall(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), off as i64) }).map(|n| n as usize)
+}
+
+pub fn pwrite(fd: c_int, buf: &[u8], off: u64) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of its length.
+    retry(|| unsafe { libc::syscall(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), off as i64) }).map(|n| n as usize)
+}
+
+pub fn write(fd: c_int, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for reads of its length.
+    retry(|| unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) }).map(|n| n as usize)
+}
+
+pub fn openat(dirfd: c_int, path: &CStr, flags: c_int, mode: libc::mode_t) -> io::Result<c_int> {
+    // SAFETY: path is NUL-terminated.
+    retry(|| unsafe { libc::syscall(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) }).map(|fd| fd as c_int)
+}
+
+pub fn close(fd: c_int) {
+    // SAFETY: plain syscall; EINTR on close must not be retried on Linux.
+    unsafe { libc::syscall(libc::SYS_close, fd) };
+}
+
+pub fn fstat(fd: c_int) -> io::Result<libc::stat64> {
+    let mut st = MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: st is a valid out pointer of the kernel's struct stat size.
+    check(unsafe { libc::syscall(libc::SYS_fstat, fd, st.as_mut_ptr()) })?;
+    // SAFETY: initialised by the kernel (and zeroed before).
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn fstatat(dirfd: c_int, path: &CStr, flags: c_int) -> io::Result<libc::stat64> {
+    let mut st = MaybeUninit::<libc::stat64>::zeroed();
+    // SAFETY: valid path and out pointer.
+    check(unsafe { libc::syscall(libc::SYS_newfstatat, dirfd, path.as_ptr(), st.as_mut_ptr(), flags) })?;
+    // SAFETY: initialised by the kernel.
+    Ok(unsafe { st.assume_init() })
+}
+
+pub fn lseek(fd: c_int, off: i64, whence: c_int) -> io::Result<i64> {
+    // SAFETY: plain syscall.
+    check(unsafe { libc::syscall(libc::SYS_lseek, fd, off, whence) })
+}
+
+pub fn fdatasync(fd: c_int) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    retry(|| unsafe { libc::syscall(libc::SYS_fdatasync, fd) }).map(drop)
+}
+
+pub fn ftruncate(fd: c_int, len: u64) -> io::Result<()> {
+    // SAFETY: plain syscall.
+    retry(|| unsafe { libc::syscall(libc::SYS_ftruncate, fd, len as i64) }).map(drop)
+}
+
+pub fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> io::Result<c_long> {
+    // SAFETY: integer-argument fcntl commands only.
+    check(unsafe { libc::syscall(libc::SYS_fcntl, fd, cmd, arg) })
+}
+
+pub fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<c_int> {
+    // SAFETY: name is NUL-terminated.
+    check(unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), flags) }).map(|fd| fd as c_int)
+}
+
+pub fn readlink(path: &CStr, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: valid path and buffer.
+    check(unsafe {
+        libc::syscall(libc::SYS_readlinkat, libc::AT_FDCWD, path.as_ptr(), buf.as_mut_ptr(), buf.len())
+    })
+    .map(|n| n as usize)
+}
+
+pub fn getcwd(buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: valid buffer; the syscall returns the length including the NUL.
+    check(unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) }).map(|n| (n as usize).saturating_sub(1))
+}
+
+pub fn getpid() -> c_int {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_getpid) as c_int }
+}

@@ -1,0 +1,50 @@
+//! Running real programs with the library preloaded.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+/// The release build of libvhdio.so, built once per test binary (cargo test
+/// does not build a cdylib-only package's library for integration tests).
+pub fn library() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--lib", "-p", "vhdio", "--manifest-path"])
+            .arg(root.join("Cargo.toml"))
+            .status()
+            .expect("cannot run cargo to build libvhdio.so");
+        assert!(status.success(), "building libvhdio.so failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let lib = target.join("release/libvhdio.so");
+        assert!(lib.exists(), "{} missing after build", lib.display());
+        lib
+    })
+}
+
+/// `program args...` with LD_PRELOAD set, in `dir`.
+pub fn command(dir: &Path, program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).current_dir(dir).env("LD_PRELOAD", library());
+    c.env_remove("LIBVHD_IO_DEBUG").env_remove("LIBVHD_IO_DUMP").env_remove("LIBVHD_IO_PROBE_ALL");
+    c
+}
+
+/// Runs `program` under the library; it must succeed. Returns its output.
+pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
+    let out = command(dir, program, args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs a shell command line under the library.
+pub fn sh(dir: &Path, script: &str) -> Output {
+    run(dir, "sh", &["-c", script])
+}
