@@ -1,9 +1,9 @@
 //! One layer of a virtual disk: the contract every format implements.
 
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::Result;
+use crate::{ParentOpener, Result};
 
 /// The image formats this crate understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -88,6 +88,13 @@ pub trait Image: Send + Sync {
     /// For a differencing image: how to find its parent.
     fn parent_link(&self) -> Option<&ParentLink> {
         None
+    }
+    /// The parent link with its candidates, for formats that record no parent
+    /// path and search for it with `opener` (VDI). `path` is where this image
+    /// was found. The default is [`Image::parent_link`].
+    fn find_parent(&self, path: &Path, opener: &dyn ParentOpener) -> Result<Option<ParentLink>> {
+        let _ = (path, opener);
+        Ok(self.parent_link().cloned())
     }
     /// One line describing the layer, for logs and `vhdio info`.
     fn describe(&self) -> String {

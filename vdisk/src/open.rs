@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::{probe, vhd, Disk, Error, Format, Image, Result, Storage, MAX_CHAIN_DEPTH};
 
@@ -19,6 +19,24 @@ pub struct OpenOptions {
 pub trait ParentOpener {
     /// Opens `path` read-only; must refuse anything but a regular file.
     fn open_parent(&self, path: &Path) -> io::Result<Box<dyn Storage>>;
+    /// The entries of `dir`, as full paths: a VDI names its parent by UUID
+    /// only, so its folders are searched. Default: `std::fs::read_dir`.
+    fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
+        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect()
+    }
+    /// At most `max` bytes of a small file (a VirtualBox media registry),
+    /// read through [`ParentOpener::open_parent`].
+    fn read_small_file(&self, path: &Path, max: u64) -> io::Result<Vec<u8>> {
+        let storage = self.open_parent(path)?;
+        let len = storage.len()?.min(max);
+        let mut buf = vec![0u8; len as usize];
+        storage.read_exact_at(&mut buf, 0)?;
+        Ok(buf)
+    }
+    /// More folders to search for VDI parents, after the image's own. Default: none.
+    fn search_dirs(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 /// Opens parents with `std::fs::File`.
@@ -32,6 +50,12 @@ impl ParentOpener for StdParentOpener {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
         }
         Ok(Box::new((file, false)))
+    }
+    /// The folders in `LIBVHD_IO_VDI_PATH` (colon-separated), read at each call.
+    fn search_dirs(&self) -> Vec<PathBuf> {
+        std::env::var_os(crate::vdi::SEARCH_PATH_VAR)
+            .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+            .unwrap_or_default()
     }
 }
 
@@ -55,21 +79,23 @@ pub fn open_disk(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions, open
     let mut seen = HashSet::new();
     seen.insert(top.link_id());
     let mut layers = vec![top];
-    while let Some(link) = layers.last().and_then(|l| l.parent_link()).cloned() {
+    let mut path = path.to_path_buf();
+    while let Some(link) = layers.last().map(|l| l.find_parent(&path, opener)).transpose()?.flatten() {
         if layers.len() >= MAX_CHAIN_DEPTH {
             return Err(Error::corrupt("parent chain", format!("deeper than {MAX_CHAIN_DEPTH}")));
         }
-        let parent = open_parent(&link, opener)?;
+        let (parent, parent_path) = open_parent(&link, opener)?;
         if !seen.insert(parent.link_id()) {
             return Err(Error::corrupt("parent chain", format!("loop at {}", link.description)));
         }
         layers.push(parent);
+        path = parent_path;
     }
     Disk::new(layers)
 }
 
 /// Tries each candidate of `link`; the first image whose identity matches wins.
-fn open_parent(link: &crate::ParentLink, opener: &dyn ParentOpener) -> Result<Box<dyn Image>> {
+fn open_parent(link: &crate::ParentLink, opener: &dyn ParentOpener) -> Result<(Box<dyn Image>, PathBuf)> {
     let mut tried = Vec::new();
     for path in &link.candidates {
         let storage = match opener.open_parent(path) {
@@ -95,7 +121,7 @@ fn open_parent(link: &crate::ParentLink, opener: &dyn ParentOpener) -> Result<Bo
             tried.push(format!("{} (identity differs)", path.display()));
             continue;
         }
-        return Ok(image);
+        return Ok((image, path.clone()));
     }
     let tried = if tried.is_empty() { "no candidate paths".to_string() } else { tried.join(", ") };
     Err(Error::ParentNotFound(format!("{}; tried: {tried}", link.description)))
