@@ -40,10 +40,6 @@ impl<F: Copy> Real<F> {
         // SAFETY: F is the C signature of the symbol `name`, pointer-sized.
         Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
     }
-
-    pub fn name(&self) -> &'static CStr {
-        self.name
-    }
 }
 
 macro_rules! reals {
@@ -120,4 +116,8 @@ reals! {
     MMAP = c"mmap": unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off_t) -> *mut c_void;
     MMAP64 = c"mmap64": unsafe extern "C" fn(*mut c_void, size_t, c_int, c_int, c_int, off64_t) -> *mut c_void;
     FOPEN = c"fopen": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
+    FOPEN64 = c"fopen64": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
+    FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;
+    FREOPEN = c"freopen": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
+    FREOPEN64 = c"freopen64": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
 }

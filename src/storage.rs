@@ -19,9 +19,6 @@ impl FdStorage {
         crate::fdtable::mark_internal(fd, true);
         FdStorage { fd, writable }
     }
-    pub fn fd(&self) -> c_int {
-        self.fd
-    }
 }
 
 impl Drop for FdStorage {

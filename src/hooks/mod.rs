@@ -9,6 +9,7 @@ pub mod ioctl;
 pub mod open;
 pub mod rw;
 pub mod stat;
+pub mod stdio;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;

@@ -54,8 +54,32 @@ pub fn absolute(dirfd: c_int, path: &CStr) -> Result<CString, Errno> {
     CString::new(base).map_err(|_| libc::EINVAL)
 }
 
+/// The partition a path names: a symlink called `<image name><N>` whose target
+/// is `<image name>` (`disk.vhd2 -> disk.vhd`) opens partition N.
+fn partition_number(abs: &CStr) -> Option<u32> {
+    let bytes = abs.to_bytes();
+    let name = bytes.rsplit(|&b| b == b'/').next()?;
+    let digits = name.iter().rev().take_while(|b| b.is_ascii_digit()).count();
+    if digits == 0 || digits == name.len() {
+        return None;
+    }
+    let stem = &name[..name.len() - digits];
+    let st = sys::fstatat(libc::AT_FDCWD, abs, libc::AT_SYMLINK_NOFOLLOW).ok()?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+        return None;
+    }
+    let mut target = [0u8; libc::PATH_MAX as usize];
+    let n = sys::readlink(abs, &mut target).ok()?;
+    let target = &target[..n];
+    let target_name = target.rsplit(|&b| b == b'/').next()?;
+    if target_name != stem {
+        return None;
+    }
+    std::str::from_utf8(&name[name.len() - digits..]).ok()?.parse().ok().filter(|&n| n > 0)
+}
+
 /// The common open: `Ok(None)` means "not an image, call libc".
-fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+pub fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
     let abs = absolute(dirfd, path)?;
     let access = flags & libc::O_ACCMODE;
     let writable = access != libc::O_RDONLY;
@@ -63,25 +87,90 @@ fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, 
         Opened::Image(obj) => obj,
         Opened::NotImage => return Ok(None),
     };
-    let len = obj.disk().size();
-    let fd = make_dummy(&abs, "", flags)?;
+    let disk = obj.disk();
+    let (partition, start, len) = match partition_number(&abs) {
+        None => (0, 0, disk.size()),
+        Some(n) => match vdisk::part::partition(&disk, n) {
+            Ok(Some(p)) => (n, p.start, p.device_size()),
+            Ok(None) => {
+                log::warn!("{}: the disk has no partition {n}", abs.to_string_lossy());
+                return Err(libc::ENOENT);
+            }
+            Err(e) => {
+                log::warn!("{}: cannot read the partition table: {e}", abs.to_string_lossy());
+                return Err(crate::errno::from_vdisk(&e));
+            }
+        },
+    };
+    let fd = new_open(&abs, obj, partition, start, len, flags)?;
+    log::debug!("open {} flags {flags:#o} -> dummy fd {fd}", abs.to_string_lossy());
+    Ok(Some(fd))
+}
+
+/// A new dummy fd and fd context for a window on an image object.
+pub fn new_open(abs: &CStr, image: Arc<images::ImageObject>, partition: u32, start: u64, len: u64, flags: c_int) -> Result<c_int, Errno> {
+    let suffix = if partition == 0 { String::new() } else { format!("#p{partition}") };
+    let fd = make_dummy(abs, &suffix, flags)?;
+    let access = flags & libc::O_ACCMODE;
+    register(fd, image, partition, start, len, access, flags & (libc::O_SYNC | libc::O_DSYNC) != 0)?;
+    Ok(fd)
+}
+
+/// Maps an existing dummy `fd` to a new fd context.
+pub fn register(fd: c_int, image: Arc<images::ImageObject>, partition: u32, start: u64, len: u64, access: c_int, sync: bool) -> Result<(), Errno> {
     let st = sys::fstat(fd).map_err(|e| crate::errno::from_io(&e))?;
     let of = Arc::new(OpenFile {
         dummy_dev: st.st_dev,
         dummy_ino: st.st_ino,
         access,
-        sync: flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
-        image: obj,
-        start: 0,
+        sync,
+        image,
+        start,
         len,
-        partition: 0,
+        partition,
         offset_lock: Mutex::new(()),
     });
     if !fdtable::insert(fd, of) {
         sys::close(fd);
         return Err(libc::EMFILE);
     }
-    log::debug!("open {} flags {flags:#o} -> dummy fd {fd}", abs.to_string_lossy());
+    Ok(())
+}
+
+/// `/dev/stdin`, `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N`
+/// and `/proc/<our pid>/fd/N`: the fd number they name.
+fn fd_path(path: &CStr) -> Option<c_int> {
+    let p = std::str::from_utf8(path.to_bytes()).ok()?;
+    match p {
+        "/dev/stdin" => return Some(0),
+        "/dev/stdout" => return Some(1),
+        "/dev/stderr" => return Some(2),
+        _ => {}
+    }
+    let rest = p.strip_prefix("/dev/fd/").or_else(|| p.strip_prefix("/proc/self/fd/")).or_else(|| {
+        let r = p.strip_prefix("/proc/")?;
+        let (pid, r) = r.split_once('/')?;
+        (pid.parse::<c_int>().ok()? == sys::getpid()).then_some(())?;
+        r.strip_prefix("fd/")
+    })?;
+    rest.parse().ok()
+}
+
+/// Opening a dummy through /proc or /dev/fd opens the same window again (a new
+/// open file description: own offset, own access mode), as for a device.
+pub fn reopen_fd(path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+    let Some(n) = fd_path(path) else { return Ok(None) };
+    if !fdtable::is_mapped(n) {
+        return Ok(None);
+    }
+    let Some(of) = fdtable::lookup(n) else { return Ok(None) };
+    let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
+    if writable && !of.image.disk().is_writable() {
+        // Upgrade the image object to read-write, as a new open would.
+        images::open(&of.image.path, true)?;
+    }
+    let fd = new_open(&of.image.path, of.image.clone(), of.partition, of.start, of.len, flags)?;
+    log::debug!("reopen of fd {n} via {} -> dummy fd {fd}", path.to_string_lossy());
     Ok(Some(fd))
 }
 
@@ -128,10 +217,12 @@ fn open_common(dirfd: c_int, path: *const c_char, flags: c_int, real: impl FnOnc
     // SAFETY: non-NULL path from the caller, NUL-terminated per the API.
     let p = unsafe { CStr::from_ptr(path) };
     crate::config::load();
-    if !is_candidate(p) {
+    let by_fd = p.to_bytes().starts_with(b"/dev/") || p.to_bytes().starts_with(b"/proc/");
+    if !by_fd && !is_candidate(p) {
         return real();
     }
-    match emulate(Err(libc::EIO), || Ok(open_image(dirfd, p, flags))) {
+    let emulated = || if by_fd { reopen_fd(p, flags) } else { open_image(dirfd, p, flags) };
+    match emulate(Err(libc::EIO), || Ok(emulated())) {
         Ok(Some(fd)) => fd,
         Ok(None) => real(),
         Err(e) => {
