@@ -42,6 +42,8 @@ struct Build {
     linkage: [u8; 16],
     parent_modify: [u8; 16],
     lchs: [u32; 3],
+    /// Alignment of the map and data offsets (VirtualBox uses 1 MiB).
+    align: usize,
     blocks: Vec<Blk>,
 }
 
@@ -59,6 +61,7 @@ impl Build {
             linkage: [0; 16],
             parent_modify: [0; 16],
             lchs: [0; 3],
+            align: 512,
             blocks: vec![Blk::Free; n],
         }
     }
@@ -82,7 +85,11 @@ impl Build {
     fn bytes(&self) -> Vec<u8> {
         let n = self.blocks.len();
         let (map_off, data_off) = match self.layout {
-            Layout::V1(_) => (0x200usize, 0x200 + (4 * n).div_ceil(512) * 512),
+            Layout::V1(_) => {
+                let a = self.align;
+                let map = 0x200usize.div_ceil(a) * a;
+                (map, (map + 4 * n).div_ceil(a) * a)
+            }
             Layout::V0 => (0x1A4, 0x1A4 + 4 * n),
         };
         let stride = (self.block_size + self.block_extra) as usize;
@@ -413,6 +420,111 @@ fn mkfs_image_written_through_vdisk_checks_clean() {
     run("e2fsck", &["-fn", check.to_str().unwrap()]);
 }
 
+/// An in-memory file whose writes fail after `budget` write calls: a
+/// process killed between two writes.
+struct FailAfter {
+    inner: std::sync::Arc<MemStorage>,
+    budget: std::sync::atomic::AtomicUsize,
+}
+impl FailAfter {
+    fn spend(&self) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        match self
+            .budget
+            .fetch_update(SeqCst, SeqCst, |b| b.checked_sub(1))
+        {
+            Ok(_) => Ok(()),
+            Err(_) => Err(std::io::Error::other("killed")),
+        }
+    }
+}
+impl vdisk::Storage for FailAfter {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        self.spend()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.spend()?;
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
+#[test]
+fn interrupted_allocation_stays_consistent() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut data = pattern(5, 4 * MIB).0;
+    data[2 * MIB..3 * MIB].fill(0); // block 2 stays FREE
+    let img = qemu_image_from(&data, tmp.path(), "c.vdi", "vdi", "");
+    let orig = std::fs::read(&img).unwrap();
+    assert_eq!(&orig[0x208..0x20C], &[0xFF; 4]);
+    let before = qemu_raw(&img, "vdi");
+    let off = 2 * MIB + 8192;
+    let mut after = before.clone();
+    after[off..off + 4096].fill(0xAB);
+    let mut leaks = 0;
+    for k in 0.. {
+        let mem = std::sync::Arc::new(MemStorage::new(orig.clone()));
+        let storage = FailAfter {
+            inner: mem.clone(),
+            budget: k.into(),
+        };
+        let disk = open_disk(
+            Box::new(storage),
+            &img,
+            OpenOptions { writable: true },
+            &StdParentOpener,
+        )
+        .unwrap();
+        let done = disk.write_at(&[0xAB; 4096], off as u64).is_ok();
+        drop(disk);
+        let file = tmp.path().join(format!("k{k}.vdi"));
+        std::fs::write(&file, mem.contents()).unwrap();
+        let got = read_all(&open(&file, false).unwrap());
+        assert!(
+            got == before || got == after,
+            "killed after {k} writes: neither old nor new data"
+        );
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-f", "vdi"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        if !out.status.success() {
+            // Killed between the header count and the map entry: one leaked slot.
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                text.contains("allocated blocks mismatch") && text.matches("ERROR").count() == 1,
+                "{k}: {text}"
+            );
+            leaks += 1;
+            // The next write reuses the slot and corrects the count.
+            let disk = open(&file, true).unwrap();
+            disk.write_at(&[0xAB; 4096], off as u64).unwrap();
+            drop(disk);
+            qemu_check(&file);
+            assert!(qemu_raw(&file, "vdi") == after);
+        }
+        if done {
+            assert!(got == after);
+            qemu_check(&file);
+            break;
+        }
+    }
+    assert_eq!(leaks, 1);
+}
+
 // ---------------------------------------------------------------------------
 // Header variants and layouts built here.
 
@@ -435,6 +547,7 @@ fn header_variants_block_sizes_and_extra() {
     let mut plus = Build::new(3 * MIB as u64, 1 << 20);
     plus.layout = Layout::V1(0x190);
     plus.lchs = [100, 16, 63];
+    plus.align = MIB; // as VirtualBox lays it out
     cases.push(("v1plus", plus));
     let mut v0 = Build::new(2 * MIB as u64 + 4096, 1 << 20);
     v0.layout = Layout::V0;

@@ -10,8 +10,10 @@
 //! stride`): the block first (the unwritten part zeros, or the parent's data
 //! in a child), then the header's allocated count, then the one map entry. A
 //! crash before the header write leaves an unused tail; a crash between the
-//! header and the map write leaves one leaked slot (`qemu-img check` reports
-//! that count mismatch); the map never points at unwritten data.
+//! header and the map write leaves one leaked slot, which `qemu-img check`
+//! reports as a count mismatch until the next write through this library
+//! reuses the slot and corrects the count. The map never points at unwritten
+//! data.
 
 pub mod block_map;
 pub mod header;
@@ -142,13 +144,14 @@ impl VdiImage {
     }
 
     /// On the first write of this open: a new uuidModify (as VirtualBox does),
-    /// and the disk size rounded to whole sectors.
+    /// the disk size rounded to whole sectors and the allocated count.
     fn mark_modified(&self, st: &mut State) -> Result<()> {
         if st.modified {
             return Ok(());
         }
         st.header.uuid_modify = random_uuid(&st.header.uuid_modify);
         st.header.disk_size = self.size;
+        st.header.blocks_allocated = st.next_slot;
         self.write_header(&st.header)?;
         st.modified = true;
         Ok(())
@@ -223,8 +226,13 @@ impl VdiImage {
 }
 
 /// Checks every map entry: its slot inside the image and its data inside the
-/// file. Returns the first free slot. Slots used twice are refused for writing
-/// (a write would change two blocks); read-only, they are only reported.
+/// file. Slots used twice are refused for writing (a write would change two
+/// blocks); read-only, they are only reported.
+///
+/// Returns the first free slot: past the highest slot in use. That is below
+/// the header's count when an allocation was interrupted between the header
+/// and the map write; the unreferenced slots are then reused, and the first
+/// write of this open stores the corrected count.
 fn check_map(
     map: &BlockMap,
     h: &Header,
@@ -235,7 +243,7 @@ fn check_map(
 ) -> Result<u32> {
     let bs = h.block_size as u64;
     let mut seen = vec![0u64; (h.blocks as usize).div_ceil(64)];
-    let mut next = h.blocks_allocated;
+    let mut next = 0u32;
     for (b, e) in map.iter() {
         let Entry::Slot(s) = e else { continue };
         if s >= h.blocks {
@@ -267,14 +275,20 @@ fn check_map(
             log::warn!("{}: {msg}", path.display());
         }
         seen[w] |= bit;
-        if s >= next {
-            log::warn!(
-                "{}: VDI block {b} uses slot {s}, but the header counts {} allocated blocks",
-                path.display(),
-                h.blocks_allocated
-            );
-            next = s + 1;
-        }
+        next = next.max(s + 1);
+    }
+    if next > h.blocks_allocated {
+        log::warn!(
+            "{}: VDI blocks use slots up to {next}, but the header counts {} allocated blocks",
+            path.display(),
+            h.blocks_allocated
+        );
+    } else if next < h.blocks_allocated {
+        log::info!(
+            "{}: VDI slots {next}..{} are unused (an interrupted allocation); they will be reused",
+            path.display(),
+            h.blocks_allocated
+        );
     }
     Ok(next)
 }
