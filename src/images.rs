@@ -137,6 +137,19 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
     Ok(Opened::Image(obj))
 }
 
+/// Flushes every open image (sync()).
+pub fn flush_all() {
+    let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
+    for obj in objects {
+        let disk = obj.disk();
+        if disk.is_writable() {
+            if let Err(e) = disk.flush() {
+                log::warn!("sync {}: {e}", obj.path_str());
+            }
+        }
+    }
+}
+
 /// Whether the regular file at `abs` is an image (for stat on a path).
 pub fn is_image(abs: &CStr, st_dev: u64, st_ino: u64) -> bool {
     if registry().iter().filter_map(Weak::upgrade).any(|o| o.dev == st_dev && o.ino == st_ino) {

@@ -4,6 +4,8 @@
 //! this path named like one?) and otherwise calls libc directly. Emulation runs
 //! inside [`emulate`]: re-entrancy guard on, panics caught, errno managed.
 
+pub mod alloc;
+pub mod copy;
 pub mod fd;
 pub mod ioctl;
 pub mod open;

@@ -57,7 +57,7 @@ impl OpenFile {
     }
 
     /// Runs `f` at the dummy's file offset and advances it by the result.
-    fn at_offset(&self, fd: c_int, f: impl FnOnce(u64) -> Result<usize, Errno>) -> Result<usize, Errno> {
+    pub(crate) fn at_offset(&self, fd: c_int, f: impl FnOnce(u64) -> Result<usize, Errno>) -> Result<usize, Errno> {
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
         let pos = sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e))? as u64;
         let n = f(pos)?;
