@@ -578,3 +578,177 @@ fn corrupt_images_are_errors() {
         let _ = open_mem(b, rng.next() % 2 == 0);
     }
 }
+
+/// A storage that fails every write from the `budget`-th on, as if the
+/// process were killed there: what was written before stays (page cache).
+struct Killed {
+    inner: MemStorage,
+    budget: std::sync::atomic::AtomicI64,
+}
+
+impl Killed {
+    fn spend(&self) -> std::io::Result<()> {
+        if self
+            .budget
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst)
+            <= 0
+        {
+            return Err(std::io::Error::other("killed"));
+        }
+        Ok(())
+    }
+}
+
+impl vdisk::Storage for Killed {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<usize> {
+        self.spend()?;
+        self.inner.write_at(buf, offset)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.spend()?;
+        self.inner.set_len(len)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn is_writable(&self) -> bool {
+        true
+    }
+}
+
+/// Runs the write workload on `image` until the storage is killed after
+/// `budget` writes. Returns the file, the disk before the interrupted write
+/// and the range and data of that write (None if all completed).
+fn workload(image: &[u8], budget: i64, model: &mut Vec<u8>) -> (Vec<u8>, Option<(usize, Vec<u8>)>) {
+    let storage = std::sync::Arc::new(Killed {
+        inner: MemStorage::new(image.to_vec()),
+        budget: std::sync::atomic::AtomicI64::new(budget),
+    });
+    struct Shared(std::sync::Arc<Killed>);
+    impl vdisk::Storage for Shared {
+        fn read_at(&self, b: &mut [u8], o: u64) -> std::io::Result<usize> {
+            self.0.read_at(b, o)
+        }
+        fn write_at(&self, b: &[u8], o: u64) -> std::io::Result<usize> {
+            self.0.write_at(b, o)
+        }
+        fn len(&self) -> std::io::Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, l: u64) -> std::io::Result<()> {
+            self.0.set_len(l)
+        }
+        fn sync(&self) -> std::io::Result<()> {
+            self.0.sync()
+        }
+        fn is_writable(&self) -> bool {
+            true
+        }
+    }
+    let img = vdisk::open_image(
+        Box::new(Shared(storage.clone())),
+        Format::Vhdx,
+        Path::new("/k.vhdx"),
+        OpenOptions { writable: true },
+    );
+    let mut interrupted = None;
+    if let Ok(img) = img {
+        let disk = Disk::new(vec![img]).unwrap();
+        let mut rng = Rng(4242);
+        for _ in 0..10 {
+            let len = 1 + rng.next() as usize % (2 * MIB as usize + MIB as usize / 2);
+            let off = rng.next() as usize % (model.len() - len + 1);
+            let buf: Vec<u8> = (0..len).map(|i| (i % 247) as u8 ^ rng.0 as u8).collect();
+            if disk.write_at(&buf, off as u64).is_err() {
+                interrupted = Some((off, buf));
+                break;
+            }
+            model[off..off + len].copy_from_slice(&buf);
+        }
+    }
+    let bytes = storage.inner.contents();
+    (bytes, interrupted)
+}
+
+#[test]
+fn killed_at_any_write_leaves_a_consistent_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = pattern(3, 7 * MIB as usize);
+    let img = qemu_vhdx(
+        &data,
+        tmp.path(),
+        "kill.vhdx",
+        "subformat=dynamic,block_size=1M",
+    );
+    let image = std::fs::read(&img).unwrap();
+    let total = {
+        // Count the writes of a complete run.
+        let mut n = 0;
+        loop {
+            let mut m = data.clone();
+            if workload(&image, n, &mut m).1.is_none() {
+                break n;
+            }
+            n += 1;
+        }
+    };
+    let path = tmp.path().join("killed.vhdx");
+    let (mut budget, mut runs, mut pending) = (0, 0, 0);
+    while budget <= total {
+        let mut model = data.clone();
+        let (bytes, interrupted) = workload(&image, budget, &mut model);
+        // vdisk reads it (replaying a pending log in memory).
+        let got = open_mem(bytes.clone(), false).unwrap_or_else(|e| panic!("budget {budget}: {e}"));
+        let cur = current_header(&bytes);
+        if bytes[(cur + 1) * 65536 + 48..(cur + 1) * 65536 + 64] != [0u8; 16] {
+            pending += 1;
+            assert!(
+                open_mem(bytes.clone(), true).unwrap() == got,
+                "budget {budget}: replay on disk differs"
+            );
+        }
+        runs += 1;
+        // Every completed write is there; the interrupted one is old or new data.
+        let (lo, hi, new) = match &interrupted {
+            Some((o, b)) => (*o, o + b.len(), b.as_slice()),
+            None => (0, 0, &[][..]),
+        };
+        assert!(
+            got[..lo] == model[..lo] && got[hi..] == model[hi..],
+            "budget {budget}: completed writes lost"
+        );
+        if got[lo..hi] != model[lo..hi] {
+            for i in lo..hi {
+                assert!(
+                    got[i] == model[i] || got[i] == new[i - lo],
+                    "budget {budget}: byte {i} is garbage"
+                );
+            }
+        }
+        // qemu-img check -r all repairs at most the log, and then reads the same.
+        std::fs::write(&path, &bytes).unwrap();
+        let out = std::process::Command::new("qemu-img")
+            .args(["check", "-r", "all", "-f", "vhdx", path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            matches!(out.status.code(), Some(0) | Some(3)),
+            "budget {budget}: {text}"
+        );
+        assert!(
+            qemu_raw(&path, "vhdx") == got,
+            "budget {budget}: qemu reads other data"
+        );
+        budget += 1;
+    }
+    eprintln!("{runs} kills in {total} writes, {pending} with a pending log");
+    assert!(pending > 0, "no kill hit a pending log");
+}

@@ -473,6 +473,39 @@ mod tests {
     }
 
     #[test]
+    fn entry_wrapping_around_the_end_of_the_log() {
+        let guid = Guid([6; 16]);
+        let s = MemStorage::new(vec![0u8; 3 << 20]);
+        let (a, b) = (sector(1), sector(2));
+        // Three sectors (descriptors, two data) starting at the last log sector.
+        let tail = LOG - 4096;
+        let e = encode_entry(
+            guid,
+            9,
+            tail,
+            3 << 20,
+            &[(2 << 20, &a), ((2 << 20) + 4096, &b)],
+        );
+        assert_eq!(e.len(), 3 * 4096);
+        s.write_all_at(&e[..4096], LOG + tail).unwrap();
+        s.write_all_at(&e[4096..], LOG).unwrap();
+        let r = Log::new(&s, LOG, LOG).find_active(guid).unwrap().unwrap();
+        assert_eq!(
+            r.ops,
+            vec![
+                Op::Data {
+                    offset: 2 << 20,
+                    sector: a
+                },
+                Op::Data {
+                    offset: (2 << 20) + 4096,
+                    sector: b
+                }
+            ]
+        );
+    }
+
+    #[test]
     fn overlay_applies_in_order() {
         let base = MemStorage::new(vec![1u8; 3 * 4096]);
         let replay = Replay {
