@@ -10,7 +10,7 @@
 //! (device and inode of its memfd) and drops a stale entry.
 
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libc::c_int;
@@ -150,6 +150,51 @@ pub fn remove_range(lo: c_int, hi: c_int) {
             drop(remove(fd as c_int));
         }
     }
+}
+
+/// An fd of the library's own (a container or parent file). The number can
+/// change: when a program dup2()s onto it, the file moves to another number
+/// first, so the library keeps its file and the program gets the number.
+pub struct InternalFd(Arc<AtomicI32>);
+
+static OWNERS: Mutex<Vec<Arc<AtomicI32>>> = Mutex::new(Vec::new());
+
+impl InternalFd {
+    pub fn new(fd: c_int) -> InternalFd {
+        let cell = Arc::new(AtomicI32::new(fd));
+        OWNERS.lock().unwrap_or_else(|e| e.into_inner()).push(cell.clone());
+        mark_internal(fd, true);
+        InternalFd(cell)
+    }
+    #[inline]
+    pub fn get(&self) -> c_int {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InternalFd {
+    fn drop(&mut self) {
+        let mut owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+        owners.retain(|c| !Arc::ptr_eq(c, &self.0));
+        let fd = self.get();
+        mark_internal(fd, false);
+        sys::close(fd);
+    }
+}
+
+/// Moves the library's file at `fd` to another number, so that `fd` can be
+/// taken by the program (dup2 onto it). Returns false if that failed.
+pub fn relocate_internal(fd: c_int) -> bool {
+    let owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(cell) = owners.iter().find(|c| c.load(Ordering::Acquire) == fd) else { return true };
+    let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, fd as libc::c_long + 1) else { return false };
+    let moved = moved as c_int;
+    mark_internal(moved, true);
+    cell.store(moved, Ordering::Release);
+    mark_internal(fd, false);
+    sys::close(fd);
+    log::debug!("internal fd {fd} moved to {moved}");
+    true
 }
 
 pub fn mark_internal(fd: c_int, on: bool) {

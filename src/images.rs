@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use libc::c_int;
 
 use crate::errno;
+use crate::fdtable::InternalFd;
 use crate::storage::FdStorage;
 use crate::sys;
 
@@ -24,14 +25,7 @@ pub struct ImageObject {
     pub path: CString,
     disk: RwLock<Arc<vdisk::Disk>>,
     /// A second fd on the container, for fstat and forwarded locks.
-    stat_fd: c_int,
-}
-
-impl Drop for ImageObject {
-    fn drop(&mut self) {
-        crate::fdtable::mark_internal(self.stat_fd, false);
-        sys::close(self.stat_fd);
-    }
+    stat_fd: InternalFd,
 }
 
 impl ImageObject {
@@ -43,10 +37,10 @@ impl ImageObject {
     }
     /// fstat of the container file.
     pub fn container_stat(&self) -> io::Result<libc::stat64> {
-        sys::fstat(self.stat_fd)
+        sys::fstat(self.stat_fd.get())
     }
     pub fn container_fd(&self) -> c_int {
-        self.stat_fd
+        self.stat_fd.get()
     }
 }
 
@@ -81,6 +75,9 @@ pub enum Opened {
 /// Opens (or finds) the image at absolute path `abs`, for writing if `writable`.
 /// Errors are errno values, already logged.
 pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
+    if !crate::config::allowed(abs.to_bytes()) {
+        return Ok(Opened::NotImage);
+    }
     let mode = if writable { libc::O_RDWR } else { libc::O_RDONLY };
     // If we cannot open it, the real call decides (O_CREAT of a new file,
     // EACCES, ENOENT...): its result is exactly libc's.
@@ -131,8 +128,13 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         *obj.disk.write().unwrap_or_else(|e| e.into_inner()) = disk;
         return Ok(Opened::Image(obj));
     }
-    crate::fdtable::mark_internal(stat_fd, true);
-    let obj = Arc::new(ImageObject { dev: st.st_dev, ino: st.st_ino, path: abs.to_owned(), disk: RwLock::new(disk), stat_fd });
+    let obj = Arc::new(ImageObject {
+        dev: st.st_dev,
+        ino: st.st_ino,
+        path: abs.to_owned(),
+        disk: RwLock::new(disk),
+        stat_fd: InternalFd::new(stat_fd),
+    });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))
 }
@@ -152,6 +154,9 @@ pub fn flush_all() {
 
 /// Whether the regular file at `abs` is an image (for stat on a path).
 pub fn is_image(abs: &CStr, st_dev: u64, st_ino: u64) -> bool {
+    if !crate::config::allowed(abs.to_bytes()) {
+        return false;
+    }
     if registry().iter().filter_map(Weak::upgrade).any(|o| o.dev == st_dev && o.ino == st_ino) {
         return true;
     }
@@ -175,5 +180,9 @@ impl vdisk::ParentOpener for RawParentOpener {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         Ok(Box::new(storage))
+    }
+
+    fn search_dirs(&self) -> Vec<std::path::PathBuf> {
+        crate::config::vdi_path().iter().map(|d| Path::new(OsStr::from_bytes(d)).to_path_buf()).collect()
     }
 }

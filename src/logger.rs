@@ -42,7 +42,7 @@ pub fn emit(args: std::fmt::Arguments<'_>) {
         line.len -= 1;
     }
     let _ = line.write_str("\n");
-    let _ = sys::write(2, line.as_bytes());
+    let _ = sys::write(config::log_fd(), line.as_bytes());
     set_errno(saved);
 }
 

@@ -4,48 +4,43 @@ use std::io;
 
 use libc::c_int;
 
+use crate::fdtable::InternalFd;
 use crate::sys;
 
 /// An image file the library opened itself. Its fd is close-on-exec and is
 /// closed when the storage is dropped.
-#[derive(Debug)]
 pub struct FdStorage {
-    fd: c_int,
+    fd: InternalFd,
     writable: bool,
 }
 
 impl FdStorage {
     pub fn new(fd: c_int, writable: bool) -> FdStorage {
-        crate::fdtable::mark_internal(fd, true);
-        FdStorage { fd, writable }
+        FdStorage { fd: InternalFd::new(fd), writable }
     }
-}
-
-impl Drop for FdStorage {
-    fn drop(&mut self) {
-        crate::fdtable::mark_internal(self.fd, false);
-        sys::close(self.fd);
+    pub fn fd(&self) -> c_int {
+        self.fd.get()
     }
 }
 
 impl vdisk::Storage for FdStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        sys::pread(self.fd, buf, offset)
+        sys::pread(self.fd(), buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         if !self.writable {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }
-        sys::pwrite(self.fd, buf, offset)
+        sys::pwrite(self.fd(), buf, offset)
     }
     fn len(&self) -> io::Result<u64> {
-        Ok(sys::fstat(self.fd)?.st_size as u64)
+        Ok(sys::fstat(self.fd())?.st_size as u64)
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        sys::ftruncate(self.fd, len)
+        sys::ftruncate(self.fd(), len)
     }
     fn sync(&self) -> io::Result<()> {
-        sys::fdatasync(self.fd)
+        sys::fdatasync(self.fd())
     }
     fn is_writable(&self) -> bool {
         self.writable

@@ -89,8 +89,17 @@ pub unsafe extern "C" fn dup(old: c_int) -> c_int {
     new
 }
 
+/// Before a program takes fd number `new`, move the library's own file off it.
+fn free_number(new: c_int) {
+    if fdtable::is_internal(new) && !guard::inside() {
+        let _g = guard::Guard::enter();
+        fdtable::relocate_internal(new);
+    }
+}
+
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    free_number(new);
     let r = call!(real::DUP2, old, new);
     if r >= 0 && (is_mapped(old) || is_mapped(new)) {
         after_dup(old, r);
@@ -100,6 +109,7 @@ pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    free_number(new);
     let r = call!(real::DUP3, old, new, flags);
     if r >= 0 && (is_mapped(old) || is_mapped(new)) {
         after_dup(old, r);

@@ -14,8 +14,13 @@ use crate::fdtable::{is_mapped, OpenFile};
 use crate::{config, logger, real, sys};
 
 impl OpenFile {
+    fn describe_window(&self) -> String {
+        if self.partition == 0 { String::new() } else { format!(" partition {}", self.partition) }
+    }
+
     /// Reads at `pos` of the window; 0 at or past its end.
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize, Errno> {
+        log::debug!("read {} bytes at {pos} of {}{}", buf.len(), self.image.path_str(), self.describe_window());
         if !self.readable() {
             return Err(libc::EBADF);
         }
@@ -34,6 +39,7 @@ impl OpenFile {
     /// Writes at `pos`; past the end of a block device that is ENOSPC, after
     /// writing the part that fits.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize, Errno> {
+        log::debug!("write {} bytes at {pos} of {}{}", buf.len(), self.image.path_str(), self.describe_window());
         if !self.writable() {
             return Err(libc::EBADF);
         }
@@ -70,6 +76,7 @@ impl OpenFile {
     /// SEEK_SET/CUR/END relative to the window; beyond the end is EINVAL, as
     /// for a block device. SEEK_DATA/SEEK_HOLE see the whole disk as data.
     pub fn seek(&self, fd: c_int, off: i64, whence: c_int) -> Result<i64, Errno> {
+        log::debug!("lseek fd {fd} offset {off} whence {whence} on {}", self.image.path_str());
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.len as i64;
         let cur = || sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e));
