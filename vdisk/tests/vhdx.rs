@@ -498,6 +498,34 @@ fn differencing_chain() {
         Err(Error::ParentNotFound(msg)) => assert!(msg.contains("identity differs"), "{msg}"),
         other => panic!("expected ParentNotFound, got {other:?}"),
     }
+
+    // A partially present block without a sector bitmap is corrupt.
+    let c = vdisk::vhdx::create(
+        &(
+            std::fs::File::create_new(base.join("nobitmap.vhdx")).unwrap(),
+            true,
+        ),
+        &{
+            let mut o = CreateOptions::dynamic(size);
+            o.parent = Some(ParentInfo {
+                data_write_guid: linkage,
+                paths: vec![("relative_path".into(), "parent.vhdx".into())],
+            });
+            o
+        },
+    )
+    .unwrap();
+    let end = std::fs::metadata(base.join("nobitmap.vhdx")).unwrap().len();
+    poke(&base.join("nobitmap.vhdx"), end + 32 * MIB - 1, &[0]);
+    poke(
+        &base.join("nobitmap.vhdx"),
+        c.bat_offset,
+        &(end | 7).to_le_bytes(),
+    );
+    assert!(matches!(
+        open(&base.join("nobitmap.vhdx"), false),
+        Err(Error::Corrupt { .. })
+    ));
 }
 
 /// Opens bytes in memory as a VHDX and reads all of it.

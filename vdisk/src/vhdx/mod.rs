@@ -241,7 +241,16 @@ impl VhdxImage {
                 | bat::UNMAPPED
                 | bat::UNMAPPED_V095 => {}
                 bat::FULLY_PRESENT => check("payload", index, e, visible)?,
-                bat::PARTIALLY_PRESENT if l.has_parent => check("payload", index, e, visible)?,
+                bat::PARTIALLY_PRESENT if l.has_parent => {
+                    check("payload", index, e, visible)?;
+                    let sb = self.bat.get(l.bitmap_index(b / l.chunk_ratio)).unwrap_or(0);
+                    if bat::state(sb) != bat::SB_BLOCK_PRESENT {
+                        return Err(Error::corrupt(
+                            "VHDX BAT",
+                            format!("partially present block {b} without a sector bitmap"),
+                        ));
+                    }
+                }
                 s => {
                     return Err(Error::corrupt(
                         "VHDX BAT",
