@@ -10,6 +10,7 @@ use crate::fdtable::InternalFd;
 static DEBUG: AtomicBool = AtomicBool::new(false);
 static DUMP: AtomicBool = AtomicBool::new(false);
 static PROBE_ALL: AtomicBool = AtomicBool::new(false);
+static NO_LOCK: AtomicBool = AtomicBool::new(false);
 /// LIBVHD_IO_ONLY: the images and folders to virtualise (null: all).
 static ONLY: AtomicPtr<Vec<Vec<u8>>> = AtomicPtr::new(null_mut());
 /// LIBVHD_IO_VDI_PATH: more folders to search for VDI parents.
@@ -45,6 +46,7 @@ pub fn load() {
     DEBUG.store(set(c"LIBVHD_IO_DEBUG"), Ordering::Relaxed);
     DUMP.store(set(c"LIBVHD_IO_DUMP"), Ordering::Relaxed);
     PROBE_ALL.store(set(c"LIBVHD_IO_PROBE_ALL"), Ordering::Relaxed);
+    NO_LOCK.store(set(c"LIBVHD_IO_NO_LOCK"), Ordering::Relaxed);
     if let Some(only) = get(c"LIBVHD_IO_ONLY").filter(|v| !v.is_empty()) {
         let list: Vec<Vec<u8>> = only
             .to_bytes()
@@ -83,6 +85,12 @@ pub fn dump() -> bool {
 /// names that look like images.
 pub fn probe_all() -> bool {
     PROBE_ALL.load(Ordering::Relaxed)
+}
+
+/// LIBVHD_IO_NO_LOCK: no inter-process locking (dangerous: two writers
+/// corrupt an image).
+pub fn no_lock() -> bool {
+    NO_LOCK.load(Ordering::Relaxed)
 }
 
 /// Whether the image at absolute path `abs` may be virtualised (LIBVHD_IO_ONLY).

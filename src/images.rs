@@ -24,8 +24,18 @@ pub struct ImageObject {
     /// Absolute path it was first opened by.
     pub path: CString,
     disk: RwLock<Arc<vdisk::Disk>>,
-    /// A second fd on the container, for fstat and forwarded locks.
+    /// A second fd on the container, for fstat.
     stat_fd: InternalFd,
+    /// The writer locks, taken at the first write, by process.
+    writer: Mutex<Option<WriterLock>>,
+}
+
+/// Writer locks held on an open file description of our own. After fork the
+/// child must take its own: the inherited description is the parent's.
+struct WriterLock {
+    pid: c_int,
+    /// Held for its locks, released when dropped.
+    _held: InternalFd,
 }
 
 impl ImageObject {
@@ -41,6 +51,37 @@ impl ImageObject {
     }
     pub fn container_fd(&self) -> c_int {
         self.stat_fd.get()
+    }
+
+    /// Becomes the one writer of the image (qemu-compatible locks), at the
+    /// first write of this process; EBUSY if another process writes it.
+    pub fn ensure_writer(&self) -> Result<(), c_int> {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = sys::getpid();
+        if w.as_ref().is_some_and(|l| l.pid == pid) {
+            return Ok(());
+        }
+        // Forget a lock inherited through fork (closing our copy of its fd
+        // leaves the parent's locks in place).
+        *w = None;
+        let fd = crate::lock::reopen(self.stat_fd.get()).map_err(|e| errno::from_io(&e))?;
+        let fd = InternalFd::new(fd);
+        if let Err(e) = crate::lock::lock_writer(fd.get()) {
+            log::warn!("{}: another process is writing this image; refusing a second writer", self.path_str());
+            return Err(e);
+        }
+        *w = Some(WriterLock { pid, _held: fd });
+        Ok(())
+    }
+
+    /// Whether another process holds the image for writing.
+    pub fn has_other_writer(&self) -> bool {
+        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = sys::getpid();
+        match w.as_ref() {
+            Some(l) if l.pid == pid => false,
+            _ => crate::lock::other_writer(self.stat_fd.get()),
+        }
     }
 }
 
@@ -134,6 +175,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         path: abs.to_owned(),
         disk: RwLock::new(disk),
         stat_fd: InternalFd::new(stat_fd),
+        writer: Mutex::new(None),
     });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))

@@ -21,6 +21,7 @@ mod guard;
 mod hooks;
 mod images;
 mod init;
+mod lock;
 mod logger;
 mod real;
 mod storage;

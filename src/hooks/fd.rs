@@ -117,27 +117,14 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
     r
 }
 
-/// fcntl: duplicates share the mapping, record locks go to the container,
-/// everything else (flags, F_GETFL with the caller's access mode) is the dummy's.
+/// fcntl: duplicates share the mapping; everything else (flags, F_GETFL with
+/// the caller's access mode, record locks) acts on the dummy. Record locks are
+/// not forwarded to the container: they would conflict with the library's own
+/// writer locks there, and one writer per image is already enforced.
 unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, real: &real::Real<unsafe extern "C" fn(c_int, c_int, ...) -> c_int>) -> c_int {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            match cmd {
-                libc::F_SETLK | libc::F_SETLKW | libc::F_GETLK | libc::F_OFD_SETLK | libc::F_OFD_SETLKW | libc::F_OFD_GETLK => {
-                    let target = of.image.container_fd();
-                    return call!(real, target, cmd, arg);
-                }
-                libc::F_DUPFD | libc::F_DUPFD_CLOEXEC => {
-                    let new = call!(real, fd, cmd, arg);
-                    after_dup(fd, new);
-                    return new;
-                }
-                _ => {}
-            }
-        }
-    } else if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
+    if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
         let new = call!(real, fd, cmd, arg);
-        if new >= 0 && is_mapped(new) {
+        if new >= 0 && (is_mapped(fd) || is_mapped(new)) {
             after_dup(fd, new);
         }
         return new;

@@ -87,6 +87,13 @@ pub fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_in
         Opened::Image(obj) => obj,
         Opened::NotImage => return Ok(None),
     };
+    // A second writer, or an exclusive open (O_EXCL without O_CREAT: "not in
+    // use", as e2fsprogs asks of block devices), while another process
+    // writes the image: EBUSY, as for a busy device.
+    if (writable || flags & libc::O_EXCL != 0) && obj.has_other_writer() {
+        log::warn!("{}: in use by another writer", abs.to_string_lossy());
+        return Err(libc::EBUSY);
+    }
     let disk = obj.disk();
     let (partition, start, len) = match partition_number(&abs) {
         None => (0, 0, disk.size()),

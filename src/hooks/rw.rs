@@ -51,6 +51,7 @@ impl OpenFile {
         }
         let n = buf.len().min((self.len - pos) as usize);
         let buf = &buf[..n];
+        self.image.ensure_writer()?;
         if config::dump() {
             logger::dump("write", pos, buf);
         }
