@@ -70,7 +70,7 @@ pub fn is_mapped(fd: c_int) -> bool {
     }
 }
 
-fn lock() -> std::sync::MutexGuard<'static, ()> {
+pub(crate) fn lock() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -159,10 +159,14 @@ pub struct InternalFd(Arc<AtomicI32>);
 
 static OWNERS: Mutex<Vec<Arc<AtomicI32>>> = Mutex::new(Vec::new());
 
+pub(crate) fn lock_owners() -> std::sync::MutexGuard<'static, Vec<Arc<AtomicI32>>> {
+    OWNERS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl InternalFd {
     pub fn new(fd: c_int) -> InternalFd {
         let cell = Arc::new(AtomicI32::new(fd));
-        OWNERS.lock().unwrap_or_else(|e| e.into_inner()).push(cell.clone());
+        lock_owners().push(cell.clone());
         mark_internal(fd, true);
         InternalFd(cell)
     }
@@ -174,7 +178,7 @@ impl InternalFd {
 
 impl Drop for InternalFd {
     fn drop(&mut self) {
-        let mut owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owners = lock_owners();
         owners.retain(|c| !Arc::ptr_eq(c, &self.0));
         let fd = self.get();
         mark_internal(fd, false);
@@ -185,7 +189,7 @@ impl Drop for InternalFd {
 /// Moves the library's file at `fd` to another number, so that `fd` can be
 /// taken by the program (dup2 onto it). Returns false if that failed.
 pub fn relocate_internal(fd: c_int) -> bool {
-    let owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+    let owners = lock_owners();
     let Some(cell) = owners.iter().find(|c| c.load(Ordering::Acquire) == fd) else { return true };
     let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, fd as libc::c_long + 1) else { return false };
     let moved = moved as c_int;

@@ -87,7 +87,7 @@ impl ImageObject {
 
 static IMAGES: Mutex<Vec<Weak<ImageObject>>> = Mutex::new(Vec::new());
 
-fn registry() -> std::sync::MutexGuard<'static, Vec<Weak<ImageObject>>> {
+pub(crate) fn registry() -> std::sync::MutexGuard<'static, Vec<Weak<ImageObject>>> {
     IMAGES.lock().unwrap_or_else(|e| e.into_inner())
 }
 

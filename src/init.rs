@@ -22,11 +22,36 @@ extern "C" fn init() {
     std::panic::set_hook(Box::new(|info| {
         logger::emit(format_args!("internal error: {info}; the call fails with EIO"));
     }));
+    // SAFETY: registering plain extern "C" callbacks.
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
     let saved = logger::errno();
     rebuild_inherited();
     adopt_std_fds();
     crate::hooks::stdio::replace_std_streams();
     logger::set_errno(saved);
+}
+
+type Held = (
+    std::sync::MutexGuard<'static, Vec<std::sync::Weak<images::ImageObject>>>,
+    std::sync::MutexGuard<'static, Vec<std::sync::Arc<std::sync::atomic::AtomicI32>>>,
+    std::sync::MutexGuard<'static, ()>,
+);
+
+thread_local! {
+    // Only the forking thread touches it, between prepare and release.
+    static HELD: std::cell::RefCell<Option<Held>> = const { std::cell::RefCell::new(None) };
+}
+
+/// fork in a multi-threaded program: no other thread may hold one of the
+/// library's global locks at the moment of fork, or the child would wait for
+/// it forever. Taken in the one global order: registry, internal fds, fd table.
+extern "C" fn fork_prepare() {
+    let held = (images::registry(), fdtable::lock_owners(), fdtable::lock());
+    HELD.with(|h| *h.borrow_mut() = Some(held));
+}
+
+extern "C" fn fork_release() {
+    HELD.with(|h| drop(h.borrow_mut().take()));
 }
 
 /// The window an inherited dummy names: `<path>` or `<path>#p<N>`.
