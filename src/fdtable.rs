@@ -218,6 +218,21 @@ pub fn is_internal(fd: c_int) -> bool {
     INTERNAL.get(i / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
 }
 
+/// Dummies that an exec would hand to the new program (not close-on-exec).
+pub fn inheritable_dummies() -> usize {
+    let mut n = 0;
+    for (fd, s) in SLOTS.iter().enumerate() {
+        if !s.load(Ordering::Relaxed).is_null() {
+            if let Ok(flags) = sys::fcntl(fd as c_int, libc::F_GETFD, 0) {
+                if flags & libc::FD_CLOEXEC as libc::c_long == 0 {
+                    n += 1;
+                }
+            }
+        }
+    }
+    n
+}
+
 /// The library's fds in `lo..=hi`, ascending.
 pub fn internal_in(lo: c_int, hi: c_int, out: &mut Vec<c_int>) {
     let lo = lo.max(0) as usize;

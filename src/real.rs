@@ -133,6 +133,11 @@ reals! {
     TRUNCATE64 = c"truncate64": unsafe extern "C" fn(*const c_char, off64_t) -> c_int;
     FSTATFS = c"fstatfs": unsafe extern "C" fn(c_int, *mut libc::statfs) -> c_int;
     FSTATFS64 = c"fstatfs64": unsafe extern "C" fn(c_int, *mut libc::statfs64) -> c_int;
+    EXECVE = c"execve": unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    EXECVPE = c"execvpe": unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
+    FEXECVE = c"fexecve": unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
+    POSIX_SPAWN = c"posix_spawn": unsafe extern "C" fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *mut c_char, *const *mut c_char) -> c_int;
+    POSIX_SPAWNP = c"posix_spawnp": unsafe extern "C" fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *mut c_char, *const *mut c_char) -> c_int;
     FOPEN = c"fopen": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FOPEN64 = c"fopen64": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;

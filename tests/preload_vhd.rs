@@ -162,3 +162,36 @@ fn dd_writes_into_dynamic_and_fixed_vhds() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("No space left"), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn fork_exec_chains_share_the_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (data, _) = pattern(7, 3 << 20);
+    qemu_image_from(&data, dir, "d.vhd", "vpc", "subformat=dynamic,force_size=on");
+    fs::write(dir.join("ref.raw"), &data).unwrap();
+    let md5 = |d: &[u8]| {
+        fs::write(dir.join("tmp.bin"), d).unwrap();
+        tool("md5sum", &[dir.join("tmp.bin").to_str().unwrap()]).split_whitespace().next().unwrap().to_string()
+    };
+    let whole = md5(&data);
+    let tail = md5(&data[512..]);
+    // The offset lives in the dummy: head consumes 512 bytes, md5sum the rest.
+    let out = preload::sh(dir, "(head -c 512 >/dev/null; md5sum) < d.vhd");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(tail.as_str()));
+    // A child that lost LD_PRELOAD (env -i) still reads the disk on an inherited fd.
+    let out = preload::sh(dir, "exec 3<d.vhd; env -i /usr/bin/md5sum /dev/fd/3");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(whole.as_str()));
+    // md5sum < image from a shell WITHOUT the library: fd 0 is adopted.
+    let out = std::process::Command::new("sh")
+        .current_dir(dir)
+        .args(["-c", &format!("LD_PRELOAD={} md5sum < d.vhd", preload::library().display())])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(whole.as_str()));
+    // /dev/stdin and python's open() name the same virtual disk.
+    let out = preload::sh(dir, "md5sum /dev/stdin < d.vhd");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), Some(whole.as_str()));
+    let out = preload::run(dir, "python3", &["-c", "import hashlib;print(hashlib.md5(open('d.vhd','rb').read()).hexdigest())"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), whole);
+}
