@@ -14,6 +14,7 @@
 
 pub mod bytes;
 pub mod crc;
+pub mod create;
 pub mod part;
 mod disk;
 mod error;
@@ -25,6 +26,7 @@ pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 
+pub use create::{create, snapshot, CreateOptions, NewImage};
 pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};

@@ -16,6 +16,7 @@
 //! data.
 
 pub mod block_map;
+pub mod create;
 pub mod header;
 pub mod parent;
 

@@ -7,6 +7,7 @@
 
 pub mod bat;
 pub mod bitmap;
+pub mod create;
 pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
@@ -201,7 +202,7 @@ impl VhdImage {
 /// Finds the footer: at the end of the file (or the 511-byte footer of old
 /// Virtual PC), else the copy at offset 0 of a sparse disk. A copy with a good
 /// checksum is preferred over one with a bad checksum.
-fn read_footer(storage: &dyn Storage, len: u64) -> Result<Footer> {
+pub(crate) fn read_footer(storage: &dyn Storage, len: u64) -> Result<Footer> {
     if len < FOOTER_SIZE as u64 {
         return Err(Error::NotAnImage);
     }
