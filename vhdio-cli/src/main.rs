@@ -1,0 +1,359 @@
+//! `vhdio`: runs programs with libvhdio preloaded, and inspects, checks,
+//! creates and snapshots VHD, VHDX and VDI images (through `vdisk`).
+//!
+//! This binary is not the preload library: it uses std, clap and env_logger
+//! freely, and contains no `unsafe` (`run` replaces the process with
+//! `CommandExt::exec`).
+#![forbid(unsafe_code)]
+
+mod chain;
+mod check;
+mod info;
+mod run;
+mod units;
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use vdisk::{CreateOptions, Format};
+
+/// Exit status: success; `check`: no problem found.
+pub const EXIT_OK: u8 = 0;
+/// Exit status of `check`: the image has problems.
+pub const EXIT_PROBLEMS: u8 = 1;
+/// Exit status: bad command line, or the image (or library) cannot be read,
+/// is not an image, or cannot be created.
+pub const EXIT_ERROR: u8 = 2;
+/// Exit status of `run`: the command was found but could not be executed.
+pub const EXIT_CANNOT_EXEC: u8 = 126;
+/// Exit status of `run`: the command was not found.
+pub const EXIT_NOT_FOUND: u8 = 127;
+
+const AFTER_HELP: &str = "\
+Exit status: 0 success (check: no problem found), 1 check found problems,
+2 error (bad command line; image unreadable, not an image, cannot be created;
+library not found), 126 the command of 'run' cannot be executed, 127 it was
+not found. Otherwise 'run' exits with the command's status.
+
+Examples:
+  vhdio create -f vhdx disk.vhdx 1G
+  vhdio run mkfs.ext4 -q disk.vhdx
+  vhdio snapshot disk.vhdx disk-snap.vhdx
+  vhdio run dd if=disk-snap.vhdx of=disk.raw bs=1M
+  vhdio info disk-snap.vhdx
+  vhdio check disk.vhdx";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vhdio",
+    version,
+    about = "Run programs on VHD, VHDX and VDI disk images with libvhdio; inspect, check, create and snapshot images",
+    after_help = AFTER_HELP
+)]
+struct Cli {
+    /// Print debug messages of the image code to stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run COMMAND with libvhdio.so preloaded (added to LD_PRELOAD).
+    ///
+    /// The library is looked for next to the vhdio binary, then in ../lib and
+    /// ../lib/libvhdio relative to it, then in the cargo target folders
+    /// (release, debug) beside it.
+    Run {
+        /// Use this library instead of searching for libvhdio.so.
+        #[arg(long, value_name = "PATH")]
+        library: Option<PathBuf>,
+        /// The command and its arguments (put `--` before a command that starts with `-`).
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<OsString>,
+    },
+    /// Show format, virtual size, block size, allocation, the parent chain and partitions.
+    Info {
+        /// The image file.
+        image: PathBuf,
+    },
+    /// Check the structure of an image and its parent chain.
+    ///
+    /// For VHD also what qemu-img check does not check: footer and header
+    /// checksums, the footer copy, BAT entries inside the file, overlapping
+    /// blocks and locators, the sector bitmaps. Exit 0: clean; 1: problems
+    /// found; 2: the image cannot be read at all.
+    Check {
+        /// The image file.
+        image: PathBuf,
+    },
+    /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
+    Create {
+        /// Image format.
+        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi")]
+        format: Format,
+        /// Comma-separated options: dynamic (default) or fixed, block_size=N
+        /// (suffixes allowed), sector_size=512|4096 (VHDX only).
+        #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
+        options: Option<String>,
+        /// The new image file (must not exist).
+        image: PathBuf,
+        /// Virtual disk size; rounded up to a whole sector.
+        #[arg(value_parser = units::parse_size)]
+        size: u64,
+    },
+    /// Create CHILD, a differencing image of IMAGE in IMAGE's format.
+    ///
+    /// The child records IMAGE's identity and its path (relative and
+    /// absolute). Do not write IMAGE afterwards: the child would change (and a
+    /// VHDX child would lose its parent).
+    Snapshot {
+        /// The parent image.
+        image: PathBuf,
+        /// The new differencing image (must not exist).
+        child: PathBuf,
+    },
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "vhd" | "vpc" => Ok(Format::Vhd),
+        "vhdx" => Ok(Format::Vhdx),
+        "vdi" => Ok(Format::Vdi),
+        _ => Err(format!("unknown format '{s}' (vhd, vhdx or vdi)")),
+    }
+}
+
+/// Why a command failed: the message (without the `vhdio:` prefix) and the status.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u8,
+    pub message: String,
+}
+
+pub fn fail(status: u8, message: impl Into<String>) -> Failure {
+    Failure {
+        status,
+        message: message.into(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors
+            // exit 2, with clap's "error:" replaced by the program name.
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::from(EXIT_OK);
+            }
+            let text = e.render().to_string();
+            eprint!("vhdio: {}", text.strip_prefix("error: ").unwrap_or(&text));
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    init_logging(cli.verbose);
+    let result = match cli.command {
+        Command::Run { library, command } => run::run(library.as_deref(), &command),
+        Command::Info { image } => info::info(&image),
+        Command::Check { image } => check::check(&image),
+        Command::Create {
+            format,
+            options,
+            image,
+            size,
+        } => create(format, options.as_deref(), &image, size),
+        Command::Snapshot { image, child } => snapshot(&image, &child),
+    };
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(f) => {
+            eprintln!("vhdio: {}", f.message);
+            ExitCode::from(f.status)
+        }
+    }
+}
+
+/// Warnings of the image code always reach stderr; `-v` adds debug messages.
+/// `RUST_LOG` overrides.
+fn init_logging(verbose: bool) {
+    let level = if verbose {
+        log::LevelFilter::Debug
+    } else {
+        log::LevelFilter::Warn
+    };
+    env_logger::Builder::new()
+        .filter_level(level)
+        .parse_default_env()
+        .format(|buf, record| {
+            writeln!(
+                buf,
+                "vhdio: {}: {}",
+                record.level().as_str().to_lowercase(),
+                record.args()
+            )
+        })
+        .init();
+}
+
+/// Creates `path`, which must not exist; removes it again if `fill` fails.
+fn with_new_file(
+    path: &Path,
+    fill: impl FnOnce(&dyn vdisk::Storage) -> vdisk::Result<vdisk::NewImage>,
+) -> Result<vdisk::NewImage, Failure> {
+    let shown = path.display();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
+    let storage = (file, true);
+    match fill(&storage) {
+        Ok(made) => Ok(made),
+        Err(e) => {
+            drop(storage);
+            let _ = std::fs::remove_file(path);
+            Err(fail(EXIT_ERROR, format!("{shown}: {e}")))
+        }
+    }
+}
+
+/// Parses `-o` options into `opts`.
+fn apply_options(opts: &mut CreateOptions, text: &str) -> Result<(), String> {
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.trim(), Some(v.trim())),
+            None => (item, None),
+        };
+        let number = |v: Option<&str>| -> Result<u64, String> {
+            let v = v.ok_or_else(|| format!("option '{key}' needs a value ({key}=N)"))?;
+            units::parse_size(v)
+        };
+        match key {
+            "dynamic" if value.is_none() => opts.fixed = false,
+            "fixed" if value.is_none() => opts.fixed = true,
+            "subformat" | "type" => match value {
+                Some("dynamic") => opts.fixed = false,
+                Some("fixed") => opts.fixed = true,
+                _ => return Err(format!("option '{item}': dynamic or fixed")),
+            },
+            "block_size" | "cluster_size" => {
+                let n = number(value)?;
+                opts.block_size =
+                    Some(u32::try_from(n).map_err(|_| format!("block size {n} too large"))?);
+            }
+            "sector_size" | "logical_sector_size" => {
+                let n = number(value)?;
+                opts.logical_sector_size =
+                    u32::try_from(n).map_err(|_| format!("sector size {n}"))?;
+            }
+            _ => {
+                return Err(format!(
+                    "unknown option '{item}' (dynamic, fixed, block_size=N, sector_size=N)"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Result<u8, Failure> {
+    let mut opts = CreateOptions::new(format, size);
+    if let Some(text) = options {
+        apply_options(&mut opts, text).map_err(|e| fail(EXIT_ERROR, e))?;
+    }
+    let made = with_new_file(image, |s| vdisk::create(s, opts))?;
+    let kind = if made.fixed { "fixed" } else { "dynamic" };
+    let block = made
+        .block_size
+        .map(|b| format!(", {} blocks", units::human(b as u64)))
+        .unwrap_or_default();
+    let sector = if made.logical_sector_size != 512 {
+        format!(", {}-byte sectors", made.logical_sector_size)
+    } else {
+        String::new()
+    };
+    println!(
+        "Created {} ({} {kind}, {} = {} bytes{block}{sector})",
+        image.display(),
+        made.format,
+        units::human(made.size),
+        made.size
+    );
+    if made.size != size {
+        eprintln!(
+            "vhdio: size rounded up from {size} to {} bytes (whole sectors)",
+            made.size
+        );
+    }
+    Ok(EXIT_OK)
+}
+
+fn snapshot(parent: &Path, child: &Path) -> Result<u8, Failure> {
+    let shown = parent.display();
+    // Check the parent opens (with its own parents) before linking to it.
+    chain::open_chain(parent)?;
+    let parent_abs =
+        std::fs::canonicalize(parent).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
+    let child_dir = match child.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let child_name = child
+        .file_name()
+        .ok_or_else(|| fail(EXIT_ERROR, format!("{}: not a file name", child.display())))?;
+    let child_abs = std::fs::canonicalize(&child_dir)
+        .map_err(|e| fail(EXIT_ERROR, format!("{}: {e}", child_dir.display())))?
+        .join(child_name);
+    let file =
+        std::fs::File::open(&parent_abs).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
+    let parent_storage = (file, false);
+    let made = with_new_file(child, |s| {
+        vdisk::snapshot(&parent_abs, &parent_storage, s, &child_abs)
+    })?;
+    println!(
+        "Created {} ({} differencing, {} = {} bytes), parent {}",
+        child.display(),
+        made.format,
+        units::human(made.size),
+        made.size,
+        parent_abs.display()
+    );
+    Ok(EXIT_OK)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let mut o = CreateOptions::new(Format::Vhdx, 1);
+        apply_options(&mut o, "fixed,block_size=2M,sector_size=4096").unwrap();
+        assert!(o.fixed);
+        assert_eq!(o.block_size, Some(2 << 20));
+        assert_eq!(o.logical_sector_size, 4096);
+        apply_options(&mut o, "subformat=dynamic").unwrap();
+        assert!(!o.fixed);
+        assert!(apply_options(&mut o, "bogus").is_err());
+        assert!(apply_options(&mut o, "block_size").is_err());
+        assert!(apply_options(&mut o, "fixed=1").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}
