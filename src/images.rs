@@ -53,6 +53,12 @@ impl ImageObject {
         self.stat_fd.get()
     }
 
+    /// Whether this process may write the container file.
+    pub fn container_writable(&self) -> bool {
+        // SAFETY: faccessat with a NUL-terminated path.
+        unsafe { libc::syscall(libc::SYS_faccessat, libc::AT_FDCWD, self.path.as_ptr(), libc::W_OK) == 0 }
+    }
+
     /// Becomes the one writer of the image (qemu-compatible locks), at the
     /// first write of this process; EBUSY if another process writes it.
     pub fn ensure_writer(&self) -> Result<(), c_int> {

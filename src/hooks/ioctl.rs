@@ -58,7 +58,8 @@ fn block_ioctl(of: &OpenFile, req: c_ulong, arg: *mut c_void) -> Result<c_int, E
         BLKPBSZGET | BLKIOMIN => put(arg, disk.physical_sector_size() as c_uint),
         BLKIOOPT => put(arg, 0 as c_uint),
         BLKALIGNOFF => put(arg, 0 as c_int),
-        BLKROGET => put(arg, (!of.writable() || !disk.is_writable()) as c_int),
+        // Whether the device can be written at all, whatever this fd's mode.
+        BLKROGET => put(arg, !of.image.container_writable() as c_int),
         BLKBSZGET => put(arg, 4096 as c_int),
         BLKBSZSET | BLKROSET | BLKRRPART | BLKPG => Ok(0),
         BLKFLSBUF => {

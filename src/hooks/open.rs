@@ -196,8 +196,16 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     let reopen = CString::new(format!("/proc/self/fd/{memfd}")).map_err(|_| libc::EINVAL)?;
     match sys::openat(libc::AT_FDCWD, &reopen, (flags & keep) | libc::O_NOCTTY, 0) {
         Ok(fd) => {
-            sys::close(memfd);
-            Ok(fd)
+            // Back onto the memfd's number: open() returns the lowest free fd,
+            // and programs rely on it (close(0); open(image)).
+            let cloexec = flags & libc::O_CLOEXEC;
+            // SAFETY: dup3 between two fds of ours.
+            if unsafe { libc::syscall(libc::SYS_dup3, fd, memfd, cloexec) } < 0 {
+                sys::close(memfd);
+                return Ok(fd);
+            }
+            sys::close(fd);
+            Ok(memfd)
         }
         Err(_) => {
             // No /proc: keep the memfd itself (F_GETFL then says O_RDWR).
