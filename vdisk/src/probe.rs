@@ -30,7 +30,9 @@ pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
     }
     let mut last = [0u8; 512];
     storage.read_exact_at(&mut last, len - 512)?;
-    if &last[..8] == VHD_COOKIE || &last[1..9] == VHD_COOKIE {
+    // A blktap-disabled VHD (`v_poison`) is recognised so that opening it is
+    // refused, not passed through as a raw file.
+    if &last[..8] == VHD_COOKIE || &last[1..9] == VHD_COOKIE || &last[..8] == crate::vhd::footer::POISON_COOKIE {
         return Ok(Some(Format::Vhd));
     }
     if &first[..8] == VHD_COOKIE {

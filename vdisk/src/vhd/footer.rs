@@ -45,6 +45,8 @@ impl DiskType {
 #[derive(Clone, Debug)]
 pub struct Footer {
     pub data_offset: u64,
+    /// Creation time, seconds since 2000-01-01 00:00 UTC.
+    pub timestamp: u32,
     pub creator_app: [u8; 4],
     pub current_size: u64,
     pub geometry: Geometry,
@@ -81,6 +83,7 @@ impl Footer {
             .ok_or_else(|| Error::unsupported(format!("VHD disk type {code}")))?;
         Ok(Footer {
             data_offset: be64(&raw, 16),
+            timestamp: be32(&raw, 24),
             creator_app: arr(&raw, 28),
             current_size: be64(&raw, 48),
             geometry: Geometry {

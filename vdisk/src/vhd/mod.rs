@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::bytes::align_up;
-use crate::{Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, Result, Storage};
+use crate::{Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, ParentOpener, Result, Storage};
 use bat::BlockAllocationTable;
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
 use footer::{DiskType, Footer, FOOTER_SIZE, NO_DATA_OFFSET};
@@ -35,6 +35,8 @@ pub struct VhdImage {
     parent: Option<ParentLink>,
     /// Set when a damaged checksum must be rewritten before the first write.
     repair_checksums: AtomicBool,
+    /// Where that rewrite puts the end footer (see `FoundFooter::end_at`).
+    repair_footer_at: u64,
 }
 
 /// The parts of a dynamic or differencing disk.
@@ -65,14 +67,16 @@ impl Sparse {
 impl VhdImage {
     pub fn open(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<VhdImage> {
         let len = storage.len()?;
-        let footer = read_footer(storage.as_ref(), len)?;
-        let mut repair = !footer.checksum_ok;
+        let FoundFooter { footer, end_at, end_exact } = locate_footer(storage.as_ref(), len)?;
+        // Rewritten on the first write: a bad checksum, a damaged or legacy
+        // footer at the end, a footer copy at 0 that differs.
+        let mut repair = !footer.checksum_ok || !end_exact;
         let size = footer.virtual_size();
         let mut sparse = None;
         let mut parent = None;
         match footer.disk_type {
             DiskType::Fixed => {
-                if size > len - FOOTER_SIZE as u64 {
+                if size > end_at {
                     return Err(Error::corrupt(
                         "VHD",
                         format!("fixed disk of {size} bytes in a file of {len} bytes"),
@@ -81,7 +85,9 @@ impl VhdImage {
             }
             DiskType::Dynamic | DiskType::Differencing => {
                 let s = open_sparse(storage.as_ref(), &footer, size, len)?;
-                repair |= !s.header.checksum_ok;
+                let mut copy = [0u8; FOOTER_SIZE];
+                storage.read_exact_at(&mut copy, 0)?;
+                repair |= !s.header.checksum_ok || copy != footer.encode();
                 if footer.disk_type == DiskType::Differencing {
                     parent = Some(ParentLink {
                         candidates: locator::parent_candidates(storage.as_ref(), &s.header, path)?,
@@ -97,7 +103,7 @@ impl VhdImage {
             }
         }
         if repair {
-            log::warn!("{}: VHD checksum mismatch; reading anyway", path.display());
+            log::warn!("{}: VHD checksum mismatch or damaged footer; reading anyway", path.display());
         }
         let _ = opts;
         Ok(VhdImage {
@@ -107,6 +113,7 @@ impl VhdImage {
             sparse,
             parent,
             repair_checksums: AtomicBool::new(repair),
+            repair_footer_at: end_at,
         })
     }
 
@@ -129,8 +136,7 @@ impl VhdImage {
             return Ok(());
         }
         let bytes = self.footer().encode();
-        let len = self.storage.len()?;
-        self.storage.write_all_at(&bytes, len - FOOTER_SIZE as u64)?;
+        self.storage.write_all_at(&bytes, self.repair_footer_at)?;
         if let Some(s) = &self.sparse {
             self.storage.write_all_at(&bytes, 0)?;
             self.storage.write_all_at(&s.header.encode(), s.header_offset)?;
@@ -186,6 +192,13 @@ impl VhdImage {
             let footer = self.footer().encode();
             self.storage.write_all_at(&footer, end)?;
         }
+        // The new block may cover bytes that were already in the file: the old
+        // footer, or a gap Windows leaves before it (formats.md trap 7). Sectors
+        // this write does not cover must read as zeros, also for readers that
+        // ignore bitmaps (qemu), so clear them before the BAT points here.
+        let written = data + first as u64 * 512..data + (first + count) as u64 * 512;
+        self.zero(data..written.start, len)?;
+        self.zero(written.end..end, len)?;
         let mut bits = vec![0u8; s.bitmap_size as usize];
         bitmap::set_range(&mut bits, first, count);
         self.storage.write_all_at(&bits, bitmap_offset)?;
@@ -199,39 +212,121 @@ impl VhdImage {
     }
 }
 
+impl VhdImage {
+    /// Writes zeros over the part of `range` that lies below `old_len` (the rest
+    /// of the file was just extended and reads as zeros already).
+    fn zero(&self, range: std::ops::Range<u64>, old_len: u64) -> Result<()> {
+        const CHUNK: u64 = 256 * 1024;
+        let end = range.end.min(old_len);
+        let mut pos = range.start;
+        if pos >= end {
+            return Ok(());
+        }
+        let zeros = vec![0u8; CHUNK.min(end - pos) as usize];
+        while pos < end {
+            let n = CHUNK.min(end - pos) as usize;
+            self.storage.write_all_at(&zeros[..n], pos)?;
+            pos += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Warns when the parent's footer time stamp differs from the one the
+    /// child's header records for it (the parent may have been modified since
+    /// the child was made). Never fails: identity is the unique id, checked
+    /// when the chain is opened. A stamp of 0 means "not recorded" (Windows 10
+    /// writes 0), and blktap (`tap`) records the parent *file*'s mtime, which
+    /// is not visible through `Storage`: neither is compared.
+    fn check_parent_timestamp(&self, s: &Sparse, link: &ParentLink, path: &Path, opener: &dyn ParentOpener) {
+        let expected = s.header.parent_timestamp;
+        if expected == 0 || &self.footer().creator_app == b"tap\0" {
+            return;
+        }
+        for candidate in &link.candidates {
+            let Ok(storage) = opener.open_parent(candidate) else { continue };
+            let Some(f) = peek_footer(storage.as_ref()) else { continue };
+            if f.unique_id != link.id {
+                continue;
+            }
+            if f.timestamp != expected {
+                log::warn!(
+                    "{}: parent {} has time stamp {} but the child records {} (seconds since 2000); \
+                     the parent may have changed since the child was made",
+                    path.display(),
+                    candidate.display(),
+                    f.timestamp,
+                    expected
+                );
+            }
+            return;
+        }
+    }
+}
+
+/// The footer of a candidate parent, quietly: the end copy, else the one at 0.
+fn peek_footer(storage: &dyn Storage) -> Option<Footer> {
+    let len = storage.len().ok()?;
+    let mut buf = [0u8; FOOTER_SIZE];
+    let mut at = |off: u64| storage.read_exact_at(&mut buf, off).ok().and_then(|_| Footer::parse(&buf).ok());
+    at(len.checked_sub(FOOTER_SIZE as u64)?).or_else(|| at(0))
+}
+
 /// Finds the footer: at the end of the file (or the 511-byte footer of old
 /// Virtual PC), else the copy at offset 0 of a sparse disk. A copy with a good
 /// checksum is preferred over one with a bad checksum.
 pub(crate) fn read_footer(storage: &dyn Storage, len: u64) -> Result<Footer> {
+    Ok(locate_footer(storage, len)?.footer)
+}
+
+/// The footer chosen by [`read_footer`], and the state of the one at the end.
+struct FoundFooter {
+    footer: Footer,
+    /// Where the footer at the end of the file belongs: the last 512 bytes,
+    /// the last 511 of a legacy file, or (when there is none) the next sector
+    /// boundary, so that rewriting it never overwrites data.
+    end_at: u64,
+    /// Whether the end of the file already holds exactly `footer.encode()`.
+    end_exact: bool,
+}
+
+fn locate_footer(storage: &dyn Storage, len: u64) -> Result<FoundFooter> {
     if len < FOOTER_SIZE as u64 {
         return Err(Error::NotAnImage);
     }
-    let mut buf = [0u8; FOOTER_SIZE];
-    storage.read_exact_at(&mut buf, len - FOOTER_SIZE as u64)?;
-    let mut end = Footer::parse(&buf);
-    if end.is_err() && buf[1..9] == *footer::COOKIE {
+    let mut last = [0u8; FOOTER_SIZE];
+    storage.read_exact_at(&mut last, len - FOOTER_SIZE as u64)?;
+    let mut end = Footer::parse(&last);
+    let mut end_at = len - FOOTER_SIZE as u64;
+    if end.is_err() && last[1..9] == *footer::COOKIE {
         let mut old = [0u8; FOOTER_SIZE];
-        old[..511].copy_from_slice(&buf[1..]);
+        old[..511].copy_from_slice(&last[1..]);
         end = Footer::parse(&old);
+        end_at = len - 511;
     }
     if let Err(Error::Unsupported(e)) = end {
         return Err(Error::Unsupported(e));
     }
+    if end.is_err() {
+        end_at = align_up(len, 512).unwrap_or(len);
+    }
+    let mut buf = [0u8; FOOTER_SIZE];
     storage.read_exact_at(&mut buf, 0)?;
     let copy = Footer::parse(&buf).ok().filter(|f| f.disk_type.is_sparse());
-    match (end, copy) {
-        (Ok(e), _) if e.checksum_ok => Ok(e),
+    let footer = match (end, copy) {
+        (Ok(e), _) if e.checksum_ok => e,
         (_, Some(c)) if c.checksum_ok => {
             log::warn!("VHD footer at the end of the file is damaged; using the copy at offset 0");
-            Ok(c)
+            c
         }
-        (Ok(e), _) => Ok(e),
+        (Ok(e), _) => e,
         (Err(_), Some(c)) => {
             log::warn!("VHD footer at the end of the file is missing; using the copy at offset 0");
-            Ok(c)
+            c
         }
-        (Err(e), None) => Err(e),
-    }
+        (Err(e), None) => return Err(e),
+    };
+    let end_exact = end_at == len - FOOTER_SIZE as u64 && last == footer.encode();
+    Ok(FoundFooter { footer, end_at, end_exact })
 }
 
 fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> Result<Sparse> {
@@ -256,10 +351,16 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
     let bat = BlockAllocationTable::load(storage, header.table_offset, used)?;
     let bitmap_size = bitmap::bitmap_size(header.block_size) as u64;
     let mut next_free = (header_offset + HEADER_SIZE as u64).max(align_up(bat_end, 512).unwrap_or(bat_end));
+    // A block over the footer copy, the header or the BAT would have its data
+    // writes destroy them: refuse such a file rather than corrupt it further.
+    let metadata = [(0, FOOTER_SIZE as u64), (header_offset, header_offset + HEADER_SIZE as u64), (header.table_offset, bat_end)];
     for (b, off) in bat.allocated() {
         let end = off + bitmap_size + block_size;
         if end > len {
             return Err(Error::corrupt("VHD BAT", format!("block {b} at {off} extends past the end of the file ({len})")));
+        }
+        if let Some((s, e)) = metadata.iter().find(|&&(s, e)| off < e && s < end) {
+            return Err(Error::corrupt("VHD BAT", format!("block {b} at {off} overlaps the structures at {s}..{e}")));
         }
         next_free = next_free.max(end);
     }
@@ -379,6 +480,12 @@ impl Image for VhdImage {
     }
     fn parent_link(&self) -> Option<&ParentLink> {
         self.parent.as_ref()
+    }
+    fn find_parent(&self, path: &Path, opener: &dyn ParentOpener) -> Result<Option<ParentLink>> {
+        if let (Some(link), Some(s)) = (&self.parent, &self.sparse) {
+            self.check_parent_timestamp(s, link, path, opener);
+        }
+        Ok(self.parent.clone())
     }
     fn describe(&self) -> String {
         let f = self.footer();
