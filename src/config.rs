@@ -11,6 +11,7 @@ static DEBUG: AtomicBool = AtomicBool::new(false);
 static DUMP: AtomicBool = AtomicBool::new(false);
 static PROBE_ALL: AtomicBool = AtomicBool::new(false);
 static NO_LOCK: AtomicBool = AtomicBool::new(false);
+static TEST: AtomicBool = AtomicBool::new(false);
 /// LIBVHD_IO_ONLY: the images and folders to virtualise (null: all).
 static ONLY: AtomicPtr<Vec<Vec<u8>>> = AtomicPtr::new(null_mut());
 /// LIBVHD_IO_VDI_PATH: more folders to search for VDI parents.
@@ -47,6 +48,7 @@ pub fn load() {
     DUMP.store(set(c"LIBVHD_IO_DUMP"), Ordering::Relaxed);
     PROBE_ALL.store(set(c"LIBVHD_IO_PROBE_ALL"), Ordering::Relaxed);
     NO_LOCK.store(set(c"LIBVHD_IO_NO_LOCK"), Ordering::Relaxed);
+    TEST.store(set(c"LIBVHD_IO_TEST"), Ordering::Relaxed);
     if let Some(only) = get(c"LIBVHD_IO_ONLY").filter(|v| !v.is_empty()) {
         let list: Vec<Vec<u8>> = only
             .to_bytes()
@@ -85,6 +87,11 @@ pub fn dump() -> bool {
 /// names that look like images.
 pub fn probe_all() -> bool {
     PROBE_ALL.load(Ordering::Relaxed)
+}
+
+/// LIBVHD_IO_TEST: snapshot open writable images on SIGCONT.
+pub fn test_mode() -> bool {
+    TEST.load(Ordering::Relaxed)
 }
 
 /// LIBVHD_IO_NO_LOCK: no inter-process locking (dangerous: two writers

@@ -174,6 +174,14 @@ impl InternalFd {
     pub fn get(&self) -> c_int {
         self.0.load(Ordering::Acquire)
     }
+    /// Points this handle at `fd` (ours), closing the file it had.
+    pub fn replace(&self, fd: c_int) {
+        let _owners = lock_owners();
+        mark_internal(fd, true);
+        let old = self.0.swap(fd, Ordering::AcqRel);
+        mark_internal(old, false);
+        sys::close(old);
+    }
 }
 
 impl Drop for InternalFd {

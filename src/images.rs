@@ -5,6 +5,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use libc::c_int;
@@ -19,11 +20,16 @@ use crate::sys;
 const INTERNAL_FD_FLOOR: c_int = 300;
 
 pub struct ImageObject {
-    pub dev: u64,
-    pub ino: u64,
+    /// Device and inode of the container (they change when a snapshot puts a
+    /// new file at the path).
+    dev: AtomicU64,
+    ino: AtomicU64,
     /// Absolute path it was first opened by.
     pub path: CString,
     disk: RwLock<Arc<vdisk::Disk>>,
+    /// Writes hold it shared; a snapshot holds it exclusively, so that no
+    /// write lands in the file that is becoming a parent.
+    io: RwLock<()>,
     /// A second fd on the container, for fstat.
     stat_fd: InternalFd,
     /// The writer locks, taken at the first write, by process.
@@ -39,6 +45,14 @@ struct WriterLock {
 }
 
 impl ImageObject {
+    /// (device, inode) of the container file.
+    pub fn id(&self) -> (u64, u64) {
+        (self.dev.load(Ordering::Acquire), self.ino.load(Ordering::Acquire))
+    }
+    /// Held by every write (see `io`).
+    pub fn write_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.io.read().unwrap_or_else(|e| e.into_inner())
+    }
     pub fn disk(&self) -> Arc<vdisk::Disk> {
         self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -77,6 +91,51 @@ impl ImageObject {
             return Err(e);
         }
         *w = Some(WriterLock { pid, _held: fd });
+        Ok(())
+    }
+
+    /// LIBVHD_IO_TEST: turns the image into a differencing child in place.
+    /// The current file is renamed to `<stem>.<timestamp>.<ext>` and becomes
+    /// the parent; a new child takes its path; every fd moves to the chain.
+    pub fn snapshot_in_place(&self) -> Result<(), String> {
+        let _quiet = self.io.write().unwrap_or_else(|e| e.into_inner());
+        let old = self.disk();
+        if !old.is_writable() {
+            return Ok(());
+        }
+        old.flush().map_err(|e| format!("flush: {e}"))?;
+        let path = self.path.to_bytes();
+        let parent = parent_name(path);
+        let parent_c = CString::new(parent.clone()).map_err(|e| e.to_string())?;
+        sys::renameat(&self.path, &parent_c).map_err(|e| format!("rename to {}: {e}", String::from_utf8_lossy(&parent)))?;
+        let mode = sys::fstat(self.stat_fd.get()).map(|st| st.st_mode & 0o7777).unwrap_or(0o644);
+        let undo = |why: String| {
+            let _ = sys::unlinkat(&self.path);
+            let _ = sys::renameat(&parent_c, &self.path);
+            why
+        };
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY;
+        let child_fd = sys::openat(libc::AT_FDCWD, &self.path, flags, mode).map_err(|e| undo(format!("create child: {e}")))?;
+        let child = FdStorage::new(move_high(child_fd), true);
+        let parent_fd = sys::openat(libc::AT_FDCWD, &parent_c, libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .map_err(|e| undo(format!("open parent: {e}")))?;
+        let parent_storage = FdStorage::new(move_high(parent_fd), false);
+        vdisk::snapshot(Path::new(OsStr::from_bytes(&parent)), &parent_storage, &child, path_of(&self.path))
+            .map_err(|e| undo(format!("snapshot: {e}")))?;
+        drop(parent_storage);
+        let stat_fd = sys::fcntl(child.fd(), libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long)
+            .map_err(|e| format!("dup: {e}"))? as c_int;
+        let st = sys::fstat(stat_fd).map_err(|e| format!("fstat: {e}"))?;
+        let disk = vdisk::open_disk(Box::new(child), path_of(&self.path), vdisk::OpenOptions { writable: true }, &RawParentOpener)
+            .map_err(|e| format!("reopen: {e}"))?;
+        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(disk);
+        self.stat_fd.replace(stat_fd);
+        self.dev.store(st.st_dev, Ordering::Release);
+        self.ino.store(st.st_ino, Ordering::Release);
+        // The writer locks were on the old file, now a parent: take new ones
+        // at the next write.
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        log::warn!("snapshot: {} is now a child of {}", self.path_str(), String::from_utf8_lossy(&parent));
         Ok(())
     }
 
@@ -141,7 +200,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
     };
     let mut reg = registry();
     reg.retain(|w| w.strong_count() > 0);
-    let existing = reg.iter().filter_map(Weak::upgrade).find(|o| o.dev == st.st_dev && o.ino == st.st_ino);
+    let existing = reg.iter().filter_map(Weak::upgrade).find(|o| o.id() == (st.st_dev, st.st_ino));
     if let Some(obj) = &existing {
         if !writable || obj.disk().is_writable() {
             sys::close(fd);
@@ -176,15 +235,42 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         return Ok(Opened::Image(obj));
     }
     let obj = Arc::new(ImageObject {
-        dev: st.st_dev,
-        ino: st.st_ino,
+        dev: AtomicU64::new(st.st_dev),
+        ino: AtomicU64::new(st.st_ino),
         path: abs.to_owned(),
         disk: RwLock::new(disk),
+        io: RwLock::new(()),
         stat_fd: InternalFd::new(stat_fd),
         writer: Mutex::new(None),
     });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))
+}
+
+/// `<dir>/<stem>.<seconds>.<nanoseconds>.<ext>` for a snapshot's parent.
+fn parent_name(path: &[u8]) -> Vec<u8> {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer.
+    unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &raw mut ts) };
+    let name_at = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
+    let (stem, ext) = match path[name_at..].iter().rposition(|&b| b == b'.') {
+        Some(dot) => (&path[..name_at + dot], &path[name_at + dot..]),
+        None => (path, &b""[..]),
+    };
+    let mut out = stem.to_vec();
+    out.extend_from_slice(format!(".{}.{:09}", ts.tv_sec, ts.tv_nsec).as_bytes());
+    out.extend_from_slice(ext);
+    out
+}
+
+/// Snapshots every open writable image (LIBVHD_IO_TEST, on SIGCONT).
+pub fn snapshot_all() {
+    let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
+    for obj in objects {
+        if let Err(e) = obj.snapshot_in_place() {
+            log::warn!("snapshot of {} failed: {e}", obj.path_str());
+        }
+    }
 }
 
 /// Flushes every open image (sync()).
@@ -205,7 +291,7 @@ pub fn is_image(abs: &CStr, st_dev: u64, st_ino: u64) -> bool {
     if !crate::config::allowed(abs.to_bytes()) {
         return false;
     }
-    if registry().iter().filter_map(Weak::upgrade).any(|o| o.dev == st_dev && o.ino == st_ino) {
+    if registry().iter().filter_map(Weak::upgrade).any(|o| o.id() == (st_dev, st_ino)) {
         return true;
     }
     let Ok(fd) = sys::openat(libc::AT_FDCWD, abs, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0) else {

@@ -22,6 +22,9 @@ extern "C" fn init() {
     std::panic::set_hook(Box::new(|info| {
         logger::emit(format_args!("internal error: {info}; the call fails with EIO"));
     }));
+    if config::test_mode() {
+        crate::snapshot::install_handler();
+    }
     // SAFETY: registering plain extern "C" callbacks.
     unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
     let saved = logger::errno();
@@ -131,7 +134,7 @@ fn adopt_std_fds() {
         let Some(flags) = access_mode(fd) else { continue };
         let access = flags & libc::O_ACCMODE;
         let obj = match images::open(&path, access != libc::O_RDONLY) {
-            Ok(Opened::Image(obj)) if obj.dev == st.st_dev && obj.ino == st.st_ino => obj,
+            Ok(Opened::Image(obj)) if obj.id() == (st.st_dev, st.st_ino) => obj,
             _ => continue,
         };
         let len = obj.disk().size();

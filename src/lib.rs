@@ -24,5 +24,6 @@ mod init;
 mod lock;
 mod logger;
 mod real;
+mod snapshot;
 mod storage;
 mod sys;

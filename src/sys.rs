@@ -104,3 +104,13 @@ pub fn getpid() -> c_int {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_getpid) as c_int }
 }
+
+pub fn renameat(from: &CStr, to: &CStr) -> io::Result<()> {
+    // SAFETY: NUL-terminated paths.
+    check(unsafe { libc::syscall(libc::SYS_renameat, libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr()) }).map(drop)
+}
+
+pub fn unlinkat(path: &CStr) -> io::Result<()> {
+    // SAFETY: NUL-terminated path.
+    check(unsafe { libc::syscall(libc::SYS_unlinkat, libc::AT_FDCWD, path.as_ptr(), 0) }).map(drop)
+}

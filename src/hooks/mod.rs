@@ -55,6 +55,7 @@ pub fn image_fd(fd: c_int) -> Option<Arc<OpenFile>> {
     }
     crate::config::load();
     let _guard = Guard::enter();
+    crate::snapshot::run_if_pending();
     fdtable::lookup(fd)
 }
 

@@ -55,6 +55,7 @@ impl OpenFile {
         if config::dump() {
             logger::dump("write", pos, buf);
         }
+        let _io = self.image.write_guard();
         let disk = self.image.disk();
         disk.write_at(buf, self.start + pos).map_err(|e| disk_error("write", self, e))?;
         if self.sync {
