@@ -14,6 +14,8 @@
 
 pub mod bytes;
 pub mod crc;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod create;
 pub mod part;
 mod disk;

@@ -1,0 +1,8 @@
+#![no_main]
+//! Fuzz target `vhdx_log`: see `vdisk::fuzz` (inputs are sparse files, except
+//! for vhdx_log, whose input is the log region).
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = vdisk::fuzz::run_target("vhdx_log", data);
+});
