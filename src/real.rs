@@ -138,6 +138,8 @@ reals! {
     FEXECVE = c"fexecve": unsafe extern "C" fn(c_int, *const *const c_char, *const *const c_char) -> c_int;
     POSIX_SPAWN = c"posix_spawn": unsafe extern "C" fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *mut c_char, *const *mut c_char) -> c_int;
     POSIX_SPAWNP = c"posix_spawnp": unsafe extern "C" fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *mut c_char, *const *mut c_char) -> c_int;
+    SIGACTION = c"sigaction": unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
+    SIGNAL = c"signal": unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
     FOPEN = c"fopen": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FOPEN64 = c"fopen64": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;

@@ -195,3 +195,23 @@ fn fork_exec_chains_share_the_disk() {
     let out = preload::run(dir, "python3", &["-c", "import hashlib;print(hashlib.md5(open('d.vhd','rb').read()).hexdigest())"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), whole);
 }
+
+/// Paths under /dev and /proc that are not /dev/fd/N-style names are ordinary
+/// paths: an image in /dev/shm is virtualised like any other.
+#[test]
+fn images_under_dev_shm() {
+    if !Path::new("/dev/shm").is_dir() {
+        eprintln!("SKIPPED: no /dev/shm");
+        return;
+    }
+    let tmp = tempfile::Builder::new().prefix("vhdio-test").tempdir_in("/dev/shm").unwrap();
+    let dir = tmp.path();
+    let (data, _) = pattern(8, 2 << 20);
+    qemu_image_from(&data, dir, "s.vhd", "vpc", "subformat=dynamic,force_size=on");
+    let abs = dir.join("s.vhd");
+    let out = preload::run(Path::new("/"), "cat", &[abs.to_str().unwrap()]);
+    assert!(out.stdout == data, "cat of an image under /dev/shm read the container");
+    let out = preload::run(Path::new("/"), "md5sum", &[abs.to_str().unwrap()]);
+    let want = tool("md5sum", &[dir.join("s.vhd.src.raw").to_str().unwrap()]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).split_whitespace().next(), want.split_whitespace().next());
+}

@@ -50,21 +50,39 @@ fn workload(fmt: &str, name: &str) {
         .spawn()
         .unwrap();
     assert!(stop_and_continue(mkfs).success(), "mkfs.ext4 failed");
-    let mut cmds = String::new();
-    for i in 0..300 {
-        cmds.push_str(&format!("write src.bin f{i}\n"));
-    }
-    std::fs::write(dir.join("cmds"), cmds).unwrap();
-    let debugfs = preload::command(dir, "debugfs", &["-w", "-f", "cmds", name])
+    // debugfs reads its commands from a pipe, in phases; between phases it is
+    // stopped and continued, and the next phase's writes find the snapshot
+    // request. So every phase boundary must add one parent.
+    let mut debugfs = preload::command(dir, "debugfs", &["-w", name])
         .env("LIBVHD_IO_TEST", "1")
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    assert!(stop_and_continue(debugfs).success(), "debugfs failed");
+    let pid = debugfs.id().to_string();
+    let phases = 4;
+    {
+        use std::io::Write;
+        let stdin = debugfs.stdin.as_mut().unwrap();
+        for phase in 0..=phases {
+            for i in 0..60 {
+                writeln!(stdin, "write src.bin f{}", phase * 60 + i).unwrap();
+            }
+            stdin.flush().unwrap();
+            if phase < phases {
+                sleep(Duration::from_millis(400));
+                std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+                sleep(Duration::from_millis(20));
+                std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+            }
+        }
+    }
+    drop(debugfs.stdin.take());
+    assert!(debugfs.wait().unwrap().success(), "debugfs failed");
     let stem = name.split('.').next().unwrap();
     let chain = parents(dir, stem);
     eprintln!("{name}: chain grew by {chain} snapshots");
-    assert!(chain >= 2, "{name}: only {chain} snapshots happened");
+    assert!(chain >= phases, "{name}: only {chain} snapshots for {phases} SIGCONTs");
     // The final disk, through the library, is a clean file system with every file.
     preload::run(dir, "dd", &[&format!("if={name}"), "of=final.raw", "bs=1M", "status=none"]);
     let raw = dir.join("final.raw");

@@ -236,7 +236,13 @@ fn open_common(dirfd: c_int, path: *const c_char, flags: c_int, real: impl FnOnc
     if !by_fd && !is_candidate(p) {
         return real();
     }
-    let emulated = || if by_fd { reopen_fd(p, flags) } else { open_image(dirfd, p, flags) };
+    // /dev/fd/N and friends reopen a dummy; any other path (an image under
+    // /dev/shm, say) is opened as usual.
+    let emulated = || match if by_fd { reopen_fd(p, flags)? } else { None } {
+        Some(fd) => Ok(Some(fd)),
+        None if is_candidate(p) => open_image(dirfd, p, flags),
+        None => Ok(None),
+    };
     match emulate(Err(libc::EIO), || Ok(emulated())) {
         Ok(Some(fd)) => fd,
         Ok(None) => real(),

@@ -113,9 +113,12 @@ fn fopen_image(path: *const c_char, mode: *const c_char) -> Option<*mut FILE> {
     if (!by_fd && !is_candidate(p)) || flags & libc::O_EXCL != 0 {
         return None;
     }
-    let fd: Result<Option<c_int>, Errno> = emulate(Err(libc::EIO), || {
-        Ok(if by_fd { super::open::reopen_fd(p, flags) } else { open_image(libc::AT_FDCWD, p, flags) })
-    });
+    let emulated = || match if by_fd { super::open::reopen_fd(p, flags)? } else { None } {
+        Some(fd) => Ok(Some(fd)),
+        None if is_candidate(p) => open_image(libc::AT_FDCWD, p, flags),
+        None => Ok(None),
+    };
+    let fd: Result<Option<c_int>, Errno> = emulate(Err(libc::EIO), || Ok(emulated()));
     match fd {
         Ok(Some(fd)) => Some(stream_for(fd, mode)),
         Ok(None) => None,
