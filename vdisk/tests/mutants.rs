@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use vdisk::{MemStorage, OpenOptions, ParentOpener, Storage};
 
 const CHILD_ENV: &str = "VDISK_MUTANTS_CHILD";
-const FORMATS: [&str; 5] = ["vhd-dynamic", "vhd-fixed", "vhdx", "vdi", "vhd-diff"];
+const FORMATS: [&str; 6] = ["vhd-dynamic", "vhd-fixed", "vhdx", "vhdx-dirty-log", "vdi", "vhd-diff"];
 /// Mutants per format.
 const PER_FORMAT: usize = 4000;
 /// Address-space limit of the child, in KiB.
@@ -380,14 +380,58 @@ fn base(format: &str) -> Base {
             vhd_util::apply(&mut expect, &child.data);
             (child.build(), Some(Arc::new(parent)))
         }
+        "vhdx-dirty-log" => {
+            let (image, disk) = dirty_vhdx();
+            expect = disk;
+            (image, None)
+        }
         f => panic!("unknown format {f}"),
     };
     let areas = match format {
         "vhdx" => vhdx_areas(&image),
+        "vhdx-dirty-log" => {
+            // The log entry (sealed by its CRC-32C) and the headers naming it.
+            let log = le64(&image, 64 * 1024 + 72) as usize;
+            let len = le32(&image, log + 8) as usize;
+            let mut v = vec![area(log, len, Seal::Crc { at: log, len }, false)];
+            v.extend(vhdx_areas(&image).into_iter().filter(|a| a.start < 192 * 1024));
+            v
+        }
         "vdi" => vdi_areas(&image),
         _ => vhd_areas(&image),
     };
     Base { expect, image, parent, areas }
+}
+
+/// A VHDX whose headers name an active log: vdisk's template with one entry
+/// that allocates block 0 (past the end of the file) and fills its first
+/// sector. Read-only opens replay it in memory. Returns the file and its disk.
+fn dirty_vhdx() -> (Vec<u8>, Vec<u8>) {
+    use vdisk::vhdx::header::{self, SLOTS};
+    let mut file = vdisk::fuzz::vhdx_template();
+    let tlen = file.len() as u64;
+    let (mut h, _) = header::read_current(&MemStorage::read_only(file.clone())).unwrap();
+    h.log_guid = vdisk::fuzz::LOG_GUID;
+    for (i, slot) in SLOTS.iter().enumerate() {
+        h.sequence += i as u64;
+        let b = h.encode();
+        file[*slot as usize..*slot as usize + b.len()].copy_from_slice(&b);
+    }
+    let regions = vdisk::vhdx::region::read(&MemStorage::read_only(file.clone()), tlen).unwrap();
+    let bat = regions.bat.offset as usize;
+    let mut bat_sector = file[bat..bat + 4096].to_vec();
+    bat_sector[..8].copy_from_slice(&(tlen | 6).to_le_bytes());
+    let sector: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
+    let mut e = vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
+    e[56..64].copy_from_slice(&(tlen + (1 << 20)).to_le_bytes());
+    e[4..8].fill(0);
+    let crc = vdisk::crc::crc32c(&e);
+    e[4..8].copy_from_slice(&crc.to_le_bytes());
+    let log = h.log_offset as usize;
+    file[log..log + e.len()].copy_from_slice(&e);
+    let mut disk = vec![0u8; 4 << 20];
+    disk[..4096].copy_from_slice(&sector);
+    (file, disk)
 }
 
 /// Opens `data` read-only and reads a sample of the disk.
