@@ -68,7 +68,7 @@ fn dirty_vhdx(path: &Path) -> Vec<u8> {
     file[log..log + e.len()].copy_from_slice(&e);
     std::fs::write(path, &file).unwrap();
     // The virtual disk after replay: block 0 starts with the sector.
-    let mut disk = vec![0u8; 4 << 20];
+    let mut disk = vec![0u8; 2 << 20];
     disk[..4096].fill(0xC3);
     disk
 }

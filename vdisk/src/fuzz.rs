@@ -211,13 +211,13 @@ pub fn partitions(data: &[u8]) -> Result<usize> {
     Ok(parts.len())
 }
 
-/// A dynamic 4 MiB VHDX with 1 MiB blocks and a 1 MiB log, made by vdisk.
+/// A dynamic 2 MiB VHDX with 1 MiB blocks and a 1 MiB log, made by vdisk.
 pub fn vhdx_template() -> Vec<u8> {
     static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     TEMPLATE
         .get_or_init(|| {
             let s = MemStorage::new(Vec::new());
-            let mut opts = crate::vhdx::create::CreateOptions::dynamic(4 << 20);
+            let mut opts = crate::vhdx::create::CreateOptions::dynamic(2 << 20);
             opts.block_size = 1 << 20;
             crate::vhdx::create::create(&s, &opts).expect("VHDX template");
             s.into_inner()
@@ -236,7 +236,23 @@ pub fn vhdx_template_log() -> (u64, u64) {
 /// VHDX (at most the log's length), whose headers name [`LOG_GUID`] as the
 /// active log. The file is opened read-only (the log is replayed in memory)
 /// and read. If `data` is longer than the log, the rest extends the file.
+///
+/// So that the fuzzer gets past the checksums, the CRC-32C of every entry
+/// header (`loge` at a 4 KiB boundary of `data`, its length inside `data`)
+/// is recomputed first; damaged checksums are the mutation test's job.
 pub fn vhdx_log(data: &[u8]) -> Result<u64> {
+    let mut data = data.to_vec();
+    let mut pos = 0usize;
+    while pos + 12 <= data.len() {
+        let len = u32::from_le_bytes(data[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        if &data[pos..pos + 4] == b"loge" && len >= 64 && len <= data.len() - pos {
+            data[pos + 4..pos + 8].fill(0);
+            let crc = crate::crc::crc32c(&data[pos..pos + len]);
+            data[pos + 4..pos + 8].copy_from_slice(&crc.to_le_bytes());
+        }
+        pos += 4096;
+    }
+    let data = &data[..];
     use crate::vhdx::header::{self, SLOTS};
     let mut file = vhdx_template();
     let (mut h, _) = header::read_current(&MemStorage::read_only(file.clone()))?;
