@@ -5,7 +5,7 @@ use std::ffi::{CStr, CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use libc::c_int;
@@ -34,6 +34,10 @@ pub struct ImageObject {
     stat_fd: InternalFd,
     /// The writer locks, taken at the first write, by process.
     writer: Mutex<Option<WriterLock>>,
+    /// The pid holding them: every write checks it without a lock, so that a
+    /// fork while another thread writes cannot leave `writer` locked in the
+    /// child (the child's first write takes the slow path and gets EBUSY).
+    writer_pid: AtomicI32,
 }
 
 /// Writer locks held on an open file description of our own. After fork the
@@ -76,9 +80,13 @@ impl ImageObject {
     /// Becomes the one writer of the image (qemu-compatible locks), at the
     /// first write of this process; EBUSY if another process writes it.
     pub fn ensure_writer(&self) -> Result<(), c_int> {
+        let pid = sys::pid();
+        if self.writer_pid.load(Ordering::Acquire) == pid {
+            return Ok(());
+        }
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = sys::getpid();
         if w.as_ref().is_some_and(|l| l.pid == pid) {
+            self.writer_pid.store(pid, Ordering::Release);
             return Ok(());
         }
         // Forget a lock inherited through fork (closing our copy of its fd
@@ -91,6 +99,7 @@ impl ImageObject {
             return Err(e);
         }
         *w = Some(WriterLock { pid, _held: fd });
+        self.writer_pid.store(pid, Ordering::Release);
         Ok(())
     }
 
@@ -134,6 +143,7 @@ impl ImageObject {
         self.ino.store(st.st_ino, Ordering::Release);
         // The writer locks were on the old file, now a parent: take new ones
         // at the next write.
+        self.writer_pid.store(0, Ordering::Release);
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         log::warn!("snapshot: {} is now a child of {}", self.path_str(), String::from_utf8_lossy(&parent));
         Ok(())
@@ -141,12 +151,10 @@ impl ImageObject {
 
     /// Whether another process holds the image for writing.
     pub fn has_other_writer(&self) -> bool {
-        let w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = sys::getpid();
-        match w.as_ref() {
-            Some(l) if l.pid == pid => false,
-            _ => crate::lock::other_writer(self.stat_fd.get()),
+        if self.writer_pid.load(Ordering::Acquire) == sys::pid() {
+            return false;
         }
+        crate::lock::other_writer(self.stat_fd.get())
     }
 }
 
@@ -242,6 +250,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         io: RwLock::new(()),
         stat_fd: InternalFd::new(stat_fd),
         writer: Mutex::new(None),
+        writer_pid: AtomicI32::new(0),
     });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))

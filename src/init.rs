@@ -15,6 +15,7 @@ const MEMFD_PREFIX: &[u8] = b"/memfd:vhdio:";
 extern "C" fn init() {
     let _g = guard::Guard::enter();
     config::load();
+    sys::refresh_pid();
     logger::install();
     real::resolve_all();
     // The default panic hook may open files for a backtrace and print through
@@ -26,7 +27,7 @@ extern "C" fn init() {
         crate::snapshot::install_handler();
     }
     // SAFETY: registering plain extern "C" callbacks.
-    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_release)) };
+    unsafe { libc::pthread_atfork(Some(fork_prepare), Some(fork_release), Some(fork_child)) };
     let saved = logger::errno();
     rebuild_inherited();
     adopt_std_fds();
@@ -55,6 +56,11 @@ extern "C" fn fork_prepare() {
 
 extern "C" fn fork_release() {
     HELD.with(|h| drop(h.borrow_mut().take()));
+}
+
+extern "C" fn fork_child() {
+    sys::refresh_pid();
+    fork_release();
 }
 
 /// The window an inherited dummy names: `<path>` or `<path>#p<N>`.

@@ -105,6 +105,24 @@ pub fn getpid() -> c_int {
     unsafe { libc::syscall(libc::SYS_getpid) as c_int }
 }
 
+static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// This process's pid without a syscall (glibc no longer caches it): set at
+/// start-up and in the child of every fork (atfork), read on every write.
+#[inline]
+pub fn pid() -> c_int {
+    match PID.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => refresh_pid(),
+        p => p,
+    }
+}
+
+pub fn refresh_pid() -> c_int {
+    let p = getpid();
+    PID.store(p, std::sync::atomic::Ordering::Relaxed);
+    p
+}
+
 pub fn renameat(from: &CStr, to: &CStr) -> io::Result<()> {
     // SAFETY: NUL-terminated paths.
     check(unsafe { libc::syscall(libc::SYS_renameat, libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr()) }).map(drop)

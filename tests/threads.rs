@@ -112,12 +112,10 @@ fn threads_signals_and_fork() {
 }
 
 /// As above, but each fork child also attempts an image pwrite (refused with
-/// EBUSY, since the parent is the writer). Known failure (issue 9): the child
-/// deadlocks when fork happened while another thread held
-/// `ImageObject::writer` (src/images.rs `ensure_writer`), whose mutex stays
-/// locked in the child. Run with `--ignored` once src/ resets it across fork.
+/// EBUSY, since the parent is the writer). Regression: the child deadlocked
+/// when fork happened while another thread held the per-image writer mutex,
+/// which every write used to take (src/images.rs `ensure_writer`).
 #[test]
-#[ignore = "known deadlock: ImageObject::writer mutex held across fork (src/images.rs ensure_writer)"]
 fn fork_child_write_attempt_does_not_deadlock() {
     for (fmt, name, opts) in [
         ("vpc", "t.vhd", "subformat=dynamic,force_size=on"),
