@@ -79,6 +79,7 @@ pub fn default_block_size(format: Format, size: u64) -> u32 {
         Format::Vdi => vdi::create::DEFAULT_BLOCK_SIZE,
         Format::Vhdx if size <= 1 << 30 => 8 << 20,
         Format::Vhdx => 32 << 20,
+        Format::Raw => 1 << 20,
     }
 }
 
@@ -118,6 +119,18 @@ pub fn create(storage: &dyn Storage, opts: CreateOptions) -> Result<NewImage> {
         Format::Vhd => vhd::create::create(storage, size, opts.fixed, block_size),
         Format::Vdi => vdi::create::create(storage, size, opts.fixed, block_size),
         Format::Vhdx => create_vhdx(storage, size, opts.fixed, block_size, ss, None),
+        Format::Raw => {
+            storage.set_len(size)?;
+            Ok(NewImage {
+                format: Format::Raw,
+                size,
+                block_size: None,
+                logical_sector_size: ss,
+                fixed: true,
+                link_id: [0; 16],
+                parent_id: None,
+            })
+        }
     }
 }
 
@@ -154,6 +167,7 @@ pub fn snapshot(
         Format::Vhd => vhd::create::snapshot(parent, child, &links),
         Format::Vdi => vdi::create::snapshot(parent, child),
         Format::Vhdx => snapshot_vhdx(parent, child, &links),
+        Format::Raw => Err(Error::unsupported("differencing children of raw disks")),
     }
 }
 

@@ -34,9 +34,15 @@ impl Disk {
             return Err(Error::unsupported("a disk needs at least one image"));
         }
         if layers.len() > MAX_CHAIN_DEPTH {
-            return Err(Error::corrupt("parent chain", format!("deeper than {MAX_CHAIN_DEPTH}")));
+            return Err(Error::corrupt(
+                "parent chain",
+                format!("deeper than {MAX_CHAIN_DEPTH}"),
+            ));
         }
-        Ok(Disk { layers, write_lock: Mutex::new(()) })
+        Ok(Disk {
+            layers,
+            write_lock: Mutex::new(()),
+        })
     }
 
     pub fn format(&self) -> Format {
@@ -67,7 +73,11 @@ impl Disk {
         let size = self.size();
         match offset.checked_add(len as u64) {
             Some(end) if end <= size => Ok(()),
-            _ => Err(Error::OutOfRange { offset, len: len as u64, size }),
+            _ => Err(Error::OutOfRange {
+                offset,
+                len: len as u64,
+                size,
+            }),
         }
     }
 
@@ -95,7 +105,10 @@ impl Disk {
             let want = ((buf.len() - done) as u64).min(size - off);
             let (mapping, run) = image.map(off, want)?;
             if run == 0 || run > want {
-                return Err(Error::corrupt("mapping", format!("layer {level} mapped {run} bytes of {want}")));
+                return Err(Error::corrupt(
+                    "mapping",
+                    format!("layer {level} mapped {run} bytes of {want}"),
+                ));
             }
             let chunk = &mut buf[done..done + run as usize];
             match mapping {

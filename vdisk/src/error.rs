@@ -34,7 +34,10 @@ pub enum Error {
 
 impl Error {
     pub fn corrupt(what: &'static str, detail: impl Into<String>) -> Error {
-        Error::Corrupt { what, detail: detail.into() }
+        Error::Corrupt {
+            what,
+            detail: detail.into(),
+        }
     }
     pub fn unsupported(detail: impl Into<String>) -> Error {
         Error::Unsupported(detail.into())
@@ -50,7 +53,10 @@ impl fmt::Display for Error {
             Error::Unsupported(d) => write!(f, "unsupported: {d}"),
             Error::ReadOnly => write!(f, "image is read-only"),
             Error::OutOfRange { offset, len, size } => {
-                write!(f, "access of {len} bytes at {offset} is beyond the disk size {size}")
+                write!(
+                    f,
+                    "access of {len} bytes at {offset} is beyond the disk size {size}"
+                )
             }
             Error::NoSpace(d) => write!(f, "no space: {d}"),
             Error::ParentNotFound(d) => write!(f, "parent image not found: {d}"),
@@ -78,7 +84,9 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         match e {
             Error::Io(e) => e,
-            Error::NotAnImage | Error::Corrupt { .. } => io::Error::new(io::ErrorKind::InvalidData, e),
+            Error::NotAnImage | Error::Corrupt { .. } => {
+                io::Error::new(io::ErrorKind::InvalidData, e)
+            }
             Error::Unsupported(_) => io::Error::new(io::ErrorKind::Unsupported, e),
             Error::ReadOnly => io::Error::new(io::ErrorKind::ReadOnlyFilesystem, e),
             Error::OutOfRange { .. } => io::Error::new(io::ErrorKind::InvalidInput, e),

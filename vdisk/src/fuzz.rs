@@ -19,7 +19,7 @@
 use std::path::Path;
 
 use crate::vhdx::guid::Guid;
-use crate::{Disk, Error, Format, Image, Mapping, MemStorage, ParentOpener, Result, Storage};
+use crate::{Disk, Error, Format, MemStorage, ParentOpener, Result, Storage};
 
 /// Largest file a sparse input decodes to.
 pub const MAX_FILE: u64 = 32 << 20;
@@ -72,8 +72,14 @@ pub fn decode_sparse(data: &[u8]) -> (Vec<u8>, bool) {
 /// record per run of non-zero 512-byte sectors, at most 32 KiB each.
 pub fn encode_sparse(file: &[u8], sector_4k: bool) -> Vec<u8> {
     let sectors = file.len().div_ceil(512) as u32;
-    let mut out = (sectors | if sector_4k { 0x8000_0000 } else { 0 }).to_le_bytes().to_vec();
-    let nonzero = |s: usize| file[s * 512..((s + 1) * 512).min(file.len())].iter().any(|&b| b != 0);
+    let mut out = (sectors | if sector_4k { 0x8000_0000 } else { 0 })
+        .to_le_bytes()
+        .to_vec();
+    let nonzero = |s: usize| {
+        file[s * 512..((s + 1) * 512).min(file.len())]
+            .iter()
+            .any(|&b| b != 0)
+    };
     let mut s = 0usize;
     let total = sectors as usize;
     while s < total {
@@ -138,7 +144,12 @@ pub fn open_read(file: Vec<u8>, format: Option<Format>) -> Result<u64> {
         None => crate::probe(storage.as_ref())?.ok_or(Error::NotAnImage)?,
     };
     let path = Path::new("/fuzz/image");
-    let image = crate::open_image(storage, format, path, crate::OpenOptions { writable: false })?;
+    let image = crate::open_image(
+        storage,
+        format,
+        path,
+        crate::OpenOptions { writable: false },
+    )?;
     // Parent discovery runs (and is refused); the child reads zeros for what it
     // does not hold.
     let _ = image.find_parent(path, &NoParents);
@@ -154,58 +165,21 @@ pub fn open_sparse(data: &[u8], format: Option<Format>) -> Result<u64> {
     open_read(decode_sparse(data).0, format)
 }
 
-/// A raw disk over memory, for [`partitions`].
-pub struct RawImage {
-    data: Vec<u8>,
-    sector_size: u32,
-}
-
-impl RawImage {
-    pub fn new(data: Vec<u8>, sector_size: u32) -> RawImage {
-        RawImage { data, sector_size }
-    }
-}
-
-impl Image for RawImage {
-    fn format(&self) -> Format {
-        Format::Vhd
-    }
-    fn virtual_size(&self) -> u64 {
-        self.data.len() as u64
-    }
-    fn logical_sector_size(&self) -> u32 {
-        self.sector_size
-    }
-    fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
-        Ok((Mapping::Data { file_offset: offset }, len))
-    }
-    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        let o = usize::try_from(file_offset).map_err(|_| Error::corrupt("raw", "offset"))?;
-        let src = self.data.get(o..o + buf.len()).ok_or_else(|| Error::corrupt("raw", "read past the end"))?;
-        buf.copy_from_slice(src);
-        Ok(())
-    }
-    fn write(&self, _: &[u8], _: u64, _: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()> {
-        Err(Error::ReadOnly)
-    }
-    fn flush(&self) -> Result<()> {
-        Ok(())
-    }
-    fn is_writable(&self) -> bool {
-        false
-    }
-    fn link_id(&self) -> [u8; 16] {
-        [0; 16]
-    }
-}
-
 /// The partition target: a sparse file as a raw disk, its partition table parsed.
 pub fn partitions(data: &[u8]) -> Result<usize> {
     let (file, big) = decode_sparse(data);
-    let disk = Disk::new(vec![Box::new(RawImage::new(file, if big { 4096 } else { 512 }))])?;
+    let disk = Disk::new(vec![Box::new(crate::RawImage::new(
+        Box::new(MemStorage::read_only(file)),
+        if big { 4096 } else { 512 },
+    )?)])?;
     let parts = crate::part::partitions(&disk)?;
     for p in &parts {
-        assert!(p.start.checked_add(p.size).is_some_and(|e| e <= disk.size()), "partition outside the disk: {p:?}");
+        assert!(
+            p.start
+                .checked_add(p.size)
+                .is_some_and(|e| e <= disk.size()),
+            "partition outside the disk: {p:?}"
+        );
         let _ = p.type_description();
     }
     Ok(parts.len())
@@ -228,7 +202,8 @@ pub fn vhdx_template() -> Vec<u8> {
 /// Where the template's log lies.
 pub fn vhdx_template_log() -> (u64, u64) {
     let t = vhdx_template();
-    let (h, _) = crate::vhdx::header::read_current(&MemStorage::read_only(t)).expect("template header");
+    let (h, _) =
+        crate::vhdx::header::read_current(&MemStorage::read_only(t)).expect("template header");
     (h.log_offset, h.log_length as u64)
 }
 

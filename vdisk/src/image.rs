@@ -3,7 +3,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::{ParentOpener, Result};
+use crate::{ParentOpener, Result, Storage};
 
 /// The image formats this crate understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -11,6 +11,8 @@ pub enum Format {
     Vhd,
     Vhdx,
     Vdi,
+    /// A plain disk file (never probed; see [`crate::RawImage`]).
+    Raw,
 }
 
 impl fmt::Display for Format {
@@ -19,6 +21,7 @@ impl fmt::Display for Format {
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
+            Format::Raw => "raw",
         })
     }
 }
@@ -74,15 +77,31 @@ pub trait Image: Send + Sync {
     /// Maps the run starting at `offset` of at most `len` bytes (`len > 0`).
     /// Returns the mapping and the length of the run it covers, `1..=len`.
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)>;
+    /// The layer's own file.
+    fn storage(&self) -> &dyn Storage;
     /// Reads bytes of a `Mapping::Data` run from this layer's file.
-    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()>;
+    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
+        Ok(self.storage().read_exact_at(buf, file_offset)?)
+    }
     /// Writes sector-aligned data. `parent` reads the chain below this layer
     /// (zeros for a base image), for formats that copy whole blocks on write.
-    fn write(&self, buf: &[u8], offset: u64, parent: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()>;
+    fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()>;
     /// Makes every completed write durable.
-    fn flush(&self) -> Result<()>;
+    fn flush(&self) -> Result<()> {
+        if self.is_writable() {
+            self.storage().sync()?;
+        }
+        Ok(())
+    }
     /// Whether this layer was opened for writing.
-    fn is_writable(&self) -> bool;
+    fn is_writable(&self) -> bool {
+        self.storage().is_writable()
+    }
     /// The identity a child image records for this one as its parent.
     fn link_id(&self) -> [u8; 16];
     /// For a differencing image: how to find its parent.

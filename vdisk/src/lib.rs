@@ -14,24 +14,26 @@
 
 pub mod bytes;
 pub mod crc;
-#[doc(hidden)]
-pub mod fuzz;
 pub mod create;
-pub mod part;
 mod disk;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod image;
 mod open;
+pub mod part;
 mod probe;
+mod raw;
 mod storage;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
 
-pub use create::{create, snapshot, CreateOptions, NewImage};
+pub use create::{CreateOptions, NewImage, create, snapshot};
 pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};
-pub use open::{open_disk, open_image, OpenOptions, ParentOpener, StdParentOpener};
+pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image};
 pub use probe::probe;
+pub use raw::RawImage;
 pub use storage::{MemStorage, Storage};

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::{probe, vhd, Disk, Error, Format, Image, Result, Storage, MAX_CHAIN_DEPTH};
+use crate::{Disk, Error, Format, Image, MAX_CHAIN_DEPTH, Result, Storage, probe, vhd};
 
 /// How to open the top image.
 #[derive(Clone, Copy, Debug, Default)]
@@ -22,7 +22,9 @@ pub trait ParentOpener {
     /// The entries of `dir`, as full paths: a VDI names its parent by UUID
     /// only, so its folders are searched. Default: `std::fs::read_dir`.
     fn list_dir(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect()
+        std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.path()))
+            .collect()
     }
     /// At most `max` bytes of a small file (a VirtualBox media registry),
     /// read through [`ParentOpener::open_parent`].
@@ -47,21 +49,33 @@ impl ParentOpener for StdParentOpener {
     fn open_parent(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
         let file = File::open(path)?;
         if !file.metadata()?.is_file() {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
         }
         Ok(Box::new((file, false)))
     }
     /// The folders in `LIBVHD_IO_VDI_PATH` (colon-separated), read at each call.
     fn search_dirs(&self) -> Vec<PathBuf> {
         std::env::var_os(crate::vdi::SEARCH_PATH_VAR)
-            .map(|v| std::env::split_paths(&v).filter(|p| !p.as_os_str().is_empty()).collect())
+            .map(|v| {
+                std::env::split_paths(&v)
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
 
 /// Opens one image layer of a known format, without its parents.
 /// `path` is where the file was found; parent locators are resolved against it.
-pub fn open_image(storage: Box<dyn Storage>, format: Format, path: &Path, opts: OpenOptions) -> Result<Box<dyn Image>> {
+pub fn open_image(
+    storage: Box<dyn Storage>,
+    format: Format,
+    path: &Path,
+    opts: OpenOptions,
+) -> Result<Box<dyn Image>> {
     if opts.writable && !storage.is_writable() {
         return Err(Error::ReadOnly);
     }
@@ -69,24 +83,41 @@ pub fn open_image(storage: Box<dyn Storage>, format: Format, path: &Path, opts: 
         Format::Vhd => Ok(Box::new(vhd::VhdImage::open(storage, path, opts)?)),
         Format::Vhdx => crate::vhdx::open(storage, path, opts),
         Format::Vdi => crate::vdi::open(storage, path, opts),
+        Format::Raw => Ok(Box::new(crate::RawImage::new(storage, 512)?)),
     }
 }
 
 /// Probes `storage`, opens it and every parent it links to.
-pub fn open_disk(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions, opener: &dyn ParentOpener) -> Result<Disk> {
+pub fn open_disk(
+    storage: Box<dyn Storage>,
+    path: &Path,
+    opts: OpenOptions,
+    opener: &dyn ParentOpener,
+) -> Result<Disk> {
     let format = probe(storage.as_ref())?.ok_or(Error::NotAnImage)?;
     let top = open_image(storage, format, path, opts)?;
     let mut seen = HashSet::new();
     seen.insert(top.link_id());
     let mut layers = vec![top];
     let mut path = path.to_path_buf();
-    while let Some(link) = layers.last().map(|l| l.find_parent(&path, opener)).transpose()?.flatten() {
+    while let Some(link) = layers
+        .last()
+        .map(|l| l.find_parent(&path, opener))
+        .transpose()?
+        .flatten()
+    {
         if layers.len() >= MAX_CHAIN_DEPTH {
-            return Err(Error::corrupt("parent chain", format!("deeper than {MAX_CHAIN_DEPTH}")));
+            return Err(Error::corrupt(
+                "parent chain",
+                format!("deeper than {MAX_CHAIN_DEPTH}"),
+            ));
         }
         let (parent, parent_path) = open_parent(&link, opener)?;
         if !seen.insert(parent.link_id()) {
-            return Err(Error::corrupt("parent chain", format!("loop at {}", link.description)));
+            return Err(Error::corrupt(
+                "parent chain",
+                format!("loop at {}", link.description),
+            ));
         }
         layers.push(parent);
         path = parent_path;
@@ -95,7 +126,10 @@ pub fn open_disk(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions, open
 }
 
 /// Tries each candidate of `link`; the first image whose identity matches wins.
-fn open_parent(link: &crate::ParentLink, opener: &dyn ParentOpener) -> Result<(Box<dyn Image>, PathBuf)> {
+fn open_parent(
+    link: &crate::ParentLink,
+    opener: &dyn ParentOpener,
+) -> Result<(Box<dyn Image>, PathBuf)> {
     let mut tried = Vec::new();
     for path in &link.candidates {
         let storage = match opener.open_parent(path) {
@@ -123,6 +157,13 @@ fn open_parent(link: &crate::ParentLink, opener: &dyn ParentOpener) -> Result<(B
         }
         return Ok((image, path.clone()));
     }
-    let tried = if tried.is_empty() { "no candidate paths".to_string() } else { tried.join(", ") };
-    Err(Error::ParentNotFound(format!("{}; tried: {tried}", link.description)))
+    let tried = if tried.is_empty() {
+        "no candidate paths".to_string()
+    } else {
+        tried.join(", ")
+    };
+    Err(Error::ParentNotFound(format!(
+        "{}; tried: {tried}",
+        link.description
+    )))
 }

@@ -1,7 +1,7 @@
 //! Deciding from the first and last sectors whether a file is an image.
 
 use crate::bytes::le32;
-use crate::vhd::footer::{Footer, COOKIE as VHD_COOKIE};
+use crate::vhd::footer::{COOKIE as VHD_COOKIE, Footer};
 use crate::{Format, Result, Storage};
 
 /// `vhdxfile` at offset 0 (MS-VHDX 2.2.1).
@@ -32,7 +32,10 @@ pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
     storage.read_exact_at(&mut last, len - 512)?;
     // A blktap-disabled VHD (`v_poison`) is recognised so that opening it is
     // refused, not passed through as a raw file.
-    if &last[..8] == VHD_COOKIE || &last[1..9] == VHD_COOKIE || &last[..8] == crate::vhd::footer::POISON_COOKIE {
+    if &last[..8] == VHD_COOKIE
+        || &last[1..9] == VHD_COOKIE
+        || &last[..8] == crate::vhd::footer::POISON_COOKIE
+    {
         return Ok(Some(Format::Vhd));
     }
     if &first[..8] == VHD_COOKIE {

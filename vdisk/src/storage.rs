@@ -48,7 +48,10 @@ pub trait Storage: Send + Sync {
     /// Writes all of `buf` at `offset`.
     fn write_all_at(&self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
         if !self.is_writable() {
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, "image opened read-only"));
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "image opened read-only",
+            ));
         }
         while !buf.is_empty() {
             match self.write_at(buf, offset) {
@@ -96,10 +99,16 @@ pub struct MemStorage {
 
 impl MemStorage {
     pub fn new(data: Vec<u8>) -> MemStorage {
-        MemStorage { data: Mutex::new(data), read_only: false }
+        MemStorage {
+            data: Mutex::new(data),
+            read_only: false,
+        }
     }
     pub fn read_only(data: Vec<u8>) -> MemStorage {
-        MemStorage { data: Mutex::new(data), read_only: true }
+        MemStorage {
+            data: Mutex::new(data),
+            read_only: true,
+        }
     }
     pub fn into_inner(self) -> Vec<u8> {
         self.data.into_inner().unwrap_or_else(|e| e.into_inner())
@@ -115,7 +124,9 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let data = self.lock();
-        let Ok(start) = usize::try_from(offset) else { return Ok(0) };
+        let Ok(start) = usize::try_from(offset) else {
+            return Ok(0);
+        };
         if start >= data.len() {
             return Ok(0);
         }
@@ -129,7 +140,9 @@ impl Storage for MemStorage {
         }
         let mut data = self.lock();
         let start = usize::try_from(offset).map_err(|_| io::Error::other("offset too large"))?;
-        let end = start.checked_add(buf.len()).ok_or_else(|| io::Error::other("offset too large"))?;
+        let end = start
+            .checked_add(buf.len())
+            .ok_or_else(|| io::Error::other("offset too large"))?;
         if data.len() < end {
             data.resize(end, 0);
         }

@@ -22,6 +22,7 @@ fn ext(f: Format) -> &'static str {
         Format::Vhd => "vhd",
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
+        Format::Raw => "raw",
     }
 }
 
@@ -31,6 +32,7 @@ fn qemu_fmt(f: Format) -> &'static str {
         Format::Vhd => "vpc",
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
+        Format::Raw => "raw",
     }
 }
 
@@ -172,7 +174,7 @@ fn create_every_format_kind_size_and_block_size() {
                     let qemu_reads = match format {
                         Format::Vdi => bs.unwrap_or(1 << 20) == 1 << 20,
                         Format::Vhdx => ss == 512,
-                        Format::Vhd => true,
+                        Format::Vhd | Format::Raw => true,
                     };
                     if qemu_reads {
                         if format != Format::Vhd {

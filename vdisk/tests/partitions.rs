@@ -259,49 +259,11 @@ fn whole_disk_filesystem_has_no_partitions() {
 /// An in-memory disk with 4096-byte logical sectors (as a 4K VHDX presents
 /// itself), to check that LBAs are counted in logical sectors end to end.
 mod four_k {
-    use vdisk::{Disk, Format, Image, Mapping, Result};
-
-    struct Raw4k(Vec<u8>);
-
-    impl Image for Raw4k {
-        fn format(&self) -> Format {
-            Format::Vhdx
-        }
-        fn virtual_size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn logical_sector_size(&self) -> u32 {
-            4096
-        }
-        fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
-            Ok((
-                Mapping::Data {
-                    file_offset: offset,
-                },
-                len,
-            ))
-        }
-        fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-            let o = file_offset as usize;
-            buf.copy_from_slice(&self.0[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write(&self, _: &[u8], _: u64, _: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()> {
-            Err(vdisk::Error::ReadOnly)
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn is_writable(&self) -> bool {
-            false
-        }
-        fn link_id(&self) -> [u8; 16] {
-            [0; 16]
-        }
-    }
+    use vdisk::{Disk, MemStorage, RawImage};
 
     pub fn disk(data: Vec<u8>) -> Disk {
-        Disk::new(vec![Box::new(Raw4k(data))]).unwrap()
+        let image = RawImage::new(Box::new(MemStorage::read_only(data)), 4096).unwrap();
+        Disk::new(vec![Box::new(image)]).unwrap()
     }
 }
 

@@ -64,6 +64,7 @@ pub fn id_text(format: Format, id: &[u8; 16]) -> String {
     match format {
         Format::Vhdx => vdisk::vhdx::guid::Guid(*id).to_string(),
         Format::Vdi => vdisk::vdi::header::uuid_text(id),
+        Format::Raw => String::from("-"),
         // VHD ids are opaque bytes; QEMU and libvhdi print them in byte order.
         Format::Vhd => {
             let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -120,6 +121,13 @@ pub fn open_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenE
                 Some(img.block_size()),
                 Box::new(img),
             )
+        }
+        // probe() never reports raw.
+        Format::Raw => {
+            return Err(OpenError::Unreadable(format!(
+                "{}: not a VHD, VHDX or VDI image",
+                path.display()
+            )));
         }
     };
     let id = id_text(format, &image.link_id());

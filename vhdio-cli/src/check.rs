@@ -86,6 +86,7 @@ fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usi
         Format::Vhd => check_vhd(storage, &mut r).map_err(io)?,
         Format::Vhdx => check_vhdx(storage, &mut r).map_err(io)?,
         Format::Vdi => check_vdi(storage, &mut r).map_err(io)?,
+        Format::Raw => {}
     }
     // vdisk's validation of the layer (the library refuses what fails here).
     let summary = match chain::open_layer(chain::open_file(path)?, path) {

@@ -245,52 +245,11 @@ impl Geo {
 #[cfg(test)]
 pub(crate) mod testdisk {
     //! An in-memory disk for the parser tests.
-    use crate::{Disk, Format, Image, Mapping, Result};
-
-    struct Raw {
-        data: Vec<u8>,
-        ss: u32,
-    }
-
-    impl Image for Raw {
-        fn format(&self) -> Format {
-            Format::Vhd
-        }
-        fn virtual_size(&self) -> u64 {
-            self.data.len() as u64
-        }
-        fn logical_sector_size(&self) -> u32 {
-            self.ss
-        }
-        fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
-            Ok((
-                Mapping::Data {
-                    file_offset: offset,
-                },
-                len,
-            ))
-        }
-        fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-            let o = file_offset as usize;
-            buf.copy_from_slice(&self.data[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write(&self, _: &[u8], _: u64, _: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()> {
-            Err(crate::Error::ReadOnly)
-        }
-        fn flush(&self) -> Result<()> {
-            Ok(())
-        }
-        fn is_writable(&self) -> bool {
-            false
-        }
-        fn link_id(&self) -> [u8; 16] {
-            [0; 16]
-        }
-    }
+    use crate::Disk;
 
     pub fn disk(data: Vec<u8>, ss: u32) -> Disk {
-        Disk::new(vec![Box::new(Raw { data, ss })]).unwrap()
+        let image = crate::RawImage::new(Box::new(crate::MemStorage::read_only(data)), ss).unwrap();
+        Disk::new(vec![Box::new(image)]).unwrap()
     }
 
     /// Writes an MBR-style entry into slot `slot` (0-3) of the sector at `sector_off`.

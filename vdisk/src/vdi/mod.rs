@@ -321,6 +321,9 @@ fn random_uuid(old: &[u8; 16]) -> [u8; 16] {
 }
 
 impl Image for VdiImage {
+    fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
     fn format(&self) -> Format {
         Format::Vdi
     }
@@ -353,10 +356,6 @@ impl Image for VdiImage {
         Ok((first, run))
     }
 
-    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        Ok(self.storage.read_exact_at(buf, file_offset)?)
-    }
-
     fn write(
         &self,
         buf: &[u8],
@@ -386,15 +385,6 @@ impl Image for VdiImage {
         Ok(())
     }
 
-    fn flush(&self) -> Result<()> {
-        if self.storage.is_writable() {
-            self.storage.sync()?;
-        }
-        Ok(())
-    }
-    fn is_writable(&self) -> bool {
-        self.storage.is_writable()
-    }
     fn link_id(&self) -> [u8; 16] {
         self.uuid_create
     }

@@ -18,7 +18,9 @@ impl BlockAllocationTable {
     /// Reads `count` entries at `offset`; the caller has bounded both by the file length.
     pub fn load(storage: &dyn Storage, offset: u64, count: u32) -> Result<BlockAllocationTable> {
         let mut raw = vec![0u8; count as usize * 4];
-        storage.read_exact_at(&mut raw, offset).map_err(|e| Error::corrupt("VHD BAT", e.to_string()))?;
+        storage
+            .read_exact_at(&mut raw, offset)
+            .map_err(|e| Error::corrupt("VHD BAT", e.to_string()))?;
         let entries = raw
             .chunks_exact(4)
             .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]])))
@@ -53,7 +55,9 @@ impl BlockAllocationTable {
         let sector = u32::try_from(file_offset / 512)
             .ok()
             .filter(|&s| s != UNUSED && file_offset % 512 == 0)
-            .ok_or_else(|| Error::NoSpace("VHD blocks cannot start beyond 2 TiB in the file".into()))?;
+            .ok_or_else(|| {
+                Error::NoSpace("VHD blocks cannot start beyond 2 TiB in the file".into())
+            })?;
         storage.write_all_at(&sector.to_be_bytes(), self.offset + b as u64 * 4)?;
         self.entries[b].store(sector, Ordering::Release);
         Ok(())

@@ -28,7 +28,11 @@ impl ParentLocator {
     /// Reserved space in bytes: values below 512 are sectors, multiples of 512
     /// are bytes (Windows and blktap write bytes), as blktap decides.
     pub fn space_bytes(&self) -> u64 {
-        if self.data_space < 512 { self.data_space as u64 * 512 } else { self.data_space as u64 }
+        if self.data_space < 512 {
+            self.data_space as u64 * 512
+        } else {
+            self.data_space as u64
+        }
     }
 }
 
@@ -54,9 +58,15 @@ impl DynamicHeader {
         }
         let block_size = be32(&raw, 32);
         if !block_size.is_power_of_two() || !(512..=1 << 28).contains(&block_size) {
-            return Err(Error::corrupt("VHD dynamic header", format!("block size {block_size}")));
+            return Err(Error::corrupt(
+                "VHD dynamic header",
+                format!("block size {block_size}"),
+            ));
         }
-        let units: Vec<u16> = raw[64..576].chunks(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+        let units: Vec<u16> = raw[64..576]
+            .chunks(2)
+            .map(|c| u16::from_be_bytes([c[0], c[1]]))
+            .collect();
         let end = units.iter().position(|&u| u == 0).unwrap_or(units.len());
         let parent_name = String::from_utf16_lossy(&units[..end]);
         let mut locators = [ParentLocator::default(); LOCATOR_COUNT];

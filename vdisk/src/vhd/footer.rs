@@ -73,7 +73,9 @@ impl Footer {
     pub fn parse(b: &[u8]) -> Result<Footer> {
         let raw: [u8; FOOTER_SIZE] = arr(b, 0);
         if &raw[..8] == POISON_COOKIE {
-            return Err(Error::unsupported("VHD disabled by blktap (cookie v_poison)"));
+            return Err(Error::unsupported(
+                "VHD disabled by blktap (cookie v_poison)",
+            ));
         }
         if &raw[..8] != COOKIE {
             return Err(Error::corrupt("VHD footer", "no 'conectix' cookie"));

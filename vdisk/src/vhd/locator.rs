@@ -12,7 +12,11 @@ const MAX_LOCATOR_BYTES: u32 = 64 * 1024;
 /// W2ru, W2ku, MacX, Wi2r, Wi2k, then the parent unicode name. Windows paths
 /// are also tried by file name in the child's folder (images move with their
 /// parents), and duplicates are dropped.
-pub fn parent_candidates(storage: &dyn Storage, header: &DynamicHeader, child: &Path) -> Result<Vec<PathBuf>> {
+pub fn parent_candidates(
+    storage: &dyn Storage,
+    header: &DynamicHeader,
+    child: &Path,
+) -> Result<Vec<PathBuf>> {
     let dir = child.parent().map(Path::to_path_buf).unwrap_or_default();
     let file_len = storage.len()?;
     let mut out: Vec<PathBuf> = Vec::new();
@@ -26,7 +30,10 @@ pub fn parent_candidates(storage: &dyn Storage, header: &DynamicHeader, child: &
             let len = loc.data_length;
             let end = loc.data_offset.checked_add(len as u64);
             if len == 0 || len > MAX_LOCATOR_BYTES || end.is_none_or(|e| e > file_len) {
-                log::warn!("ignoring VHD parent locator {}: data out of range", String::from_utf8_lossy(code));
+                log::warn!(
+                    "ignoring VHD parent locator {}: data out of range",
+                    String::from_utf8_lossy(code)
+                );
                 continue;
             }
             let mut data = vec![0u8; len as usize];
@@ -61,11 +68,18 @@ pub fn parent_candidates(storage: &dyn Storage, header: &DynamicHeader, child: &
 /// The last component of a Windows or Unix path, in `dir`.
 fn by_file_name(dir: &Path, path: &str) -> PathBuf {
     let name = path.rsplit(['\\', '/']).next().unwrap_or("");
-    if name.is_empty() || name == "." || name == ".." { PathBuf::new() } else { dir.join(name) }
+    if name.is_empty() || name == "." || name == ".." {
+        PathBuf::new()
+    } else {
+        dir.join(name)
+    }
 }
 
 fn utf16le(data: &[u8]) -> String {
-    let units: Vec<u16> = data.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
+    let units: Vec<u16> = data
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
     String::from_utf16_lossy(&units)
 }
 
@@ -96,7 +110,10 @@ mod tests {
     #[test]
     fn file_names_and_urls() {
         let d = Path::new("/img");
-        assert_eq!(by_file_name(d, r"C:\Projects\fat-parent.vhd"), Path::new("/img/fat-parent.vhd"));
+        assert_eq!(
+            by_file_name(d, r"C:\Projects\fat-parent.vhd"),
+            Path::new("/img/fat-parent.vhd")
+        );
         assert_eq!(by_file_name(d, "p.vhd"), Path::new("/img/p.vhd"));
         assert_eq!(by_file_name(d, ""), Path::new(""));
         assert_eq!(percent_decode("/a%20b/c.vhd"), "/a b/c.vhd");

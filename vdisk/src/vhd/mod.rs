@@ -13,14 +13,16 @@ pub mod footer;
 pub mod locator;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::bytes::align_up;
-use crate::{Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, ParentOpener, Result, Storage};
+use crate::{
+    Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, ParentOpener, Result, Storage,
+};
 use bat::BlockAllocationTable;
 use dynamic_header::{DynamicHeader, HEADER_SIZE};
-use footer::{DiskType, Footer, FOOTER_SIZE, NO_DATA_OFFSET};
+use footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 
 /// Data of newly allocated blocks starts on this boundary in the file (as
 /// Windows and blktap do), so guest pages map to file pages.
@@ -67,7 +69,11 @@ impl Sparse {
 impl VhdImage {
     pub fn open(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<VhdImage> {
         let len = storage.len()?;
-        let FoundFooter { footer, end_at, end_exact } = locate_footer(storage.as_ref(), len)?;
+        let FoundFooter {
+            footer,
+            end_at,
+            end_exact,
+        } = locate_footer(storage.as_ref(), len)?;
         // Rewritten on the first write: a bad checksum, a damaged or legacy
         // footer at the end, a footer copy at 0 that differs.
         let mut repair = !footer.checksum_ok || !end_exact;
@@ -103,7 +109,10 @@ impl VhdImage {
             }
         }
         if repair {
-            log::warn!("{}: VHD checksum mismatch or damaged footer; reading anyway", path.display());
+            log::warn!(
+                "{}: VHD checksum mismatch or damaged footer; reading anyway",
+                path.display()
+            );
         }
         let _ = opts;
         Ok(VhdImage {
@@ -139,7 +148,8 @@ impl VhdImage {
         self.storage.write_all_at(&bytes, self.repair_footer_at)?;
         if let Some(s) = &self.sparse {
             self.storage.write_all_at(&bytes, 0)?;
-            self.storage.write_all_at(&s.header.encode(), s.header_offset)?;
+            self.storage
+                .write_all_at(&s.header.encode(), s.header_offset)?;
         }
         Ok(())
     }
@@ -159,7 +169,8 @@ impl VhdImage {
             Some(bitmap_offset) => {
                 // Data first, then the bitmap: a crash between them leaves the old
                 // view (the sectors still unmapped), never garbage mapped.
-                self.storage.write_all_at(buf, bitmap_offset + s.bitmap_size + in_block)?;
+                self.storage
+                    .write_all_at(buf, bitmap_offset + s.bitmap_size + in_block)?;
                 if !s.is_full(b) {
                     let mut bits = self.read_bitmap(s, bitmap_offset)?;
                     if bitmap::run(&bits, first, count) != (true, count) {
@@ -184,7 +195,8 @@ impl VhdImage {
     /// block; the BAT never points at a block whose bitmap is not written.
     fn allocate(&self, s: &Sparse, b: usize, buf: &[u8], first: u32, count: u32) -> Result<()> {
         let start = s.next_free.load(Ordering::Acquire);
-        let data = align_up(start + s.bitmap_size, DATA_ALIGN).ok_or_else(|| Error::NoSpace("file offset".into()))?;
+        let data = align_up(start + s.bitmap_size, DATA_ALIGN)
+            .ok_or_else(|| Error::NoSpace("file offset".into()))?;
         let bitmap_offset = data - s.bitmap_size;
         let end = data + s.block_size;
         let len = self.storage.len()?;
@@ -237,14 +249,24 @@ impl VhdImage {
     /// when the chain is opened. A stamp of 0 means "not recorded" (Windows 10
     /// writes 0), and blktap (`tap`) records the parent *file*'s mtime, which
     /// is not visible through `Storage`: neither is compared.
-    fn check_parent_timestamp(&self, s: &Sparse, link: &ParentLink, path: &Path, opener: &dyn ParentOpener) {
+    fn check_parent_timestamp(
+        &self,
+        s: &Sparse,
+        link: &ParentLink,
+        path: &Path,
+        opener: &dyn ParentOpener,
+    ) {
         let expected = s.header.parent_timestamp;
         if expected == 0 || &self.footer().creator_app == b"tap\0" {
             return;
         }
         for candidate in &link.candidates {
-            let Ok(storage) = opener.open_parent(candidate) else { continue };
-            let Some(f) = peek_footer(storage.as_ref()) else { continue };
+            let Ok(storage) = opener.open_parent(candidate) else {
+                continue;
+            };
+            let Some(f) = peek_footer(storage.as_ref()) else {
+                continue;
+            };
             if f.unique_id != link.id {
                 continue;
             }
@@ -267,7 +289,12 @@ impl VhdImage {
 fn peek_footer(storage: &dyn Storage) -> Option<Footer> {
     let len = storage.len().ok()?;
     let mut buf = [0u8; FOOTER_SIZE];
-    let mut at = |off: u64| storage.read_exact_at(&mut buf, off).ok().and_then(|_| Footer::parse(&buf).ok());
+    let mut at = |off: u64| {
+        storage
+            .read_exact_at(&mut buf, off)
+            .ok()
+            .and_then(|_| Footer::parse(&buf).ok())
+    };
     at(len.checked_sub(FOOTER_SIZE as u64)?).or_else(|| at(0))
 }
 
@@ -326,13 +353,24 @@ fn locate_footer(storage: &dyn Storage, len: u64) -> Result<FoundFooter> {
         (Err(e), None) => return Err(e),
     };
     let end_exact = end_at == len - FOOTER_SIZE as u64 && last == footer.encode();
-    Ok(FoundFooter { footer, end_at, end_exact })
+    Ok(FoundFooter {
+        footer,
+        end_at,
+        end_exact,
+    })
 }
 
 fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> Result<Sparse> {
     let header_offset = footer.data_offset;
-    if header_offset == NO_DATA_OFFSET || header_offset.checked_add(HEADER_SIZE as u64).is_none_or(|e| e > len) {
-        return Err(Error::corrupt("VHD footer", format!("dynamic header offset {header_offset}")));
+    if header_offset == NO_DATA_OFFSET
+        || header_offset
+            .checked_add(HEADER_SIZE as u64)
+            .is_none_or(|e| e > len)
+    {
+        return Err(Error::corrupt(
+            "VHD footer",
+            format!("dynamic header offset {header_offset}"),
+        ));
     }
     let mut raw = [0u8; HEADER_SIZE];
     storage.read_exact_at(&mut raw, header_offset)?;
@@ -340,40 +378,69 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
     let block_size = header.block_size as u64;
     let entries = header.max_table_entries as u64;
     if entries * block_size < size {
-        return Err(Error::corrupt("VHD dynamic header", format!("{entries} blocks of {block_size} bytes < disk size {size}")));
+        return Err(Error::corrupt(
+            "VHD dynamic header",
+            format!("{entries} blocks of {block_size} bytes < disk size {size}"),
+        ));
     }
-    let bat_end = header.table_offset.checked_add(entries * 4).filter(|&e| e <= len);
+    let bat_end = header
+        .table_offset
+        .checked_add(entries * 4)
+        .filter(|&e| e <= len);
     let Some(bat_end) = bat_end else {
-        return Err(Error::corrupt("VHD dynamic header", format!("BAT at {} with {entries} entries", header.table_offset)));
+        return Err(Error::corrupt(
+            "VHD dynamic header",
+            format!("BAT at {} with {entries} entries", header.table_offset),
+        ));
     };
     // Only the entries that cover the disk are used.
     let used = size.div_ceil(block_size) as u32;
     let bat = BlockAllocationTable::load(storage, header.table_offset, used)?;
     let bitmap_size = bitmap::bitmap_size(header.block_size) as u64;
-    let mut next_free = (header_offset + HEADER_SIZE as u64).max(align_up(bat_end, 512).unwrap_or(bat_end));
+    let mut next_free =
+        (header_offset + HEADER_SIZE as u64).max(align_up(bat_end, 512).unwrap_or(bat_end));
     // A block over the footer copy, the header or the BAT would have its data
     // writes destroy them: refuse such a file rather than corrupt it further.
-    let metadata = [(0, FOOTER_SIZE as u64), (header_offset, header_offset + HEADER_SIZE as u64), (header.table_offset, bat_end)];
+    let metadata = [
+        (0, FOOTER_SIZE as u64),
+        (header_offset, header_offset + HEADER_SIZE as u64),
+        (header.table_offset, bat_end),
+    ];
     for (b, off) in bat.allocated() {
         let end = off + bitmap_size + block_size;
         if end > len {
-            return Err(Error::corrupt("VHD BAT", format!("block {b} at {off} extends past the end of the file ({len})")));
+            return Err(Error::corrupt(
+                "VHD BAT",
+                format!("block {b} at {off} extends past the end of the file ({len})"),
+            ));
         }
         if let Some((s, e)) = metadata.iter().find(|&&(s, e)| off < e && s < end) {
-            return Err(Error::corrupt("VHD BAT", format!("block {b} at {off} overlaps the structures at {s}..{e}")));
+            return Err(Error::corrupt(
+                "VHD BAT",
+                format!("block {b} at {off} overlaps the structures at {s}..{e}"),
+            ));
         }
         next_free = next_free.max(end);
     }
     for loc in header.locators.iter().filter(|l| l.is_used()) {
-        if let Some(end) = loc.data_offset.checked_add(loc.space_bytes().max(loc.data_length as u64)) {
+        if let Some(end) = loc
+            .data_offset
+            .checked_add(loc.space_bytes().max(loc.data_length as u64))
+        {
             if end <= len {
                 next_free = next_free.max(end);
             }
         }
     }
-    next_free = next_free.max(batmap_end(storage, header.table_offset + align_up(entries * 4, 512).unwrap_or(0), len)?);
+    next_free = next_free.max(batmap_end(
+        storage,
+        header.table_offset + align_up(entries * 4, 512).unwrap_or(0),
+        len,
+    )?);
     Ok(Sparse {
-        full: (0..bat.len().div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+        full: (0..bat.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect(),
         header,
         header_offset,
         bat,
@@ -395,7 +462,9 @@ fn batmap_end(storage: &dyn Storage, at: u64, len: u64) -> Result<u64> {
         return Ok(0);
     }
     if h[29] != 0 {
-        return Err(Error::unsupported("VHD encrypted by blktap (batmap keyhash set)"));
+        return Err(Error::unsupported(
+            "VHD encrypted by blktap (batmap keyhash set)",
+        ));
     }
     let off = crate::bytes::be64(&h, 8);
     let sectors = crate::bytes::be32(&h, 16) as u64;
@@ -407,6 +476,9 @@ fn hex(b: &[u8]) -> String {
 }
 
 impl Image for VhdImage {
+    fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
     fn format(&self) -> Format {
         Format::Vhd
     }
@@ -419,7 +491,12 @@ impl Image for VhdImage {
 
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         let Some(s) = &self.sparse else {
-            return Ok((Mapping::Data { file_offset: offset }, len));
+            return Ok((
+                Mapping::Data {
+                    file_offset: offset,
+                },
+                len,
+            ));
         };
         let b = (offset / s.block_size) as usize;
         let in_block = offset % s.block_size;
@@ -427,7 +504,9 @@ impl Image for VhdImage {
         let Some(bitmap_offset) = s.bat.get(b) else {
             return Ok((Mapping::Unallocated, max));
         };
-        let data = Mapping::Data { file_offset: bitmap_offset + s.bitmap_size + in_block };
+        let data = Mapping::Data {
+            file_offset: bitmap_offset + s.bitmap_size + in_block,
+        };
         if s.is_full(b) {
             return Ok((data, max));
         }
@@ -444,11 +523,12 @@ impl Image for VhdImage {
         Ok((if present { data } else { Mapping::Unallocated }, run))
     }
 
-    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        Ok(self.storage.read_exact_at(buf, file_offset)?)
-    }
-
-    fn write(&self, buf: &[u8], offset: u64, _parent: &dyn Fn(&mut [u8], u64) -> Result<()>) -> Result<()> {
+    fn write(
+        &self,
+        buf: &[u8],
+        offset: u64,
+        _parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
         self.repair_checksums()?;
         let Some(s) = &self.sparse else {
             return Ok(self.storage.write_all_at(buf, offset)?);
@@ -466,15 +546,6 @@ impl Image for VhdImage {
         Ok(())
     }
 
-    fn flush(&self) -> Result<()> {
-        if self.storage.is_writable() {
-            self.storage.sync()?;
-        }
-        Ok(())
-    }
-    fn is_writable(&self) -> bool {
-        self.storage.is_writable()
-    }
     fn link_id(&self) -> [u8; 16] {
         self.footer().unique_id
     }
@@ -494,7 +565,15 @@ impl Image for VhdImage {
             DiskType::Dynamic => "dynamic",
             DiskType::Differencing => "differencing",
         };
-        let block = self.sparse.as_ref().map(|s| format!(", {} byte blocks", s.block_size)).unwrap_or_default();
-        format!("VHD {kind}, {} bytes{block}, creator '{}'", self.size, String::from_utf8_lossy(&f.creator_app))
+        let block = self
+            .sparse
+            .as_ref()
+            .map(|s| format!(", {} byte blocks", s.block_size))
+            .unwrap_or_default();
+        format!(
+            "VHD {kind}, {} bytes{block}, creator '{}'",
+            self.size,
+            String::from_utf8_lossy(&f.creator_app)
+        )
     }
 }

@@ -525,6 +525,9 @@ fn parent_link(meta: &Metadata, child: &Path) -> Result<ParentLink> {
 }
 
 impl Image for VhdxImage {
+    fn storage(&self) -> &dyn Storage {
+        self.storage.as_ref()
+    }
     fn format(&self) -> Format {
         Format::Vhdx
     }
@@ -564,10 +567,6 @@ impl Image for VhdxImage {
         })
     }
 
-    fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
-        Ok(self.storage.read_exact_at(buf, file_offset)?)
-    }
-
     fn write(
         &self,
         buf: &[u8],
@@ -603,12 +602,6 @@ impl Image for VhdxImage {
         Ok(())
     }
 
-    fn flush(&self) -> Result<()> {
-        if self.writable {
-            self.storage.sync()?;
-        }
-        Ok(())
-    }
     fn is_writable(&self) -> bool {
         self.writable
     }
