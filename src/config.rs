@@ -41,7 +41,10 @@ pub fn load() {
     if STATE.load(Ordering::Acquire) == READ {
         return;
     }
-    if STATE.compare_exchange(UNREAD, READING, Ordering::AcqRel, Ordering::Acquire).is_err() {
+    if STATE
+        .compare_exchange(UNREAD, READING, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
         return;
     }
     DEBUG.store(set(c"LIBVHD_IO_DEBUG"), Ordering::Relaxed);
@@ -59,17 +62,26 @@ pub fn load() {
         ONLY.store(Box::into_raw(Box::new(list)), Ordering::Release);
     }
     if let Some(dirs) = get(c"LIBVHD_IO_VDI_PATH").filter(|v| !v.is_empty()) {
-        let list: Vec<Vec<u8>> = dirs.to_bytes().split(|&b| b == b':').filter(|p| !p.is_empty()).map(<[u8]>::to_vec).collect();
+        let list: Vec<Vec<u8>> = dirs
+            .to_bytes()
+            .split(|&b| b == b':')
+            .filter(|p| !p.is_empty())
+            .map(<[u8]>::to_vec)
+            .collect();
         VDI_PATH.store(Box::into_raw(Box::new(list)), Ordering::Release);
     }
     if let Some(path) = get(c"LIBVHD_IO_LOG").filter(|v| !v.is_empty()) {
-        let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOCTTY;
+        let flags =
+            libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOCTTY;
         if let Ok(fd) = crate::sys::openat(libc::AT_FDCWD, path, flags, 0o644) {
             let fd = crate::sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, 300).map_or(fd, |high| {
                 crate::sys::close(fd);
                 high as libc::c_int
             });
-            LOG.store(Box::into_raw(Box::new(InternalFd::new(fd))), Ordering::Release);
+            LOG.store(
+                Box::into_raw(Box::new(InternalFd::new(fd))),
+                Ordering::Release,
+            );
         }
     }
     STATE.store(READ, Ordering::Release);
@@ -108,7 +120,8 @@ pub fn allowed(abs: &[u8]) -> bool {
     }
     // SAFETY: set once, leaked, never freed.
     let list = unsafe { &*p };
-    list.iter().any(|e| abs == e.as_slice() || (abs.starts_with(e) && abs.get(e.len()) == Some(&b'/')))
+    list.iter()
+        .any(|e| abs == e.as_slice() || (abs.starts_with(e) && abs.get(e.len()) == Some(&b'/')))
 }
 
 /// Where log lines go.

@@ -127,7 +127,8 @@ fn remove_if(fd: c_int, of: &Arc<OpenFile>) {
     let p = Arc::as_ptr(of).cast_mut();
     let won = {
         let _l = lock();
-        s.compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire).is_ok()
+        s.compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     };
     if won {
         release(p);
@@ -198,8 +199,12 @@ impl Drop for InternalFd {
 /// taken by the program (dup2 onto it). Returns false if that failed.
 pub fn relocate_internal(fd: c_int) -> bool {
     let owners = lock_owners();
-    let Some(cell) = owners.iter().find(|c| c.load(Ordering::Acquire) == fd) else { return true };
-    let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, fd as libc::c_long + 1) else { return false };
+    let Some(cell) = owners.iter().find(|c| c.load(Ordering::Acquire) == fd) else {
+        return true;
+    };
+    let Ok(moved) = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, fd as libc::c_long + 1) else {
+        return false;
+    };
     let moved = moved as c_int;
     mark_internal(moved, true);
     cell.store(moved, Ordering::Release);
@@ -222,8 +227,12 @@ pub fn mark_internal(fd: c_int, on: bool) {
 
 #[inline]
 pub fn is_internal(fd: c_int) -> bool {
-    let Ok(i) = usize::try_from(fd) else { return false };
-    INTERNAL.get(i / 64).is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
+    let Ok(i) = usize::try_from(fd) else {
+        return false;
+    };
+    INTERNAL
+        .get(i / 64)
+        .is_some_and(|w| w.load(Ordering::Relaxed) & (1 << (i % 64)) != 0)
 }
 
 /// Dummies that an exec would hand to the new program (not close-on-exec).
@@ -245,7 +254,12 @@ pub fn inheritable_dummies() -> usize {
 pub fn internal_in(lo: c_int, hi: c_int, out: &mut Vec<c_int>) {
     let lo = lo.max(0) as usize;
     let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
-    for (w, word) in INTERNAL.iter().enumerate().skip(lo / 64).take(hi / 64 - lo / 64 + 1) {
+    for (w, word) in INTERNAL
+        .iter()
+        .enumerate()
+        .skip(lo / 64)
+        .take(hi / 64 - lo / 64 + 1)
+    {
         let mut bits = word.load(Ordering::Relaxed);
         while bits != 0 {
             let fd = w * 64 + bits.trailing_zeros() as usize;

@@ -23,7 +23,9 @@ pub struct Guard {
 
 impl Guard {
     pub fn enter() -> Guard {
-        Guard { was: INSIDE.with(|c| c.replace(true)) }
+        Guard {
+            was: INSIDE.with(|c| c.replace(true)),
+        }
     }
 }
 

@@ -51,7 +51,10 @@ struct WriterLock {
 impl ImageObject {
     /// (device, inode) of the container file.
     pub fn id(&self) -> (u64, u64) {
-        (self.dev.load(Ordering::Acquire), self.ino.load(Ordering::Acquire))
+        (
+            self.dev.load(Ordering::Acquire),
+            self.ino.load(Ordering::Acquire),
+        )
     }
     /// Held by every write (see `io`).
     pub fn write_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
@@ -74,7 +77,14 @@ impl ImageObject {
     /// Whether this process may write the container file.
     pub fn container_writable(&self) -> bool {
         // SAFETY: faccessat with a NUL-terminated path.
-        unsafe { libc::syscall(libc::SYS_faccessat, libc::AT_FDCWD, self.path.as_ptr(), libc::W_OK) == 0 }
+        unsafe {
+            libc::syscall(
+                libc::SYS_faccessat,
+                libc::AT_FDCWD,
+                self.path.as_ptr(),
+                libc::W_OK,
+            ) == 0
+        }
     }
 
     /// Becomes the one writer of the image (qemu-compatible locks), at the
@@ -95,7 +105,10 @@ impl ImageObject {
         let fd = crate::lock::reopen(self.stat_fd.get()).map_err(|e| errno::from_io(&e))?;
         let fd = InternalFd::new(fd);
         if let Err(e) = crate::lock::lock_writer(fd.get()) {
-            log::warn!("{}: another process is writing this image; refusing a second writer", self.path_str());
+            log::warn!(
+                "{}: another process is writing this image; refusing a second writer",
+                self.path_str()
+            );
             return Err(e);
         }
         *w = Some(WriterLock { pid, _held: fd });
@@ -116,27 +129,50 @@ impl ImageObject {
         let path = self.path.to_bytes();
         let parent = parent_name(path);
         let parent_c = CString::new(parent.clone()).map_err(|e| e.to_string())?;
-        sys::renameat(&self.path, &parent_c).map_err(|e| format!("rename to {}: {e}", String::from_utf8_lossy(&parent)))?;
-        let mode = sys::fstat(self.stat_fd.get()).map(|st| st.st_mode & 0o7777).unwrap_or(0o644);
+        sys::renameat(&self.path, &parent_c)
+            .map_err(|e| format!("rename to {}: {e}", String::from_utf8_lossy(&parent)))?;
+        let mode = sys::fstat(self.stat_fd.get())
+            .map(|st| st.st_mode & 0o7777)
+            .unwrap_or(0o644);
         let undo = |why: String| {
             let _ = sys::unlinkat(&self.path);
             let _ = sys::renameat(&parent_c, &self.path);
             why
         };
         let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY;
-        let child_fd = sys::openat(libc::AT_FDCWD, &self.path, flags, mode).map_err(|e| undo(format!("create child: {e}")))?;
+        let child_fd = sys::openat(libc::AT_FDCWD, &self.path, flags, mode)
+            .map_err(|e| undo(format!("create child: {e}")))?;
         let child = FdStorage::new(move_high(child_fd), true);
-        let parent_fd = sys::openat(libc::AT_FDCWD, &parent_c, libc::O_RDONLY | libc::O_CLOEXEC, 0)
-            .map_err(|e| undo(format!("open parent: {e}")))?;
+        let parent_fd = sys::openat(
+            libc::AT_FDCWD,
+            &parent_c,
+            libc::O_RDONLY | libc::O_CLOEXEC,
+            0,
+        )
+        .map_err(|e| undo(format!("open parent: {e}")))?;
         let parent_storage = FdStorage::new(move_high(parent_fd), false);
-        vdisk::snapshot(Path::new(OsStr::from_bytes(&parent)), &parent_storage, &child, path_of(&self.path))
-            .map_err(|e| undo(format!("snapshot: {e}")))?;
+        vdisk::snapshot(
+            Path::new(OsStr::from_bytes(&parent)),
+            &parent_storage,
+            &child,
+            path_of(&self.path),
+        )
+        .map_err(|e| undo(format!("snapshot: {e}")))?;
         drop(parent_storage);
-        let stat_fd = sys::fcntl(child.fd(), libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long)
-            .map_err(|e| format!("dup: {e}"))? as c_int;
+        let stat_fd = sys::fcntl(
+            child.fd(),
+            libc::F_DUPFD_CLOEXEC,
+            INTERNAL_FD_FLOOR as libc::c_long,
+        )
+        .map_err(|e| format!("dup: {e}"))? as c_int;
         let st = sys::fstat(stat_fd).map_err(|e| format!("fstat: {e}"))?;
-        let disk = vdisk::open_disk(Box::new(child), path_of(&self.path), vdisk::OpenOptions { writable: true }, &RawParentOpener)
-            .map_err(|e| format!("reopen: {e}"))?;
+        let disk = vdisk::open_disk(
+            Box::new(child),
+            path_of(&self.path),
+            vdisk::OpenOptions { writable: true },
+            &RawParentOpener,
+        )
+        .map_err(|e| format!("reopen: {e}"))?;
         *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(disk);
         self.stat_fd.replace(stat_fd);
         self.dev.store(st.st_dev, Ordering::Release);
@@ -145,7 +181,11 @@ impl ImageObject {
         // at the next write.
         self.writer_pid.store(0, Ordering::Release);
         *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        log::warn!("snapshot: {} is now a child of {}", self.path_str(), String::from_utf8_lossy(&parent));
+        log::warn!(
+            "snapshot: {} is now a child of {}",
+            self.path_str(),
+            String::from_utf8_lossy(&parent)
+        );
         Ok(())
     }
 
@@ -192,10 +232,19 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
     if !crate::config::allowed(abs.to_bytes()) {
         return Ok(Opened::NotImage);
     }
-    let mode = if writable { libc::O_RDWR } else { libc::O_RDONLY };
+    let mode = if writable {
+        libc::O_RDWR
+    } else {
+        libc::O_RDONLY
+    };
     // If we cannot open it, the real call decides (O_CREAT of a new file,
     // EACCES, ENOENT...): its result is exactly libc's.
-    let Ok(fd) = sys::openat(libc::AT_FDCWD, abs, mode | libc::O_CLOEXEC | libc::O_NOCTTY, 0) else {
+    let Ok(fd) = sys::openat(
+        libc::AT_FDCWD,
+        abs,
+        mode | libc::O_CLOEXEC | libc::O_NOCTTY,
+        0,
+    ) else {
         return Ok(Opened::NotImage);
     };
     let fd = move_high(fd);
@@ -208,7 +257,10 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
     };
     let mut reg = registry();
     reg.retain(|w| w.strong_count() > 0);
-    let existing = reg.iter().filter_map(Weak::upgrade).find(|o| o.id() == (st.st_dev, st.st_ino));
+    let existing = reg
+        .iter()
+        .filter_map(Weak::upgrade)
+        .find(|o| o.id() == (st.st_dev, st.st_ino));
     if let Some(obj) = &existing {
         if !writable || obj.disk().is_writable() {
             sys::close(fd);
@@ -224,8 +276,14 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
             return Err(errno::from_vdisk(&e));
         }
     }
-    let stat_fd = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long).map_err(|e| errno::from_io(&e))? as c_int;
-    let disk = vdisk::open_disk(Box::new(storage), path_of(abs), vdisk::OpenOptions { writable }, &RawParentOpener);
+    let stat_fd = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long)
+        .map_err(|e| errno::from_io(&e))? as c_int;
+    let disk = vdisk::open_disk(
+        Box::new(storage),
+        path_of(abs),
+        vdisk::OpenOptions { writable },
+        &RawParentOpener,
+    );
     let disk = match disk {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -234,7 +292,11 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
             return Err(errno::from_vdisk(&e));
         }
     };
-    log::debug!("opened {}: {}", abs.to_string_lossy(), disk.layers()[0].describe());
+    log::debug!(
+        "opened {}: {}",
+        abs.to_string_lossy(),
+        disk.layers()[0].describe()
+    );
     if let Some(obj) = existing {
         // A read-write open of an image opened read-only so far: every fd of
         // it moves to the writable disk, so all share one metadata cache.
@@ -258,7 +320,10 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
 
 /// `<dir>/<stem>.<seconds>.<nanoseconds>.<ext>` for a snapshot's parent.
 fn parent_name(path: &[u8]) -> Vec<u8> {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out pointer.
     unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &raw mut ts) };
     let name_at = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
@@ -300,10 +365,19 @@ pub fn is_image(abs: &CStr, st_dev: u64, st_ino: u64) -> bool {
     if !crate::config::allowed(abs.to_bytes()) {
         return false;
     }
-    if registry().iter().filter_map(Weak::upgrade).any(|o| o.id() == (st_dev, st_ino)) {
+    if registry()
+        .iter()
+        .filter_map(Weak::upgrade)
+        .any(|o| o.id() == (st_dev, st_ino))
+    {
         return true;
     }
-    let Ok(fd) = sys::openat(libc::AT_FDCWD, abs, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0) else {
+    let Ok(fd) = sys::openat(
+        libc::AT_FDCWD,
+        abs,
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+        0,
+    ) else {
         return false;
     };
     let storage = FdStorage::new(fd, false);
@@ -315,8 +389,14 @@ struct RawParentOpener;
 
 impl vdisk::ParentOpener for RawParentOpener {
     fn open_parent(&self, path: &Path) -> io::Result<Box<dyn vdisk::Storage>> {
-        let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let fd = move_high(sys::openat(libc::AT_FDCWD, &c, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0)?);
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let fd = move_high(sys::openat(
+            libc::AT_FDCWD,
+            &c,
+            libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+            0,
+        )?);
         let storage = FdStorage::new(fd, false);
         let st = sys::fstat(fd)?;
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
@@ -326,6 +406,9 @@ impl vdisk::ParentOpener for RawParentOpener {
     }
 
     fn search_dirs(&self) -> Vec<std::path::PathBuf> {
-        crate::config::vdi_path().iter().map(|d| Path::new(OsStr::from_bytes(d)).to_path_buf()).collect()
+        crate::config::vdi_path()
+            .iter()
+            .map(|d| Path::new(OsStr::from_bytes(d)).to_path_buf())
+            .collect()
     }
 }

@@ -21,7 +21,9 @@ extern "C" fn init() {
     // The default panic hook may open files for a backtrace and print through
     // our own hooks; report on one line with a raw write instead.
     std::panic::set_hook(Box::new(|info| {
-        logger::emit(format_args!("internal error: {info}; the call fails with EIO"));
+        logger::emit(format_args!(
+            "internal error: {info}; the call fails with EIO"
+        ));
     }));
     if config::test_mode() {
         crate::snapshot::install_handler();
@@ -68,7 +70,10 @@ fn split_partition(name: &[u8]) -> (&[u8], u32) {
     if let Some(i) = name.windows(2).rposition(|w| w == b"#p") {
         let digits = &name[i + 2..];
         if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
-            if let Some(n) = std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()) {
+            if let Some(n) = std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse().ok())
+            {
                 return (&name[..i], n);
             }
         }
@@ -94,26 +99,57 @@ fn access_mode(fd: c_int) -> Option<c_int> {
 /// shell, `exec 3<>disk.vhd`): the memfd names say which image each serves,
 /// and the offset is already in the memfd.
 fn rebuild_inherited() {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return };
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
     for entry in dir.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<c_int>().ok()) else { continue };
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<c_int>().ok())
+        else {
+            continue;
+        };
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
         let target = target.as_os_str().as_bytes();
-        let Some(rest) = target.strip_prefix(MEMFD_PREFIX) else { continue };
+        let Some(rest) = target.strip_prefix(MEMFD_PREFIX) else {
+            continue;
+        };
         let rest = rest.strip_suffix(b" (deleted)").unwrap_or(rest);
         let (path, n) = split_partition(rest);
-        let Some(flags) = access_mode(fd) else { continue };
+        let Some(flags) = access_mode(fd) else {
+            continue;
+        };
         let access = flags & libc::O_ACCMODE;
-        let Ok(path) = CString::new(path) else { continue };
+        let Ok(path) = CString::new(path) else {
+            continue;
+        };
         let obj = match images::open(&path, access != libc::O_RDONLY) {
             Ok(Opened::Image(obj)) => obj,
             _ => {
-                log::warn!("inherited fd {fd} names {} which cannot be opened as an image", path.to_string_lossy());
+                log::warn!(
+                    "inherited fd {fd} names {} which cannot be opened as an image",
+                    path.to_string_lossy()
+                );
                 continue;
             }
         };
-        let Some((n, start, len)) = window(&obj, n) else { continue };
-        if register(fd, obj, n, start, len, access, flags & (libc::O_SYNC | libc::O_DSYNC) != 0).is_ok() {
+        let Some((n, start, len)) = window(&obj, n) else {
+            continue;
+        };
+        if register(
+            fd,
+            obj,
+            n,
+            start,
+            len,
+            access,
+            flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
+        )
+        .is_ok()
+        {
             log::debug!("inherited dummy fd {fd}: {}", path.to_string_lossy());
         }
     }
@@ -130,22 +166,34 @@ fn adopt_std_fds() {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             continue;
         }
-        let Ok(link) = CString::new(format!("/proc/self/fd/{fd}")) else { continue };
+        let Ok(link) = CString::new(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
         let mut buf = [0u8; libc::PATH_MAX as usize];
-        let Ok(n) = sys::readlink(&link, &mut buf) else { continue };
-        let Ok(path) = CString::new(&buf[..n]) else { continue };
+        let Ok(n) = sys::readlink(&link, &mut buf) else {
+            continue;
+        };
+        let Ok(path) = CString::new(&buf[..n]) else {
+            continue;
+        };
         if !is_candidate(&path) {
             continue;
         }
-        let Some(flags) = access_mode(fd) else { continue };
+        let Some(flags) = access_mode(fd) else {
+            continue;
+        };
         let access = flags & libc::O_ACCMODE;
         let obj = match images::open(&path, access != libc::O_RDONLY) {
             Ok(Opened::Image(obj)) if obj.id() == (st.st_dev, st.st_ino) => obj,
             _ => continue,
         };
         let len = obj.disk().size();
-        let pos = sys::lseek(fd, 0, libc::SEEK_CUR).unwrap_or(0).clamp(0, len as i64);
-        let Ok(dummy) = new_open(&path, obj, 0, 0, len, access) else { continue };
+        let pos = sys::lseek(fd, 0, libc::SEEK_CUR)
+            .unwrap_or(0)
+            .clamp(0, len as i64);
+        let Ok(dummy) = new_open(&path, obj, 0, 0, len, access) else {
+            continue;
+        };
         let of = fdtable::remove(dummy);
         let moved = sys::lseek(dummy, pos, libc::SEEK_SET).is_ok()
             // SAFETY: dup3 onto a std fd number we are replacing on purpose.

@@ -22,12 +22,21 @@ const WRITE: i64 = 1;
 const RESIZE: i64 = 3;
 
 /// Bytes a writer locks: the permissions it holds and those it denies.
-const WRITER_HOLDS: [i64; 3] = [PERM_BASE + CONSISTENT_READ, PERM_BASE + WRITE, PERM_BASE + RESIZE];
+const WRITER_HOLDS: [i64; 3] = [
+    PERM_BASE + CONSISTENT_READ,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+];
 const WRITER_DENIES: [i64; 2] = [SHARED_BASE + WRITE, SHARED_BASE + RESIZE];
 /// Bytes whose lock by someone else conflicts with a writer: someone denying
 /// what we hold, or holding what we deny.
-const WRITER_CONFLICTS: [i64; 5] =
-    [SHARED_BASE + CONSISTENT_READ, SHARED_BASE + WRITE, SHARED_BASE + RESIZE, PERM_BASE + WRITE, PERM_BASE + RESIZE];
+const WRITER_CONFLICTS: [i64; 5] = [
+    SHARED_BASE + CONSISTENT_READ,
+    SHARED_BASE + WRITE,
+    SHARED_BASE + RESIZE,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+];
 
 fn flock(kind: c_int, start: i64) -> libc::flock {
     // SAFETY: flock is plain data; zero is a valid value for every field.
@@ -60,8 +69,14 @@ pub fn other_writer(fd: c_int) -> bool {
 
 /// A new open file description of the container on `fd`, for our locks.
 pub fn reopen(fd: c_int) -> std::io::Result<c_int> {
-    let path = CString::new(format!("/proc/self/fd/{fd}")).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let new = sys::openat(libc::AT_FDCWD, &path, libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY, 0)?;
+    let path = CString::new(format!("/proc/self/fd/{fd}"))
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    let new = sys::openat(
+        libc::AT_FDCWD,
+        &path,
+        libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NOCTTY,
+        0,
+    )?;
     Ok(match sys::fcntl(new, libc::F_DUPFD_CLOEXEC, 300) {
         Ok(high) => {
             sys::close(new);

@@ -17,7 +17,10 @@ pub struct StackBuf {
 
 impl StackBuf {
     pub fn new() -> StackBuf {
-        StackBuf { buf: [0; 1024], len: 0 }
+        StackBuf {
+            buf: [0; 1024],
+            len: 0,
+        }
     }
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[..self.len]
@@ -66,7 +69,11 @@ impl log::Log for RawLogger {
 /// Installs the logger: warnings always, everything with LIBVHD_IO_DEBUG.
 pub fn install() {
     if log::set_logger(&LOGGER).is_ok() {
-        log::set_max_level(if config::debug() { log::LevelFilter::Debug } else { log::LevelFilter::Warn });
+        log::set_max_level(if config::debug() {
+            log::LevelFilter::Debug
+        } else {
+            log::LevelFilter::Warn
+        });
     }
 }
 
@@ -79,7 +86,10 @@ pub fn dump(what: &str, offset: u64, data: &[u8]) {
         for b in chunk {
             let _ = write!(line, " {b:02x}");
         }
-        emit(format_args!("{}", std::str::from_utf8(line.as_bytes()).unwrap_or("")));
+        emit(format_args!(
+            "{}",
+            std::str::from_utf8(line.as_bytes()).unwrap_or("")
+        ));
     }
 }
 

@@ -4,12 +4,12 @@
 //! lazy initialiser runs, and a blocking `get_or_init` then deadlocks. Two
 //! threads racing to resolve the same symbol store the same pointer.
 
-use std::ffi::{c_void, CStr};
+use std::ffi::{CStr, c_void};
 use std::marker::PhantomData;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use libc::{c_char, c_int, c_uint, c_ulong, mode_t, off64_t, off_t, size_t, ssize_t, FILE};
+use libc::{FILE, c_char, c_int, c_uint, c_ulong, mode_t, off_t, off64_t, size_t, ssize_t};
 
 pub struct Real<F> {
     ptr: AtomicPtr<c_void>,
@@ -22,7 +22,11 @@ unsafe impl<F> Sync for Real<F> {}
 
 impl<F: Copy> Real<F> {
     pub const fn new(name: &'static CStr) -> Real<F> {
-        Real { ptr: AtomicPtr::new(null_mut()), name, _f: PhantomData }
+        Real {
+            ptr: AtomicPtr::new(null_mut()),
+            name,
+            _f: PhantomData,
+        }
     }
 
     /// The next definition of the symbol after ours, or `None` if libc lacks it.

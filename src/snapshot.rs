@@ -64,7 +64,10 @@ pub fn install_handler() {
 }
 
 fn ours(sig: c_int) -> bool {
-    sig == libc::SIGCONT && INSTALLED.load(Ordering::Acquire) && config::test_mode() && !guard::inside()
+    sig == libc::SIGCONT
+        && INSTALLED.load(Ordering::Acquire)
+        && config::test_mode()
+        && !guard::inside()
 }
 
 /// Runs a requested snapshot; called from hooks on image fds.
@@ -76,7 +79,11 @@ pub fn run_if_pending() {
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sigaction(sig: c_int, act: *const libc::sigaction, old: *mut libc::sigaction) -> c_int {
+pub unsafe extern "C" fn sigaction(
+    sig: c_int,
+    act: *const libc::sigaction,
+    old: *mut libc::sigaction,
+) -> c_int {
     if !ours(sig) {
         return real_sigaction(sig, act, old);
     }

@@ -16,7 +16,10 @@ pub struct FdStorage {
 
 impl FdStorage {
     pub fn new(fd: c_int, writable: bool) -> FdStorage {
-        FdStorage { fd: InternalFd::new(fd), writable }
+        FdStorage {
+            fd: InternalFd::new(fd),
+            writable,
+        }
     }
     pub fn fd(&self) -> c_int {
         self.fd.get()

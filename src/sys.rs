@@ -8,7 +8,11 @@ use std::mem::MaybeUninit;
 use libc::{c_int, c_long};
 
 fn check(r: c_long) -> io::Result<c_long> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
 }
 
 /// Retries on EINTR.
@@ -23,22 +27,34 @@ fn retry(mut f: impl FnMut() -> c_long) -> io::Result<c_long> {
 
 pub fn pread(fd: c_int, buf: &mut [u8], off: u64) -> io::Result<usize> {
     // SAFETY: buf is valid for writes of its length.
-    retry(|| unsafe { libc::syscall(libc::SYS_pread64, fd, buf.as_mut_ptr(), buf.len(), off as i64) }).map(|n| n as usize)
+    retry(|| unsafe {
+        libc::syscall(
+            libc::SYS_pread64,
+            fd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            off as i64,
+        )
+    })
+    .map(|n| n as usize)
 }
 
 pub fn pwrite(fd: c_int, buf: &[u8], off: u64) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of its length.
-    retry(|| unsafe { libc::syscall(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), off as i64) }).map(|n| n as usize)
+    retry(|| unsafe { libc::syscall(libc::SYS_pwrite64, fd, buf.as_ptr(), buf.len(), off as i64) })
+        .map(|n| n as usize)
 }
 
 pub fn write(fd: c_int, buf: &[u8]) -> io::Result<usize> {
     // SAFETY: buf is valid for reads of its length.
-    retry(|| unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) }).map(|n| n as usize)
+    retry(|| unsafe { libc::syscall(libc::SYS_write, fd, buf.as_ptr(), buf.len()) })
+        .map(|n| n as usize)
 }
 
 pub fn openat(dirfd: c_int, path: &CStr, flags: c_int, mode: libc::mode_t) -> io::Result<c_int> {
     // SAFETY: path is NUL-terminated.
-    retry(|| unsafe { libc::syscall(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) }).map(|fd| fd as c_int)
+    retry(|| unsafe { libc::syscall(libc::SYS_openat, dirfd, path.as_ptr(), flags, mode) })
+        .map(|fd| fd as c_int)
 }
 
 pub fn close(fd: c_int) {
@@ -57,7 +73,15 @@ pub fn fstat(fd: c_int) -> io::Result<libc::stat64> {
 pub fn fstatat(dirfd: c_int, path: &CStr, flags: c_int) -> io::Result<libc::stat64> {
     let mut st = MaybeUninit::<libc::stat64>::zeroed();
     // SAFETY: valid path and out pointer.
-    check(unsafe { libc::syscall(libc::SYS_newfstatat, dirfd, path.as_ptr(), st.as_mut_ptr(), flags) })?;
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_newfstatat,
+            dirfd,
+            path.as_ptr(),
+            st.as_mut_ptr(),
+            flags,
+        )
+    })?;
     // SAFETY: initialised by the kernel.
     Ok(unsafe { st.assume_init() })
 }
@@ -84,20 +108,28 @@ pub fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> io::Result<c_long> {
 
 pub fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<c_int> {
     // SAFETY: name is NUL-terminated.
-    check(unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), flags) }).map(|fd| fd as c_int)
+    check(unsafe { libc::syscall(libc::SYS_memfd_create, name.as_ptr(), flags) })
+        .map(|fd| fd as c_int)
 }
 
 pub fn readlink(path: &CStr, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: valid path and buffer.
     check(unsafe {
-        libc::syscall(libc::SYS_readlinkat, libc::AT_FDCWD, path.as_ptr(), buf.as_mut_ptr(), buf.len())
+        libc::syscall(
+            libc::SYS_readlinkat,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            buf.as_mut_ptr(),
+            buf.len(),
+        )
     })
     .map(|n| n as usize)
 }
 
 pub fn getcwd(buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: valid buffer; the syscall returns the length including the NUL.
-    check(unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) }).map(|n| (n as usize).saturating_sub(1))
+    check(unsafe { libc::syscall(libc::SYS_getcwd, buf.as_mut_ptr(), buf.len()) })
+        .map(|n| (n as usize).saturating_sub(1))
 }
 
 pub fn getpid() -> c_int {
@@ -125,7 +157,16 @@ pub fn refresh_pid() -> c_int {
 
 pub fn renameat(from: &CStr, to: &CStr) -> io::Result<()> {
     // SAFETY: NUL-terminated paths.
-    check(unsafe { libc::syscall(libc::SYS_renameat, libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr()) }).map(drop)
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_renameat,
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+        )
+    })
+    .map(drop)
 }
 
 pub fn unlinkat(path: &CStr) -> io::Result<()> {

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use common::{Rng, pattern, partx_show, sfdisk_dump, sfdisk_raw};
+use common::{Rng, partx_show, pattern, sfdisk_dump, sfdisk_raw};
 
 /// One column of the matrix: an image format as qemu-img creates it.
 struct Format {
@@ -50,12 +50,48 @@ struct Format {
 /// build does not support yet FAILS its cells (it is never skipped). Remove a
 /// column here only to see the rest of the matrix green, never to hide it.
 const FORMATS: &[Format] = &[
-    Format { label: "vhd-dynamic", qemu: "vpc", ext: "vhd", opts: "subformat=dynamic", checkable: false },
-    Format { label: "vhd-fixed", qemu: "vpc", ext: "vhd", opts: "subformat=fixed", checkable: false },
-    Format { label: "vhdx", qemu: "vhdx", ext: "vhdx", opts: "subformat=dynamic", checkable: true },
-    Format { label: "vhdx-fixed", qemu: "vhdx", ext: "vhdx", opts: "subformat=fixed", checkable: true },
-    Format { label: "vdi", qemu: "vdi", ext: "vdi", opts: "", checkable: true },
-    Format { label: "vdi-static", qemu: "vdi", ext: "vdi", opts: "static=on", checkable: true },
+    Format {
+        label: "vhd-dynamic",
+        qemu: "vpc",
+        ext: "vhd",
+        opts: "subformat=dynamic",
+        checkable: false,
+    },
+    Format {
+        label: "vhd-fixed",
+        qemu: "vpc",
+        ext: "vhd",
+        opts: "subformat=fixed",
+        checkable: false,
+    },
+    Format {
+        label: "vhdx",
+        qemu: "vhdx",
+        ext: "vhdx",
+        opts: "subformat=dynamic",
+        checkable: true,
+    },
+    Format {
+        label: "vhdx-fixed",
+        qemu: "vhdx",
+        ext: "vhdx",
+        opts: "subformat=fixed",
+        checkable: true,
+    },
+    Format {
+        label: "vdi",
+        qemu: "vdi",
+        ext: "vdi",
+        opts: "",
+        checkable: true,
+    },
+    Format {
+        label: "vdi-static",
+        qemu: "vdi",
+        ext: "vdi",
+        opts: "static=on",
+        checkable: true,
+    },
 ];
 
 /// Virtual size of every image (qemu rounds VHDs up to a CHS geometry: the
@@ -140,8 +176,13 @@ fn exec(mut cmd: Command, input: Option<&[u8]>, dir: &Path) -> Out {
     use std::os::unix::process::CommandExt;
     let what = format!("{:?}", cmd).replace('"', "");
     let id = SEQ.fetch_add(1, Ordering::Relaxed);
-    let (o, e, i) = (dir.join(format!(".o{id}")), dir.join(format!(".e{id}")), dir.join(format!(".i{id}")));
-    cmd.stdout(fs::File::create(&o).unwrap()).stderr(fs::File::create(&e).unwrap());
+    let (o, e, i) = (
+        dir.join(format!(".o{id}")),
+        dir.join(format!(".e{id}")),
+        dir.join(format!(".i{id}")),
+    );
+    cmd.stdout(fs::File::create(&o).unwrap())
+        .stderr(fs::File::create(&e).unwrap());
     match input {
         Some(data) => {
             fs::write(&i, data).unwrap();
@@ -152,7 +193,9 @@ fn exec(mut cmd: Command, input: Option<&[u8]>, dir: &Path) -> Out {
         }
     }
     cmd.process_group(0);
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {what} (install it: see tests/compat.rs): {e}"));
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {what} (install it: see tests/compat.rs): {e}"));
     let deadline = Instant::now() + TIMEOUT;
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -161,11 +204,19 @@ fn exec(mut cmd: Command, input: Option<&[u8]>, dir: &Path) -> Out {
         if Instant::now() > deadline {
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             child.wait().ok();
-            panic!("{what}: still running after {TIMEOUT:?}, killed; stderr:\n{}", tail(&String::from_utf8_lossy(&fs::read(&e).unwrap_or_default())));
+            panic!(
+                "{what}: still running after {TIMEOUT:?}, killed; stderr:\n{}",
+                tail(&String::from_utf8_lossy(&fs::read(&e).unwrap_or_default()))
+            );
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let out = Out { status, stdout: fs::read(&o).unwrap(), stderr: fs::read(&e).unwrap(), what };
+    let out = Out {
+        status,
+        stdout: fs::read(&o).unwrap(),
+        stderr: fs::read(&e).unwrap(),
+        what,
+    };
     for f in [o, e, i] {
         fs::remove_file(f).ok();
     }
@@ -194,10 +245,14 @@ impl Cell {
         let mut c = Command::new(program);
         c.args(args).current_dir(&self.dir);
         c.env_remove("LD_PRELOAD");
-        c.env_remove("LIBVHD_IO_DEBUG").env_remove("LIBVHD_IO_DUMP").env_remove("LIBVHD_IO_PROBE_ALL");
+        c.env_remove("LIBVHD_IO_DEBUG")
+            .env_remove("LIBVHD_IO_DUMP")
+            .env_remove("LIBVHD_IO_PROBE_ALL");
         // mtools refuses odd geometries (CHS-rounded VHDs) otherwise; the
         // same for the library run and the raw check.
-        c.env("MTOOLS_SKIP_CHECK", "1").env("LC_ALL", "C").env("PAGER", "cat");
+        c.env("MTOOLS_SKIP_CHECK", "1")
+            .env("LC_ALL", "C")
+            .env("PAGER", "cat");
         c
     }
     /// A command under the library.
@@ -210,7 +265,12 @@ impl Cell {
     /// fresh, undamaged images: any `libvhdio[pid]:` warning fails the cell.
     fn lib_try(&self, program: &str, args: &[&str], input: Option<&[u8]>) -> Out {
         let out = exec(self.lib_cmd(program, args), input, &self.dir);
-        assert!(!out.err().contains("libvhdio["), "{}: the library warned:\n{}", out.what, tail(&out.err()));
+        assert!(
+            !out.err().contains("libvhdio["),
+            "{}: the library warned:\n{}",
+            out.what,
+            tail(&out.err())
+        );
         out
     }
     /// Under the library; must succeed.
@@ -270,7 +330,18 @@ impl Cell {
     fn raw(&self) -> PathBuf {
         let raw = self.file("disk.raw");
         fs::remove_file(&raw).ok();
-        self.plain("qemu-img", &["convert", "-f", self.fmt.qemu, "-O", "raw", &self.name(), "disk.raw"]);
+        self.plain(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                self.fmt.qemu,
+                "-O",
+                "raw",
+                &self.name(),
+                "disk.raw",
+            ],
+        );
         raw
     }
     fn raw_bytes(&self) -> Vec<u8> {
@@ -283,7 +354,13 @@ impl Cell {
     fn check(&self) {
         if self.fmt.checkable {
             let out = self.plain_try("qemu-img", &["check", "-f", self.fmt.qemu, &self.name()]);
-            assert!(out.status.success(), "qemu-img check after writes: {}\n{}{}", out.status, out.text(), out.err());
+            assert!(
+                out.status.success(),
+                "qemu-img check after writes: {}\n{}{}",
+                out.status,
+                out.text(),
+                out.err()
+            );
         }
     }
     /// `tool` (md5sum, sha256sum) of `data`, by the stock tool on a file.
@@ -315,7 +392,11 @@ fn hex(b: &[u8]) -> String {
 #[track_caller]
 fn same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
-        let first = got.iter().zip(want).position(|(a, b)| a != b).unwrap_or(got.len().min(want.len()));
+        let first = got
+            .iter()
+            .zip(want)
+            .position(|(a, b)| a != b)
+            .unwrap_or(got.len().min(want.len()));
         let show = |b: &[u8]| hex(&b[first.min(b.len())..(first + 16).min(b.len())]);
         panic!(
             "{what}: differs (got {} bytes, want {}); first difference at byte {first}: got {} want {}",
@@ -356,8 +437,15 @@ fn with_data(cell: &Cell, seed: u64) -> Vec<u8> {
     let data = disk_data(seed);
     cell.create_from(&data);
     let reference = cell.raw_bytes();
-    assert!(reference.len() >= data.len(), "qemu-img's raw is shorter than the source");
-    same(&reference[..data.len()], &data, "qemu-img convert round trip (test set-up)");
+    assert!(
+        reference.len() >= data.len(),
+        "qemu-img's raw is shorter than the source"
+    );
+    same(
+        &reference[..data.len()],
+        &data,
+        "qemu-img convert round trip (test set-up)",
+    );
     reference
 }
 
@@ -374,15 +462,46 @@ fn scenario_stat_blockdev(c: &Cell) {
     let reference = with_data(c, 1);
     let size = reference.len() as u64;
     let n = c.name();
-    assert_eq!(c.lib("stat", &["-c", "%F|%s", &n]).text().trim(), "block special file|0", "stat -c '%F|%s'");
-    assert_eq!(c.lib("stat", &["-L", "-c", "%F", &n]).text().trim(), "block special file", "stat -L");
-    assert_eq!(c.lib("blockdev", &["--getsize64", &n]).text().trim(), size.to_string(), "blockdev --getsize64");
-    assert_eq!(c.lib("blockdev", &["--getsize", &n]).text().trim(), (size / 512).to_string(), "blockdev --getsize (512-byte sectors)");
-    assert_eq!(c.lib("blockdev", &["--getsz", &n]).text().trim(), (size / 512).to_string(), "blockdev --getsz");
-    assert_eq!(c.lib("blockdev", &["--getss", &n]).text().trim(), "512", "blockdev --getss");
+    assert_eq!(
+        c.lib("stat", &["-c", "%F|%s", &n]).text().trim(),
+        "block special file|0",
+        "stat -c '%F|%s'"
+    );
+    assert_eq!(
+        c.lib("stat", &["-L", "-c", "%F", &n]).text().trim(),
+        "block special file",
+        "stat -L"
+    );
+    assert_eq!(
+        c.lib("blockdev", &["--getsize64", &n]).text().trim(),
+        size.to_string(),
+        "blockdev --getsize64"
+    );
+    assert_eq!(
+        c.lib("blockdev", &["--getsize", &n]).text().trim(),
+        (size / 512).to_string(),
+        "blockdev --getsize (512-byte sectors)"
+    );
+    assert_eq!(
+        c.lib("blockdev", &["--getsz", &n]).text().trim(),
+        (size / 512).to_string(),
+        "blockdev --getsz"
+    );
+    assert_eq!(
+        c.lib("blockdev", &["--getss", &n]).text().trim(),
+        "512",
+        "blockdev --getss"
+    );
     let ls = c.lib("ls", &["-l", &n]).text();
-    assert!(ls.starts_with('b'), "ls -l does not show a block device: {ls}");
-    assert_eq!(c.lib_sh(&format!("test -b {n} && echo blk")).text().trim(), "blk", "sh test -b");
+    assert!(
+        ls.starts_with('b'),
+        "ls -l does not show a block device: {ls}"
+    );
+    assert_eq!(
+        c.lib_sh(&format!("test -b {n} && echo blk")).text().trim(),
+        "blk",
+        "sh test -b"
+    );
     // The container itself is untouched by all that.
     same(&c.raw_bytes(), &reference, "disk after stat/blockdev");
 }
@@ -393,13 +512,25 @@ fn scenario_blkroget(c: &Cell) {
     // BLKROGET is the device's read-only flag, not the open mode: the
     // container is writable, so 0 even though blockdev opens O_RDONLY (as
     // `blockdev --getro /dev/sda` says 0 for a writable disk).
-    assert_eq!(c.lib("blockdev", &["--getro", &n]).text().trim(), "0", "blockdev --getro (BLKROGET on an O_RDONLY fd of a writable image)");
+    assert_eq!(
+        c.lib("blockdev", &["--getro", &n]).text().trim(),
+        "0",
+        "blockdev --getro (BLKROGET on an O_RDONLY fd of a writable image)"
+    );
     // A container the user cannot write is a read-only device.
-    fs::set_permissions(c.path(), <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o444)).unwrap();
+    fs::set_permissions(
+        c.path(),
+        <fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o444),
+    )
+    .unwrap();
     let ro = c.lib_try("sh", &["-c", &format!("blockdev --getro {n}; id -u")], None);
     if ro.text().lines().nth(1) != Some("0") {
         // (root ignores file modes: only checked for other users)
-        assert_eq!(ro.text().lines().next(), Some("1"), "blockdev --getro on a read-only container");
+        assert_eq!(
+            ro.text().lines().next(),
+            Some("1"),
+            "blockdev --getro on a read-only container"
+        );
     }
 }
 
@@ -409,18 +540,41 @@ fn scenario_hash(c: &Cell) {
     c.put("ref.raw", &reference);
     let md5 = first_word(&c.plain("md5sum", &["ref.raw"]).text());
     let sha = first_word(&c.plain("sha256sum", &["ref.raw"]).text());
-    assert_eq!(first_word(&c.lib("md5sum", &[&n]).text()), md5, "md5sum PATH");
-    assert_eq!(first_word(&c.lib("sha256sum", &[&n]).text()), sha, "sha256sum PATH");
-    assert_eq!(first_word(&c.lib_sh(&format!("md5sum < {n}")).text()), md5, "md5sum < image (shell with the library)");
-    assert_eq!(first_word(&c.lib_sh(&format!("md5sum /dev/stdin < {n}")).text()), md5, "md5sum /dev/stdin < image (shell with the library)");
-    assert_eq!(first_word(&c.lib_sh(&format!("cat {n} | sha256sum")).text()), sha, "cat image | sha256sum");
+    assert_eq!(
+        first_word(&c.lib("md5sum", &[&n]).text()),
+        md5,
+        "md5sum PATH"
+    );
+    assert_eq!(
+        first_word(&c.lib("sha256sum", &[&n]).text()),
+        sha,
+        "sha256sum PATH"
+    );
+    assert_eq!(
+        first_word(&c.lib_sh(&format!("md5sum < {n}")).text()),
+        md5,
+        "md5sum < image (shell with the library)"
+    );
+    assert_eq!(
+        first_word(&c.lib_sh(&format!("md5sum /dev/stdin < {n}")).text()),
+        md5,
+        "md5sum /dev/stdin < image (shell with the library)"
+    );
+    assert_eq!(
+        first_word(&c.lib_sh(&format!("cat {n} | sha256sum")).text()),
+        sha,
+        "cat image | sha256sum"
+    );
     assert_eq!(
         first_word(&c.plain_sh(&format!("LD_PRELOAD=$LIB md5sum < {n}")).text()),
         md5,
         "LD_PRELOAD=lib md5sum < image (shell WITHOUT the library: fd 0 adopted)"
     );
     assert_eq!(
-        first_word(&c.plain_sh(&format!("LD_PRELOAD=$LIB sha256sum /dev/stdin < {n}")).text()),
+        first_word(
+            &c.plain_sh(&format!("LD_PRELOAD=$LIB sha256sum /dev/stdin < {n}"))
+                .text()
+        ),
         sha,
         "LD_PRELOAD=lib sha256sum /dev/stdin < image (shell WITHOUT the library)"
     );
@@ -430,7 +584,12 @@ fn scenario_dump(c: &Cell) {
     let reference = with_data(c, 3);
     c.put("ref.raw", &reference);
     let n = c.name();
-    for (off, len) in [(0u64, 64u64), (5_000_123, 200), (17_000_001, 33), (reference.len() as u64 - 100, 100)] {
+    for (off, len) in [
+        (0u64, 64u64),
+        (5_000_123, 200),
+        (17_000_001, 33),
+        (reference.len() as u64 - 100, 100),
+    ] {
         let (o, l) = (off.to_string(), len.to_string());
         for (prog, args) in [
             ("od", vec!["-A", "d", "-t", "x1z", "-j", &o, "-N", &l]),
@@ -443,13 +602,18 @@ fn scenario_dump(c: &Cell) {
             let mut a = args.clone();
             a.push("ref.raw");
             let want = c.plain(prog, &a).text();
-            assert_eq!(got, want, "{prog} {args:?} on the image vs on qemu-img's raw");
+            assert_eq!(
+                got, want,
+                "{prog} {args:?} on the image vs on qemu-img's raw"
+            );
             assert!(!got.trim().is_empty(), "{prog} printed nothing");
         }
     }
     // Seeks relative to the end (stdio fseek SEEK_END on a block device).
     let got = c.lib("xxd", &["-s", "-512", "-l", "64", &n]).text();
-    let want = c.plain("xxd", &["-s", "-512", "-l", "64", "ref.raw"]).text();
+    let want = c
+        .plain("xxd", &["-s", "-512", "-l", "64", "ref.raw"])
+        .text();
     assert_eq!(got, want, "xxd -s -512 (from the end)");
     let got = c.lib("tail", &["-c", "4096", &n]).stdout;
     same(&got, &reference[reference.len() - 4096..], "tail -c 4096");
@@ -462,21 +626,42 @@ fn scenario_cat_cp_cmp(c: &Cell) {
     c.put("ref.raw", &reference);
     let n = c.name();
     same(&c.lib("cat", &[&n]).stdout, &reference, "cat image");
-    same(&c.lib_sh(&format!("cat < {n}")).stdout, &reference, "sh -c 'cat < image'");
+    same(
+        &c.lib_sh(&format!("cat < {n}")).stdout,
+        &reference,
+        "sh -c 'cat < image'",
+    );
     c.lib("cp", &[&n, "out.raw"]);
-    same(&fs::read(c.file("out.raw")).unwrap(), &reference, "cp image out.raw");
+    same(
+        &fs::read(c.file("out.raw")).unwrap(),
+        &reference,
+        "cp image out.raw",
+    );
     // cp into a directory (O_PATH|O_DIRECTORY probes on the image pass through).
     fs::create_dir(c.file("sub")).unwrap();
     c.lib("cp", &[&n, "sub/"]);
-    same(&fs::read(c.file(&format!("sub/{n}"))).unwrap(), &reference, "cp image sub/");
+    same(
+        &fs::read(c.file(&format!("sub/{n}"))).unwrap(),
+        &reference,
+        "cp image sub/",
+    );
     c.lib("cmp", &[&n, "ref.raw"]);
     let mut alt = reference.clone();
     alt[7_777_777] ^= 0x55;
     c.put("alt.raw", &alt);
     let got = c.lib_try("cmp", &[&n, "alt.raw"], None);
     let want = c.plain_try("cmp", &["ref.raw", "alt.raw"]);
-    assert_eq!(got.status.code(), Some(1), "cmp image alt.raw should find a difference: {}", got.err());
-    assert_eq!(norm(&got.text(), &n), norm(&want.text(), "ref.raw"), "cmp output");
+    assert_eq!(
+        got.status.code(),
+        Some(1),
+        "cmp image alt.raw should find a difference: {}",
+        got.err()
+    );
+    assert_eq!(
+        norm(&got.text(), &n),
+        norm(&want.text(), "ref.raw"),
+        "cmp output"
+    );
     // The container is unchanged by reading.
     same(&c.raw_bytes(), &reference, "disk after reads");
 }
@@ -487,17 +672,61 @@ fn scenario_dd_read(c: &Cell) {
     let if_ = format!("if={n}");
     c.lib("dd", &[&if_, "of=o1", "bs=1M", "status=none"]);
     same(&fs::read(c.file("o1")).unwrap(), &reference, "dd bs=1M");
-    c.lib("dd", &[&if_, "of=o2", "bs=1", "skip=5000123", "count=3000", "status=none"]);
-    same(&fs::read(c.file("o2")).unwrap(), &reference[5_000_123..5_003_123], "dd bs=1 skip=5000123 count=3000");
-    c.lib("dd", &[&if_, "of=o3", "bs=4096", "skip=100", "count=50", "iflag=direct", "status=none"]);
-    same(&fs::read(c.file("o3")).unwrap(), &reference[409_600..409_600 + 50 * 4096], "dd iflag=direct bs=4096 skip=100 count=50");
+    c.lib(
+        "dd",
+        &[
+            &if_,
+            "of=o2",
+            "bs=1",
+            "skip=5000123",
+            "count=3000",
+            "status=none",
+        ],
+    );
+    same(
+        &fs::read(c.file("o2")).unwrap(),
+        &reference[5_000_123..5_003_123],
+        "dd bs=1 skip=5000123 count=3000",
+    );
+    c.lib(
+        "dd",
+        &[
+            &if_,
+            "of=o3",
+            "bs=4096",
+            "skip=100",
+            "count=50",
+            "iflag=direct",
+            "status=none",
+        ],
+    );
+    same(
+        &fs::read(c.file("o3")).unwrap(),
+        &reference[409_600..409_600 + 50 * 4096],
+        "dd iflag=direct bs=4096 skip=100 count=50",
+    );
     let k = reference.len() / 512 - 777;
-    c.lib("dd", &[&if_, "of=o4", "bs=512", &format!("skip={k}"), "status=none"]);
-    same(&fs::read(c.file("o4")).unwrap(), &reference[k * 512..], "dd bs=512 skip to the end");
+    c.lib(
+        "dd",
+        &[&if_, "of=o4", "bs=512", &format!("skip={k}"), "status=none"],
+    );
+    same(
+        &fs::read(c.file("o4")).unwrap(),
+        &reference[k * 512..],
+        "dd bs=512 skip to the end",
+    );
     c.lib("dd", &[&if_, "of=o5", "bs=3333", "status=none"]);
     same(&fs::read(c.file("o5")).unwrap(), &reference, "dd bs=3333");
-    let out = c.lib_sh(&format!("dd {if_} bs=64k skip=10 count=3 status=none | od -An -v -tx1 | tr -d ' \\n'")).text();
-    assert_eq!(out, hex(&reference[655_360..655_360 + 3 * 65536]), "dd skip=10 | od");
+    let out = c
+        .lib_sh(&format!(
+            "dd {if_} bs=64k skip=10 count=3 status=none | od -An -v -tx1 | tr -d ' \\n'"
+        ))
+        .text();
+    assert_eq!(
+        out,
+        hex(&reference[655_360..655_360 + 3 * 65536]),
+        "dd skip=10 | od"
+    );
 }
 
 fn scenario_dd_write(c: &Cell) {
@@ -509,30 +738,103 @@ fn scenario_dd_write(c: &Cell) {
     let patch: Vec<u8> = (0..(5 << 20) / 2).map(|_| rng.next() as u8).collect();
     c.put("patch.raw", &patch);
     // Whole MiBs, crossing blocks of every format.
-    c.lib("dd", &["if=patch.raw", &of, "bs=1M", "seek=3", "conv=notrunc", "status=none"]);
+    c.lib(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=1M",
+            "seek=3",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
     expect[3 << 20..(3 << 20) + patch.len()].copy_from_slice(&patch);
     // Byte-granular, unaligned.
-    c.lib("dd", &["if=patch.raw", &of, "bs=1", "seek=9000001", "count=3000", "conv=notrunc", "status=none"]);
+    c.lib(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=1",
+            "seek=9000001",
+            "count=3000",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
     expect[9_000_001..9_003_001].copy_from_slice(&patch[..3000]);
     // No conv=notrunc: a block device is not truncated (ftruncate is ignored).
-    c.lib("dd", &["if=patch.raw", &of, "bs=4k", "seek=4000", "count=10", "status=none"]);
+    c.lib(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=4k",
+            "seek=4000",
+            "count=10",
+            "status=none",
+        ],
+    );
     expect[4000 * 4096..4010 * 4096].copy_from_slice(&patch[..40960]);
     // O_DIRECT writes.
-    c.lib("dd", &["if=patch.raw", &of, "bs=64k", "seek=300", "count=4", "oflag=direct", "conv=notrunc", "status=none"]);
+    c.lib(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=64k",
+            "seek=300",
+            "count=4",
+            "oflag=direct",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
     expect[300 * 65536..304 * 65536].copy_from_slice(&patch[..4 * 65536]);
     // Into a hole near the end (a new block in dynamic formats).
-    c.lib("dd", &["if=patch.raw", &of, "bs=512", &format!("seek={}", size / 512 - 3), "count=3", "conv=notrunc", "status=none"]);
+    c.lib(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=512",
+            &format!("seek={}", size / 512 - 3),
+            "count=3",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
     expect[size - 1536..].copy_from_slice(&patch[..1536]);
     same(&c.raw_bytes(), &expect, "qemu-img's raw after dd writes");
     c.check();
     // Past the end: ENOSPC after the part that fits.
     let mib = size / (1 << 20);
-    let out = c.lib_try("dd", &["if=patch.raw", &of, "bs=1M", &format!("seek={}", mib - 1), "count=2", "conv=notrunc"], None);
+    let out = c.lib_try(
+        "dd",
+        &[
+            "if=patch.raw",
+            &of,
+            "bs=1M",
+            &format!("seek={}", mib - 1),
+            "count=2",
+            "conv=notrunc",
+        ],
+        None,
+    );
     assert!(!out.status.success(), "dd past the end succeeded");
-    assert!(out.err().contains("No space left"), "dd past the end: want ENOSPC, got: {}", out.err());
+    assert!(
+        out.err().contains("No space left"),
+        "dd past the end: want ENOSPC, got: {}",
+        out.err()
+    );
     let fits = size - (mib - 1) * (1 << 20);
     expect[(mib - 1) << 20..].copy_from_slice(&patch[..fits]);
-    same(&c.raw_bytes(), &expect, "qemu-img's raw after dd past the end");
+    same(
+        &c.raw_bytes(),
+        &expect,
+        "qemu-img's raw after dd past the end",
+    );
     c.check();
 }
 
@@ -558,14 +860,25 @@ fn scenario_cp_write(c: &Cell) {
         }
     }
     c.lib("cp", &["new.raw", &n]);
-    same(&c.raw_bytes(), &new, "qemu-img's raw after cp new.raw image (sparse source)");
+    same(
+        &c.raw_bytes(),
+        &new,
+        "qemu-img's raw after cp new.raw image (sparse source)",
+    );
     c.check();
     // Shell redirection: O_TRUNC on an image is ignored, the disk is written.
     c.put("old.raw", &old);
     c.lib_sh(&format!("cat old.raw > {n}"));
-    same(&c.raw_bytes(), &old, "qemu-img's raw after cat old.raw > image");
+    same(
+        &c.raw_bytes(),
+        &old,
+        "qemu-img's raw after cat old.raw > image",
+    );
     c.check();
-    assert!(fs::metadata(c.path()).unwrap().len() > 0, "the container was truncated");
+    assert!(
+        fs::metadata(c.path()).unwrap().len() > 0,
+        "the container was truncated"
+    );
 }
 
 const PY: &str = r#"
@@ -593,7 +906,9 @@ print(stat.S_ISBLK(os.stat(p).st_mode))
 fn scenario_python(c: &Cell) {
     let mut reference = with_data(c, 8);
     let off = 5_000_017usize;
-    let out = c.lib("/usr/bin/python3", &["-c", PY, &c.name(), &off.to_string()]).text();
+    let out = c
+        .lib("/usr/bin/python3", &["-c", PY, &c.name(), &off.to_string()])
+        .text();
     let lines: Vec<&str> = out.lines().collect();
     let want = [
         format!("{} {}", reference.len(), common::sha256_hex(&reference)),
@@ -602,10 +917,18 @@ fn scenario_python(c: &Cell) {
         hex(&reference[off..off + 32]),
         "True".to_string(),
     ];
-    assert_eq!(lines, want.iter().map(String::as_str).collect::<Vec<_>>(), "python3 open().read(), os.pread, lseek, seek+read, S_ISBLK");
+    assert_eq!(
+        lines,
+        want.iter().map(String::as_str).collect::<Vec<_>>(),
+        "python3 open().read(), os.pread, lseek, seek+read, S_ISBLK"
+    );
     reference[off..off + 16].copy_from_slice(b"PYTHON-WAS-HERE!");
     reference[off + 100..off + 106].copy_from_slice(b"PWRITE");
-    same(&c.raw_bytes(), &reference, "qemu-img's raw after python3 writes");
+    same(
+        &c.raw_bytes(),
+        &reference,
+        "qemu-img's raw after python3 writes",
+    );
     c.check();
 }
 
@@ -616,11 +939,27 @@ fn scenario_shared_offset(c: &Cell) {
     let out = c.lib_sh(&format!("(head -c 512; md5sum) < {n}")).stdout;
     let mut want = reference[..512].to_vec();
     want.extend_from_slice(format!("{md5_rest}  -\n").as_bytes());
-    same(&out, &want, "(head -c 512; md5sum) < image (offset shared across processes)");
-    let out = c.lib_sh(&format!("(dd bs=1000 count=1 status=none of=/dev/null; head -c 100) < {n}")).stdout;
-    same(&out, &reference[1000..1100], "(dd bs=1000 count=1; head -c 100) < image");
+    same(
+        &out,
+        &want,
+        "(head -c 512; md5sum) < image (offset shared across processes)",
+    );
+    let out = c
+        .lib_sh(&format!(
+            "(dd bs=1000 count=1 status=none of=/dev/null; head -c 100) < {n}"
+        ))
+        .stdout;
+    same(
+        &out,
+        &reference[1000..1100],
+        "(dd bs=1000 count=1; head -c 100) < image",
+    );
     // A chain of shells, each exec'ing the next, with the image on fd 0.
-    let out = c.lib_sh(&format!("exec sh -c 'exec sh -c \"head -c 100 >/dev/null; exec head -c 50\"' < {n}")).stdout;
+    let out = c
+        .lib_sh(&format!(
+            "exec sh -c 'exec sh -c \"head -c 100 >/dev/null; exec head -c 50\"' < {n}"
+        ))
+        .stdout;
     same(&out, &reference[100..150], "exec chain sharing fd 0");
 }
 
@@ -631,13 +970,33 @@ fn scenario_exec_fd(c: &Cell) {
         "exec 3<>{n}; head -c 4096 <&3 > a.bin; head -c 4096 <&3 > b.bin; /usr/bin/printf HELLO-FD3 >&3; \
          dd bs=512 count=1 status=none <&3 > c.bin; dd if=/dev/fd/3 bs=4096 count=1 status=none > d.bin; exec 3>&-"
     ));
-    same(&fs::read(c.file("a.bin")).unwrap(), &reference[..4096], "head -c 4096 <&3 (first)");
-    same(&fs::read(c.file("b.bin")).unwrap(), &reference[4096..8192], "head -c 4096 <&3 (second: offset shared)");
-    same(&fs::read(c.file("c.bin")).unwrap(), &reference[8201..8713], "dd <&3 after the write");
+    same(
+        &fs::read(c.file("a.bin")).unwrap(),
+        &reference[..4096],
+        "head -c 4096 <&3 (first)",
+    );
+    same(
+        &fs::read(c.file("b.bin")).unwrap(),
+        &reference[4096..8192],
+        "head -c 4096 <&3 (second: offset shared)",
+    );
+    same(
+        &fs::read(c.file("c.bin")).unwrap(),
+        &reference[8201..8713],
+        "dd <&3 after the write",
+    );
     reference[8192..8201].copy_from_slice(b"HELLO-FD3");
     let d = fs::read(c.file("d.bin")).unwrap();
-    same(&d, &reference[..4096], "dd if=/dev/fd/3 (a new open of the same disk starts at 0)");
-    same(&c.raw_bytes(), &reference, "qemu-img's raw after printf >&3");
+    same(
+        &d,
+        &reference[..4096],
+        "dd if=/dev/fd/3 (a new open of the same disk starts at 0)",
+    );
+    same(
+        &c.raw_bytes(),
+        &reference,
+        "qemu-img's raw after printf >&3",
+    );
     c.check();
 }
 
@@ -646,7 +1005,8 @@ fn fdcheck() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat/fdcheck.c");
-        let bin = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("compat-fdcheck-{}", std::process::id()));
+        let bin = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("compat-fdcheck-{}", std::process::id()));
         let out = Command::new("cc")
             .args(["-O1", "-Wall", "-o"])
             .arg(&bin)
@@ -654,7 +1014,11 @@ fn fdcheck() -> &'static Path {
             .env_remove("LD_PRELOAD")
             .output()
             .unwrap_or_else(|e| panic!("cannot run cc (install gcc): {e}"));
-        assert!(out.status.success(), "cc fdcheck.c: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cc fdcheck.c: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         bin
     })
 }
@@ -662,8 +1026,17 @@ fn fdcheck() -> &'static Path {
 /// Runs fdcheck on the cell's image; returns its `key=value` lines.
 fn run_fdcheck(c: &Cell, off: usize, woff: usize) -> (String, Vec<(String, String)>) {
     c.put("plain.txt", PLAIN);
-    let out = c.lib(fdcheck().to_str().unwrap(), &[&c.name(), "plain.txt", &off.to_string(), &woff.to_string()]).text();
-    let got = out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let out = c
+        .lib(
+            fdcheck().to_str().unwrap(),
+            &[&c.name(), "plain.txt", &off.to_string(), &woff.to_string()],
+        )
+        .text();
+    let got = out
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     (out, got)
 }
 
@@ -674,8 +1047,15 @@ const PLAIN: &[u8] = b"PLAIN-FILE-BYTES-0123456789";
 fn scenario_open_lowest(c: &Cell) {
     with_data(c, 14);
     let (_, got) = run_fdcheck(c, 0, 0);
-    let g = got.iter().find(|(k, _)| k == "open_lowest").map(|(_, v)| v.as_str());
-    assert_eq!(g, Some("1"), "open(image) did not return the lowest free fd (fdcheck.c: open /dev/null, close it, open the image: want the same number)");
+    let g = got
+        .iter()
+        .find(|(k, _)| k == "open_lowest")
+        .map(|(_, v)| v.as_str());
+    assert_eq!(
+        g,
+        Some("1"),
+        "open(image) did not return the lowest free fd (fdcheck.c: open /dev/null, close it, open the image: want the same number)"
+    );
 }
 
 fn scenario_fd_lifecycle(c: &Cell) {
@@ -717,14 +1097,24 @@ fn scenario_fd_lifecycle(c: &Cell) {
     ];
     let mut bad = String::new();
     for (k, v) in &want {
-        let g = got.iter().find(|(gk, _)| gk == k).map(|(_, gv)| gv.as_str());
+        let g = got
+            .iter()
+            .find(|(gk, _)| gk == k)
+            .map(|(_, gv)| gv.as_str());
         if g != Some(v.as_str()) {
             writeln!(bad, "  {k}: got {g:?}, want {v:?}").unwrap();
         }
     }
-    assert!(bad.is_empty(), "fdcheck (tests/compat/fdcheck.c) disagrees:\n{bad}full output:\n{out}");
+    assert!(
+        bad.is_empty(),
+        "fdcheck (tests/compat/fdcheck.c) disagrees:\n{bad}full output:\n{out}"
+    );
     reference[woff..woff + 16].copy_from_slice(b"SURVIVOR-WRITE!!");
-    same(&c.raw_bytes(), &reference, "qemu-img's raw after fdcheck's write");
+    same(
+        &c.raw_bytes(),
+        &reference,
+        "qemu-img's raw after fdcheck's write",
+    );
     c.check();
 }
 
@@ -736,8 +1126,12 @@ fn raw_parts(c: &Cell) -> (PathBuf, Vec<common::SfdiskPart>) {
     let raw = c.raw();
     let parts = sfdisk_dump(&raw);
     let px = partx_show(&raw);
-    let from_sfdisk: Vec<(u32, u64, u64)> = parts.iter().map(|p| (p.number, p.start, p.size)).collect();
-    assert_eq!(px, from_sfdisk, "partx --show and sfdisk -d disagree on the raw disk");
+    let from_sfdisk: Vec<(u32, u64, u64)> =
+        parts.iter().map(|p| (p.number, p.start, p.size)).collect();
+    assert_eq!(
+        px, from_sfdisk,
+        "partx --show and sfdisk -d disagree on the raw disk"
+    );
     (raw, parts)
 }
 
@@ -748,19 +1142,42 @@ fn sectors(c: &Cell) -> u64 {
 fn scenario_fdisk(c: &Cell) {
     c.create_empty();
     let n = c.name();
-    let out = c.lib_in("fdisk", &[&n], b"o\nn\np\n1\n2048\n+8M\nn\np\n2\n\n\nt\n2\n83\nw\n");
-    assert!(out.text().contains("The partition table has been altered"), "fdisk did not write: {}", out.text());
+    let out = c.lib_in(
+        "fdisk",
+        &[&n],
+        b"o\nn\np\n1\n2048\n+8M\nn\np\n2\n\n\nt\n2\n83\nw\n",
+    );
+    assert!(
+        out.text().contains("The partition table has been altered"),
+        "fdisk did not write: {}",
+        out.text()
+    );
     let total = sectors(c);
     let (_, parts) = raw_parts(c);
-    let got: Vec<(u32, u64, u64, &str)> = parts.iter().map(|p| (p.number, p.start, p.size, p.kind.as_str())).collect();
-    assert_eq!(got, vec![(1, 2048, 16384, "83"), (2, 18432, total - 18432, "83")], "partitions on the raw disk after fdisk");
+    let got: Vec<(u32, u64, u64, &str)> = parts
+        .iter()
+        .map(|p| (p.number, p.start, p.size, p.kind.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(1, 2048, 16384, "83"), (2, 18432, total - 18432, "83")],
+        "partitions on the raw disk after fdisk"
+    );
     // fdisk -l through the library = fdisk -l on the raw file.
     let got = c.lib("fdisk", &["-l", &n]).text();
     let want = c.plain("fdisk", &["-l", "disk.raw"]).text();
     let rows = |s: &str, name: &str| {
-        norm(s, name).lines().filter(|l| l.starts_with("DISK")).map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>()
+        norm(s, name)
+            .lines()
+            .filter(|l| l.starts_with("DISK"))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
     };
-    assert_eq!(rows(&got, &n), rows(&want, "disk.raw"), "fdisk -l on the image vs on the raw");
+    assert_eq!(
+        rows(&got, &n),
+        rows(&want, "disk.raw"),
+        "fdisk -l on the image vs on the raw"
+    );
     c.check();
 }
 
@@ -770,11 +1187,19 @@ fn scenario_sfdisk(c: &Cell) {
     c.lib_in("sfdisk", &[&n], b"label: gpt\n,8M,L\n,4M,S\n,,L\n");
     let (_, parts) = raw_parts(c);
     let got: Vec<(u32, u64, u64)> = parts.iter().map(|p| (p.number, p.start, p.size)).collect();
-    assert_eq!(got[..2], [(1, 2048, 16384), (2, 18432, 8192)], "partitions on the raw disk after sfdisk");
+    assert_eq!(
+        got[..2],
+        [(1, 2048, 16384), (2, 18432, 8192)],
+        "partitions on the raw disk after sfdisk"
+    );
     assert_eq!(got.len(), 3, "{got:?}");
     let got = c.lib("sfdisk", &["-d", &n]).text();
     let want = c.plain("sfdisk", &["-d", "disk.raw"]).text();
-    assert_eq!(norm(&got, &n), norm(&want, "disk.raw"), "sfdisk -d on the image vs on the raw");
+    assert_eq!(
+        norm(&got, &n),
+        norm(&want, "disk.raw"),
+        "sfdisk -d on the image vs on the raw"
+    );
     c.lib("sfdisk", &["--verify", &n]);
     c.plain("sfdisk", &["--verify", "disk.raw"]);
     c.check();
@@ -783,7 +1208,23 @@ fn scenario_sfdisk(c: &Cell) {
 fn scenario_sgdisk(c: &Cell) {
     c.create_empty();
     let n = c.name();
-    c.lib("sgdisk", &["-o", "-n", "1:2048:+4M", "-t", "1:ef00", "-n", "2:0:0", "-t", "2:8300", "-c", "2:data", &n]);
+    c.lib(
+        "sgdisk",
+        &[
+            "-o",
+            "-n",
+            "1:2048:+4M",
+            "-t",
+            "1:ef00",
+            "-n",
+            "2:0:0",
+            "-t",
+            "2:8300",
+            "-c",
+            "2:data",
+            &n,
+        ],
+    );
     let v = c.lib("sgdisk", &["-v", &n]).text();
     assert!(v.contains("No problems found"), "sgdisk -v: {v}");
     let (_, parts) = raw_parts(c);
@@ -794,7 +1235,13 @@ fn scenario_sgdisk(c: &Cell) {
     assert_eq!(parts[1].kind, "0FC63DAF-8483-4772-8E79-3D69D8477DE4");
     // The sector-size line legitimately differs: only a block device has a
     // physical sector size.
-    let strip = |s: String, name: &str| norm(&s, name).lines().filter(|l| !l.starts_with("Sector size")).map(|l| format!("{l}\n")).collect::<String>();
+    let strip = |s: String, name: &str| {
+        norm(&s, name)
+            .lines()
+            .filter(|l| !l.starts_with("Sector size"))
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    };
     let got = strip(c.lib("sgdisk", &["-p", &n]).text(), &n);
     let want = strip(c.plain("sgdisk", &["-p", "disk.raw"]).text(), "disk.raw");
     assert_eq!(got, want, "sgdisk -p on the image vs on the raw");
@@ -806,17 +1253,37 @@ fn scenario_sgdisk(c: &Cell) {
 fn scenario_parted(c: &Cell) {
     c.create_empty();
     let n = c.name();
-    c.lib("parted", &["-s", &n, "mklabel", "gpt", "mkpart", "alpha", "ext4", "1MiB", "9MiB", "mkpart", "beta", "9MiB", "100%"]);
+    c.lib(
+        "parted",
+        &[
+            "-s", &n, "mklabel", "gpt", "mkpart", "alpha", "ext4", "1MiB", "9MiB", "mkpart",
+            "beta", "9MiB", "100%",
+        ],
+    );
     let total = sectors(c);
     let (_, parts) = raw_parts(c);
     assert_eq!(parts.len(), 2, "{parts:?}");
-    assert_eq!((parts[0].start, parts[0].size, parts[0].name.as_str()), (2048, 16384, "alpha"));
+    assert_eq!(
+        (parts[0].start, parts[0].size, parts[0].name.as_str()),
+        (2048, 16384, "alpha")
+    );
     assert_eq!((parts[1].start, parts[1].name.as_str()), (18432, "beta"));
     let end = parts[1].start + parts[1].size;
-    assert!(end <= total - 33 && end + 2048 >= total - 33, "partition 2 ends at {end}, disk has {total} sectors");
-    let rows = |s: String| s.lines().filter(|l| l.starts_with(' ')).map(str::to_string).collect::<Vec<_>>();
+    assert!(
+        end <= total - 33 && end + 2048 >= total - 33,
+        "partition 2 ends at {end}, disk has {total} sectors"
+    );
+    let rows = |s: String| {
+        s.lines()
+            .filter(|l| l.starts_with(' '))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
     let got = rows(c.lib("parted", &["-s", &n, "unit", "s", "print"]).text());
-    let want = rows(c.plain("parted", &["-s", "disk.raw", "unit", "s", "print"]).text());
+    let want = rows(
+        c.plain("parted", &["-s", "disk.raw", "unit", "s", "print"])
+            .text(),
+    );
     assert_eq!(got, want, "parted print on the image vs on the raw");
     assert_eq!(got.len(), 2, "{got:?}");
     c.check();
@@ -843,7 +1310,11 @@ fn ext4_on_raw(c: &Cell, raw: &str) {
 }
 
 fn blkid_tags(out: &str) -> Vec<String> {
-    let mut v: Vec<String> = out.lines().filter(|l| l.starts_with("TYPE=") || l.starts_with("UUID=")).map(str::to_string).collect();
+    let mut v: Vec<String> = out
+        .lines()
+        .filter(|l| l.starts_with("TYPE=") || l.starts_with("UUID="))
+        .map(str::to_string)
+        .collect();
     v.sort();
     v
 }
@@ -876,12 +1347,23 @@ fn scenario_ext4_partition(c: &Cell) {
     let (_, parts) = raw_parts(c);
     let p2 = &parts[1];
     let size = c.lib("blockdev", &["--getsize64", &part]).text();
-    assert_eq!(size.trim(), (p2.size * 512).to_string(), "blockdev --getsize64 on the partition symlink");
+    assert_eq!(
+        size.trim(),
+        (p2.size * 512).to_string(),
+        "blockdev --getsize64 on the partition symlink"
+    );
     c.lib("mkfs.ext4", &["-q", &part]);
     ext4_through_library(c, &part);
     let raw = c.raw_bytes();
-    let (s, e) = ((p2.start * 512) as usize, ((p2.start + p2.size) * 512) as usize);
-    same(&raw[..s], &before[..s], "everything before partition 2 (table, partition 1) after mkfs on partition 2");
+    let (s, e) = (
+        (p2.start * 512) as usize,
+        ((p2.start + p2.size) * 512) as usize,
+    );
+    same(
+        &raw[..s],
+        &before[..s],
+        "everything before partition 2 (table, partition 1) after mkfs on partition 2",
+    );
     let mut after = before.get(e..).unwrap_or(&[]).to_vec();
     after.resize(raw.len() - e, 0); // qemu's CHS rounding adds zeros
     same(&raw[e..], &after, "everything after partition 2");
@@ -898,12 +1380,26 @@ fn scenario_ntfs(c: &Cell) {
     c.put("payload.bin", &payload());
     c.lib("ntfscp", &[&n, "payload.bin", "f.bin"]);
     let ls = c.lib("ntfsls", &[&n]).text();
-    assert!(ls.lines().any(|l| l.trim() == "f.bin"), "ntfsls through the library: {ls}");
-    same(&c.lib("ntfscat", &[&n, "f.bin"]).stdout, &payload(), "ntfscat through the library");
+    assert!(
+        ls.lines().any(|l| l.trim() == "f.bin"),
+        "ntfsls through the library: {ls}"
+    );
+    same(
+        &c.lib("ntfscat", &[&n, "f.bin"]).stdout,
+        &payload(),
+        "ntfscat through the library",
+    );
     c.raw();
     let ls = c.plain("ntfsls", &["disk.raw"]).text();
-    assert!(ls.lines().any(|l| l.trim() == "f.bin"), "ntfsls on the raw: {ls}");
-    same(&c.plain("ntfscat", &["disk.raw", "f.bin"]).stdout, &payload(), "ntfscat on the raw");
+    assert!(
+        ls.lines().any(|l| l.trim() == "f.bin"),
+        "ntfsls on the raw: {ls}"
+    );
+    same(
+        &c.plain("ntfscat", &["disk.raw", "f.bin"]).stdout,
+        &payload(),
+        "ntfscat on the raw",
+    );
     let fix = c.plain("ntfsfix", &["-n", "disk.raw"]).text();
     assert!(!fix.contains("FAILED"), "ntfsfix -n on the raw: {fix}");
     let got = blkid_tags(&c.lib("blkid", &["-p", "-o", "export", &n]).text());
@@ -919,13 +1415,24 @@ fn scenario_vfat(c: &Cell) {
     c.put("payload.bin", &payload());
     c.lib("mcopy", &["-i", &n, "payload.bin", "::F.BIN"]);
     let dir = c.lib("mdir", &["-i", &n, "::"]).text();
-    assert!(dir.contains("F        BIN"), "mdir through the library: {dir}");
-    same(&c.lib("mtype", &["-i", &n, "::F.BIN"]).stdout, &payload(), "mtype through the library");
+    assert!(
+        dir.contains("F        BIN"),
+        "mdir through the library: {dir}"
+    );
+    same(
+        &c.lib("mtype", &["-i", &n, "::F.BIN"]).stdout,
+        &payload(),
+        "mtype through the library",
+    );
     c.lib("fsck.vfat", &["-n", &n]);
     c.raw();
     c.plain("fsck.vfat", &["-n", "disk.raw"]);
     c.plain("mcopy", &["-i", "disk.raw", "::F.BIN", "back.bin"]);
-    same(&fs::read(c.file("back.bin")).unwrap(), &payload(), "mcopy from the raw");
+    same(
+        &fs::read(c.file("back.bin")).unwrap(),
+        &payload(),
+        "mcopy from the raw",
+    );
     let got = blkid_tags(&c.lib("blkid", &["-p", "-o", "export", &n]).text());
     let want = blkid_tags(&c.plain("blkid", &["-p", "-o", "export", "disk.raw"]).text());
     assert_eq!(got, want, "blkid -p on the image vs on the raw");
@@ -940,11 +1447,15 @@ fn scenario_sleuthkit(c: &Cell) {
     c.put("tree/a.txt", b"alpha\n");
     c.put("tree/sub/b.bin", &payload());
     let fsimg = c.file("fs.raw");
-    fs::File::create(&fsimg).unwrap().set_len(parts[1].size * 512).unwrap();
+    fs::File::create(&fsimg)
+        .unwrap()
+        .set_len(parts[1].size * 512)
+        .unwrap();
     c.plain("mkfs.ext4", &["-q", "-d", "tree", "fs.raw"]);
     let mut data = fs::read(&src).unwrap();
     let s = (parts[1].start * 512) as usize;
-    data[s..s + fs::metadata(&fsimg).unwrap().len() as usize].copy_from_slice(&fs::read(&fsimg).unwrap());
+    data[s..s + fs::metadata(&fsimg).unwrap().len() as usize]
+        .copy_from_slice(&fs::read(&fsimg).unwrap());
     c.create_from(&data);
     c.raw();
     let n = c.name();
@@ -954,7 +1465,9 @@ fn scenario_sleuthkit(c: &Cell) {
     assert!(got.contains("Linux (0x83)"), "{got}");
     let off = parts[1].start.to_string();
     let got = c.lib("fls", &["-r", "-o", &off, "-i", "raw", &n]).text();
-    let want = c.plain("fls", &["-r", "-o", &off, "-i", "raw", "disk.raw"]).text();
+    let want = c
+        .plain("fls", &["-r", "-o", &off, "-i", "raw", "disk.raw"])
+        .text();
     assert_eq!(got, want, "fls -r on the image vs on the raw");
     assert!(got.contains("b.bin"), "{got}");
 }
@@ -972,7 +1485,20 @@ const TRACED: &str = "trace=read,write,pread64,pwrite64,readv,writev,preadv,pwri
 fn traced(c: &Cell, program: &str, args: &[&str], input: Option<&[u8]>) -> (Out, Vec<String>) {
     let trace = c.file(&format!("trace.{}", SEQ.fetch_add(1, Ordering::Relaxed)));
     let lib = format!("LD_PRELOAD={}", preload::library().display());
-    let mut a = vec!["-f", "-qq", "-y", "-s", "0", "-e", TRACED, "-o", trace.to_str().unwrap(), "-E", &lib, program];
+    let mut a = vec![
+        "-f",
+        "-qq",
+        "-y",
+        "-s",
+        "0",
+        "-e",
+        TRACED,
+        "-o",
+        trace.to_str().unwrap(),
+        "-E",
+        &lib,
+        program,
+    ];
     a.extend_from_slice(args);
     let out = exec(c.base("strace", &a), input, &c.dir);
     let text = fs::read_to_string(&trace).unwrap_or_default();
@@ -993,7 +1519,14 @@ fn report_escapes(bad: Vec<String>) {
     if !bad.is_empty() {
         let n = bad.len();
         let shown: Vec<&String> = bad.iter().take(12).collect();
-        panic!("{n} traced call(s) reached a dummy memfd instead of the image, e.g.:\n{}", shown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n"));
+        panic!(
+            "{n} traced call(s) reached a dummy memfd instead of the image, e.g.:\n{}",
+            shown
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
     }
 }
 
@@ -1008,25 +1541,75 @@ fn scenario_strace_readers(c: &Cell) {
         let (out, b) = traced(c, program, args, None);
         bad.extend(b);
         let code = out.status.code().unwrap_or(-1);
-        assert!(ok_codes.contains(&code), "{} (under strace) exited {code}: {}", out.what, tail(&out.err()));
+        assert!(
+            ok_codes.contains(&code),
+            "{} (under strace) exited {code}: {}",
+            out.what,
+            tail(&out.err())
+        );
         out
     };
-    same(&run("cat", &[&n], &[0]).stdout, &reference, "cat under strace");
-    assert_eq!(first_word(&run("md5sum", &[&n], &[0]).text()), md5, "md5sum under strace");
-    run("dd", &[&format!("if={n}"), "of=o.raw", "bs=1M", "status=none"], &[0]);
-    same(&fs::read(c.file("o.raw")).unwrap(), &reference, "dd under strace");
+    same(
+        &run("cat", &[&n], &[0]).stdout,
+        &reference,
+        "cat under strace",
+    );
+    assert_eq!(
+        first_word(&run("md5sum", &[&n], &[0]).text()),
+        md5,
+        "md5sum under strace"
+    );
+    run(
+        "dd",
+        &[&format!("if={n}"), "of=o.raw", "bs=1M", "status=none"],
+        &[0],
+    );
+    same(
+        &fs::read(c.file("o.raw")).unwrap(),
+        &reference,
+        "dd under strace",
+    );
     run("cp", &[&n, "o2.raw"], &[0]);
-    same(&fs::read(c.file("o2.raw")).unwrap(), &reference, "cp under strace");
+    same(
+        &fs::read(c.file("o2.raw")).unwrap(),
+        &reference,
+        "cp under strace",
+    );
     run("cmp", &[&n, "ref.raw"], &[0]);
-    run("od", &["-A", "d", "-t", "x1", "-j", "5000123", "-N", "64", &n], &[0]);
+    run(
+        "od",
+        &["-A", "d", "-t", "x1", "-j", "5000123", "-N", "64", &n],
+        &[0],
+    );
     run("hexdump", &["-C", "-s", "5000123", "-n", "64", &n], &[0]);
     run("xxd", &["-s", "5000123", "-l", "64", &n], &[0]);
     run("tail", &["-c", "1000", &n], &[0]);
-    let out = run("sh", &["-c", &format!("(head -c 512 >/dev/null; md5sum) < {n}")], &[0]);
-    assert_eq!(first_word(&out.text()), md5_rest, "(head -c 512; md5sum) < image under strace");
+    let out = run(
+        "sh",
+        &["-c", &format!("(head -c 512 >/dev/null; md5sum) < {n}")],
+        &[0],
+    );
+    assert_eq!(
+        first_word(&out.text()),
+        md5_rest,
+        "(head -c 512; md5sum) < image under strace"
+    );
     let out = run("sh", &["-c", &format!("md5sum /dev/stdin < {n}")], &[0]);
-    assert_eq!(first_word(&out.text()), md5, "md5sum /dev/stdin under strace");
-    run("/usr/bin/python3", &["-c", &format!("import os; f=open('{n}','rb'); f.read(); fd=os.open('{n}', os.O_RDONLY); os.pread(fd, 10, 12345)")], &[0]);
+    assert_eq!(
+        first_word(&out.text()),
+        md5,
+        "md5sum /dev/stdin under strace"
+    );
+    run(
+        "/usr/bin/python3",
+        &[
+            "-c",
+            &format!(
+                "import os; f=open('{n}','rb'); f.read(); fd=os.open('{n}', os.O_RDONLY); os.pread(fd, 10, 12345)"
+            ),
+        ],
+        &[0],
+    );
     run("blkid", &["-p", &n], &[0, 2]);
     run("fdisk", &["-l", &n], &[0]);
     run("blockdev", &["--getsize64", &n], &[0]);
@@ -1036,10 +1619,18 @@ fn scenario_strace_readers(c: &Cell) {
     let (_, control) = traced(
         c,
         "/usr/bin/python3",
-        &["-c", &format!("import os, ctypes; fd = os.open('{n}', os.O_RDONLY); b = ctypes.create_string_buffer(16); ctypes.CDLL(None).syscall(0, fd, b, 16)")],
+        &[
+            "-c",
+            &format!(
+                "import os, ctypes; fd = os.open('{n}', os.O_RDONLY); b = ctypes.create_string_buffer(16); ctypes.CDLL(None).syscall(0, fd, b, 16)"
+            ),
+        ],
         None,
     );
-    assert!(control.iter().any(|l| l.contains(" read(")), "the escape oracle missed a deliberate raw read(2) on the dummy: {control:?}");
+    assert!(
+        control.iter().any(|l| l.contains(" read(")),
+        "the escape oracle missed a deliberate raw read(2) on the dummy: {control:?}"
+    );
 }
 
 fn scenario_strace_writers(c: &Cell) {
@@ -1050,12 +1641,21 @@ fn scenario_strace_writers(c: &Cell) {
     let mut run = |program: &str, args: &[&str], input: Option<&[u8]>| -> Out {
         let (out, b) = traced(c, program, args, input);
         bad.extend(b);
-        assert!(out.status.success(), "{} (under strace) failed: {}", out.what, tail(&out.err()));
+        assert!(
+            out.status.success(),
+            "{} (under strace) failed: {}",
+            out.what,
+            tail(&out.err())
+        );
         out
     };
     run("sfdisk", &[&n], Some(b"label: dos\n,8M,83\n,,83\n"));
     run("fdisk", &["-l", &n], None);
-    run("parted", &["-s", &n, "mklabel", "gpt", "mkpart", "a", "1MiB", "9MiB"], None);
+    run(
+        "parted",
+        &["-s", &n, "mklabel", "gpt", "mkpart", "a", "1MiB", "9MiB"],
+        None,
+    );
     run("sgdisk", &["-n", "2:0:0", &n], None);
     run("mkfs.ext4", &["-q", "-F", &n], None);
     run("e2fsck", &["-fn", &n], None);
@@ -1068,14 +1668,40 @@ fn scenario_strace_writers(c: &Cell) {
     run("mkntfs", &["-Q", &n], None);
     run("ntfscp", &[&n, "payload.bin", "f.bin"], None);
     run("ntfsls", &[&n], None);
-    run("dd", &["if=payload.bin", &format!("of={n}"), "bs=1M", "seek=20", "conv=notrunc", "status=none"], None);
-    run("sh", &["-c", &format!("exec 3<>{n}; printf XYZ >&3; head -c 10 <&3 > /dev/null")], None);
+    run(
+        "dd",
+        &[
+            "if=payload.bin",
+            &format!("of={n}"),
+            "bs=1M",
+            "seek=20",
+            "conv=notrunc",
+            "status=none",
+        ],
+        None,
+    );
+    run(
+        "sh",
+        &[
+            "-c",
+            &format!("exec 3<>{n}; printf XYZ >&3; head -c 10 <&3 > /dev/null"),
+        ],
+        None,
+    );
     report_escapes(bad);
     // And the data went where it should.
     c.raw();
-    same(&c.plain("ntfscat", &["disk.raw", "f.bin"]).stdout, &payload(), "ntfscat on the raw after the strace runs");
+    same(
+        &c.plain("ntfscat", &["disk.raw", "f.bin"]).stdout,
+        &payload(),
+        "ntfscat on the raw after the strace runs",
+    );
     let raw = fs::read(c.file("disk.raw")).unwrap();
-    same(&raw[20 << 20..(20 << 20) + payload().len()], &payload(), "dd under strace, on the raw");
+    same(
+        &raw[20 << 20..(20 << 20) + payload().len()],
+        &payload(),
+        "dd under strace, on the raw",
+    );
     c.check();
 }
 
@@ -1099,9 +1725,17 @@ fn compat_matrix() {
     std::panic::set_hook(Box::new(|info| {
         let msg = panic_message(info.payload());
         let first = msg.lines().next().unwrap_or("");
-        eprintln!("panic at {}: {first}", info.location().map(|l| l.to_string()).unwrap_or_default());
+        eprintln!(
+            "panic at {}: {first}",
+            info.location().map(|l| l.to_string()).unwrap_or_default()
+        );
     }));
-    let filters: Vec<String> = std::env::var("COMPAT_FILTER").unwrap_or_default().split(',').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    let filters: Vec<String> = std::env::var("COMPAT_FILTER")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
     let keep = std::env::var_os("COMPAT_KEEP").is_some();
     let mut cells = Vec::new();
     for (si, (scen, _)) in SCENARIOS.iter().enumerate() {
@@ -1112,16 +1746,29 @@ fn compat_matrix() {
             }
         }
     }
-    if cells.iter().any(|&(si, _)| SCENARIOS[si].0 == "fd lifecycle (C)") {
+    if cells
+        .iter()
+        .any(|&(si, _)| SCENARIOS[si].0 == "fd lifecycle (C)")
+    {
         fdcheck();
     }
     let jobs = std::env::var("COMPAT_JOBS")
         .ok()
         .and_then(|j| j.parse().ok())
-        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        });
     // Longest cells first: the file-system and strace rows.
-    cells.sort_by_key(|&(si, _)| std::cmp::Reverse(matches!(SCENARIOS[si].0, "strace writers" | "strace readers" | "ext4 partition" | "ntfs") as u8));
-    let results: Mutex<Vec<Option<Result<Duration, String>>>> = Mutex::new(vec![None; SCENARIOS.len() * FORMATS.len()]);
+    cells.sort_by_key(|&(si, _)| {
+        std::cmp::Reverse(matches!(
+            SCENARIOS[si].0,
+            "strace writers" | "strace readers" | "ext4 partition" | "ntfs"
+        ) as u8)
+    });
+    let results: Mutex<Vec<Option<Result<Duration, String>>>> =
+        Mutex::new(vec![None; SCENARIOS.len() * FORMATS.len()]);
     let next = AtomicUsize::new(0);
     let started = Instant::now();
     std::thread::scope(|s| {
@@ -1132,8 +1779,14 @@ fn compat_matrix() {
                     let Some(&(si, fi)) = cells.get(i) else { break };
                     let (scen, f) = SCENARIOS[si];
                     let fmt = &FORMATS[fi];
-                    let tmp = tempfile::Builder::new().prefix(&format!("compat-{}-", fmt.label)).tempdir().unwrap();
-                    let cell = Cell { fmt, dir: tmp.path().to_path_buf() };
+                    let tmp = tempfile::Builder::new()
+                        .prefix(&format!("compat-{}-", fmt.label))
+                        .tempdir()
+                        .unwrap();
+                    let cell = Cell {
+                        fmt,
+                        dir: tmp.path().to_path_buf(),
+                    };
                     let t = Instant::now();
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&cell)));
                     let r = match r {
@@ -1146,7 +1799,12 @@ fn compat_matrix() {
                             Err(msg)
                         }
                     };
-                    eprintln!("compat: {scen}/{}: {} ({:.1}s)", fmt.label, if r.is_ok() { "pass" } else { "FAIL" }, t.elapsed().as_secs_f64());
+                    eprintln!(
+                        "compat: {scen}/{}: {} ({:.1}s)",
+                        fmt.label,
+                        if r.is_ok() { "pass" } else { "FAIL" },
+                        t.elapsed().as_secs_f64()
+                    );
                     results.lock().unwrap()[si * FORMATS.len() + fi] = Some(r);
                 }
             });
@@ -1181,10 +1839,20 @@ fn compat_matrix() {
         }
         table.push('\n');
     }
-    writeln!(table, "{pass} passed, {fail} failed in {:.0}s", started.elapsed().as_secs_f64()).unwrap();
+    writeln!(
+        table,
+        "{pass} passed, {fail} failed in {:.0}s",
+        started.elapsed().as_secs_f64()
+    )
+    .unwrap();
     // Straight to stderr, past the test harness's capture: the matrix is
     // shown on success too.
     use std::io::Write as _;
-    std::io::stderr().write_all(format!("{failures}{table}").as_bytes()).ok();
-    assert!(fail == 0, "compatibility matrix: {fail} cell(s) failed (details above)");
+    std::io::stderr()
+        .write_all(format!("{failures}{table}").as_bytes())
+        .ok();
+    assert!(
+        fail == 0,
+        "compatibility matrix: {fail} cell(s) failed (details above)"
+    );
 }

@@ -67,10 +67,12 @@ while True:
 /// The bytes the writer writes for `seq`.
 fn data(seq: u64, n: usize) -> Vec<u8> {
     let k = ((seq * 131) % 200_000) as usize;
-    (0..n).map(|i| {
-        let j = k + i;
-        ((j * 7 + (j >> 8)) as u8) ^ (seq as u8)
-    }).collect()
+    (0..n)
+        .map(|i| {
+            let j = k + i;
+            ((j * 7 + (j >> 8)) as u8) ^ (seq as u8)
+        })
+        .collect()
 }
 
 #[derive(Debug)]
@@ -85,7 +87,11 @@ fn parse_log(text: &str) -> Vec<Ev> {
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
-            ["B", s, o, n] => v.push(Ev::Begin { seq: s.parse().unwrap(), off: o.parse().unwrap(), len: n.parse().unwrap() }),
+            ["B", s, o, n] => v.push(Ev::Begin {
+                seq: s.parse().unwrap(),
+                off: o.parse().unwrap(),
+                len: n.parse().unwrap(),
+            }),
             ["W", s] => v.push(Ev::Done(s.parse().unwrap())),
             ["S", _] => v.push(Ev::Synced),
             _ => {} // a line cut by the kill
@@ -144,7 +150,12 @@ fn verify(before: &[u8], actual: &[u8], log: &[Ev]) -> Outcome {
             lost_unsynced += 1;
         }
     }
-    Outcome { lost_synced, lost_unsynced, writes, syncs: log.iter().filter(|e| matches!(e, Ev::Synced)).count() }
+    Outcome {
+        lost_synced,
+        lost_unsynced,
+        writes,
+        syncs: log.iter().filter(|e| matches!(e, Ev::Synced)).count(),
+    }
 }
 
 fn check_image(dir: &Path, img: &Path, fmt: &str) -> Result<Vec<u8>, String> {
@@ -154,21 +165,49 @@ fn check_image(dir: &Path, img: &Path, fmt: &str) -> Result<Vec<u8>, String> {
             img.to_path_buf()
         }
         "vdi" => {
-            let out = std::process::Command::new("qemu-img").args(["check", "-f", "vdi", "--output=json", img.to_str().unwrap()]).output().unwrap();
+            let out = std::process::Command::new("qemu-img")
+                .args(["check", "-f", "vdi", "--output=json", img.to_str().unwrap()])
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
             // 0: clean, 3: leaks only.
-            if !matches!(out.status.code(), Some(0) | Some(3)) || !text.contains("\"check-errors\": 0") || text.contains("\"corruptions\": ") && !text.contains("\"corruptions\": 0") {
-                return Err(format!("qemu-img check: {}{}", text, String::from_utf8_lossy(&out.stderr)));
+            if !matches!(out.status.code(), Some(0) | Some(3))
+                || !text.contains("\"check-errors\": 0")
+                || text.contains("\"corruptions\": ") && !text.contains("\"corruptions\": 0")
+            {
+                return Err(format!(
+                    "qemu-img check: {}{}",
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
             }
             img.to_path_buf()
         }
         "vhdx" => {
             let copy = dir.join("check-copy.vhdx");
             std::fs::copy(img, &copy).unwrap();
-            let out = std::process::Command::new("qemu-img").args(["check", "-r", "all", "-f", "vhdx", "--output=json", copy.to_str().unwrap()]).output().unwrap();
+            let out = std::process::Command::new("qemu-img")
+                .args([
+                    "check",
+                    "-r",
+                    "all",
+                    "-f",
+                    "vhdx",
+                    "--output=json",
+                    copy.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
-            if !matches!(out.status.code(), Some(0) | Some(3)) || !text.contains("\"check-errors\": 0") || text.contains("\"corruptions\": ") && !text.contains("\"corruptions\": 0") {
-                return Err(format!("qemu-img check -r all: {}{}", text, String::from_utf8_lossy(&out.stderr)));
+            if !matches!(out.status.code(), Some(0) | Some(3))
+                || !text.contains("\"check-errors\": 0")
+                || text.contains("\"corruptions\": ") && !text.contains("\"corruptions\": 0")
+            {
+                return Err(format!(
+                    "qemu-img check -r all: {}{}",
+                    text,
+                    String::from_utf8_lossy(&out.stderr)
+                ));
             }
             copy
         }
@@ -187,16 +226,36 @@ fn check_image(dir: &Path, img: &Path, fmt: &str) -> Result<Vec<u8>, String> {
     let n = ours.len().min(qemu.len());
     if ours[..n] != qemu[..n] {
         let first = (0..n).find(|&i| ours[i] != qemu[i]).unwrap();
-        return Err(format!("vdisk and qemu-img read the crashed image differently (first at {first})"));
+        return Err(format!(
+            "vdisk and qemu-img read the crashed image differently (first at {first})"
+        ));
     }
     Ok(qemu[..n].to_vec())
 }
 
-fn trials(fmt: &str, name: &str, create_opts: &str, size: &str, seed: u64) -> (usize, usize, usize, usize, usize) {
+fn trials(
+    fmt: &str,
+    name: &str,
+    create_opts: &str,
+    size: &str,
+    seed: u64,
+) -> (usize, usize, usize, usize, usize) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = dir.join(name);
-    common::run("qemu-img", &["create", "-q", "-f", fmt, "-o", create_opts, img.to_str().unwrap(), size]);
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            create_opts,
+            img.to_str().unwrap(),
+            size,
+        ],
+    );
     let mut before = common::qemu_raw(&img, fmt);
     let mut rng = common::Rng(seed);
     let mut corruptions = Vec::new();
@@ -207,23 +266,38 @@ fn trials(fmt: &str, name: &str, create_opts: &str, size: &str, seed: u64) -> (u
         let mut child = preload::command(
             dir,
             "python3",
-            &["-c", WRITER, img.to_str().unwrap(), log_path.to_str().unwrap(), &(seed + trial as u64).to_string(), &seq.to_string()],
+            &[
+                "-c",
+                WRITER,
+                img.to_str().unwrap(),
+                log_path.to_str().unwrap(),
+                &(seed + trial as u64).to_string(),
+                &seq.to_string(),
+            ],
         )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
         let mut line = String::new();
-        std::io::BufReader::new(child.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
         if line.trim() != "ready" {
             let out = child.wait_with_output().unwrap();
-            panic!("{name} trial {trial}: writer did not start: {}", String::from_utf8_lossy(&out.stderr));
+            panic!(
+                "{name} trial {trial}: writer did not start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::thread::sleep(Duration::from_millis(30 + rng.next() % 400));
         child.kill().unwrap(); // SIGKILL
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!stderr.contains("Error") && !stderr.contains("Traceback"), "{name} trial {trial}: writer failed: {stderr}");
+        assert!(
+            !stderr.contains("Error") && !stderr.contains("Traceback"),
+            "{name} trial {trial}: writer failed: {stderr}"
+        );
         let log = parse_log(&std::fs::read_to_string(&log_path).unwrap_or_default());
         seq += log.iter().filter(|e| matches!(e, Ev::Begin { .. })).count() as u64 + 1;
         match check_image(dir, &img, fmt) {
@@ -237,7 +311,10 @@ fn trials(fmt: &str, name: &str, create_opts: &str, size: &str, seed: u64) -> (u
                 syncs += o.syncs;
                 lost_unsynced += o.lost_unsynced;
                 if o.lost_synced > 0 {
-                    corruptions.push(format!("trial {trial}: {} bytes of synced writes lost", o.lost_synced));
+                    corruptions.push(format!(
+                        "trial {trial}: {} bytes of synced writes lost",
+                        o.lost_synced
+                    ));
                 }
                 before = actual;
             }
@@ -280,7 +357,10 @@ fn verify_catches_lost_synced_writes() {
     actual[..512].copy_from_slice(&data(1, 512));
     actual[1024..1124].copy_from_slice(&data(2, 100));
     let o = verify(&before, &actual, &log);
-    assert_eq!((o.lost_synced, o.lost_unsynced, o.writes, o.syncs), (0, 0, 2, 1));
+    assert_eq!(
+        (o.lost_synced, o.lost_unsynced, o.writes, o.syncs),
+        (0, 0, 2, 1)
+    );
     // Unsynced write 2 lost, in-flight write 3 half done: allowed.
     let mut partial = before.clone();
     partial[..512].copy_from_slice(&data(1, 512));

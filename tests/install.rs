@@ -15,12 +15,22 @@ fn make_install_then_vhdio_run() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     preload::library();
     let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "-p", "vhdio-cli", "-p", "vhdpartx", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "vhdio-cli",
+            "-p",
+            "vhdpartx",
+            "--manifest-path",
+        ])
         .arg(root.join("Cargo.toml"))
         .status()
         .unwrap();
     assert!(status.success());
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let prefix = tempfile::tempdir().unwrap();
     // `-o all`: the artifacts are built; install only.
     let out = Command::new("make")
@@ -30,8 +40,19 @@ fn make_install_then_vhdio_run() {
         .arg(format!("TARGET={}", target.join("release").display()))
         .output()
         .unwrap();
-    assert!(out.status.success(), "make install: {}", String::from_utf8_lossy(&out.stderr));
-    for f in ["lib/libvhdio.so", "bin/vhdpartx", "bin/vhdio", "share/man/man7/libvhdio.7", "share/man/man8/vhdpartx.8", "share/man/man1/vhdio.1"] {
+    assert!(
+        out.status.success(),
+        "make install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "lib/libvhdio.so",
+        "bin/vhdpartx",
+        "bin/vhdio",
+        "share/man/man7/libvhdio.7",
+        "share/man/man8/vhdpartx.8",
+        "share/man/man1/vhdio.1",
+    ] {
         assert!(prefix.path().join(f).exists(), "{f} not installed");
     }
     // The installed vhdio finds the installed library (../lib) by itself.
@@ -41,14 +62,32 @@ fn make_install_then_vhdio_run() {
     let out = Command::new(prefix.path().join("bin/vhdio"))
         .current_dir(tmp.path())
         .env_remove("LD_PRELOAD")
-        .args(["run", "dd", "if=disk.vhdx", "of=disk.raw", "bs=1M", "status=none"])
+        .args([
+            "run",
+            "dd",
+            "if=disk.vhdx",
+            "of=disk.raw",
+            "bs=1M",
+            "status=none",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "vhdio run: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "vhdio run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(std::fs::read(tmp.path().join("disk.raw")).unwrap() == qemu_raw(&img, "vhdx"));
     // man renders the installed page.
-    let man = Command::new("man").args(["-l"]).arg(prefix.path().join("share/man/man8/vhdpartx.8")).env("MANPAGER", "cat").output();
+    let man = Command::new("man")
+        .args(["-l"])
+        .arg(prefix.path().join("share/man/man8/vhdpartx.8"))
+        .env("MANPAGER", "cat")
+        .output();
     let man = man.expect("man is needed (apt-get install -y man-db)");
     let text = String::from_utf8_lossy(&man.stdout);
-    assert!(text.contains("NAME") && text.contains("vhdpartx"), "man vhdpartx did not render: {text}");
+    assert!(
+        text.contains("NAME") && text.contains("vhdpartx"),
+        "man vhdpartx did not render: {text}"
+    );
 }

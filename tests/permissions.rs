@@ -54,12 +54,14 @@ fn dirty_vhdx(path: &Path) -> Vec<u8> {
         let b = h.encode();
         file[*slot as usize..*slot as usize + b.len()].copy_from_slice(&b);
     }
-    let regions = vdisk::vhdx::region::read(&vdisk::MemStorage::read_only(file.clone()), tlen).unwrap();
+    let regions =
+        vdisk::vhdx::region::read(&vdisk::MemStorage::read_only(file.clone()), tlen).unwrap();
     let bat = regions.bat.offset as usize;
     let mut bat_sector = file[bat..bat + 4096].to_vec();
     bat_sector[..8].copy_from_slice(&(tlen | 6).to_le_bytes());
     let sector = vec![0xC3u8; 4096];
-    let mut e = vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
+    let mut e =
+        vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
     e[56..64].copy_from_slice(&(tlen + (1 << 20)).to_le_bytes());
     e[4..8].fill(0);
     let crc = vdisk::crc::crc32c(&e);
@@ -74,7 +76,10 @@ fn dirty_vhdx(path: &Path) -> Vec<u8> {
 }
 
 fn snapshot(path: &Path) -> (Vec<u8>, std::time::SystemTime) {
-    (std::fs::read(path).unwrap(), std::fs::metadata(path).unwrap().modified().unwrap())
+    (
+        std::fs::read(path).unwrap(),
+        std::fs::metadata(path).unwrap().modified().unwrap(),
+    )
 }
 
 #[test]
@@ -143,12 +148,21 @@ fn read_only_workload_changes_nothing() {
         );
         let out = preload::sh(dir, &script);
         let after = snapshot(&dir.join(name));
-        assert!(before.0 == after.0, "{name}: the read-only workload changed the file");
-        assert_eq!(before.1, after.1, "{name}: the read-only workload changed the mtime");
+        assert!(
+            before.0 == after.0,
+            "{name}: the read-only workload changed the file"
+        );
+        assert_eq!(
+            before.1, after.1,
+            "{name}: the read-only workload changed the mtime"
+        );
         if name == "dirty.vhdx" {
             let md5 = String::from_utf8_lossy(&out.stdout);
             let got = preload::run(dir, "cat", &["dirty.vhdx"]).stdout;
-            assert!(got == dirty_disk, "dirty.vhdx: the log was not replayed in memory ({md5})");
+            assert!(
+                got == dirty_disk,
+                "dirty.vhdx: the log was not replayed in memory ({md5})"
+            );
         }
     }
 }
@@ -185,22 +199,60 @@ for name in sys.argv[1:]:
     let text = String::from_utf8_lossy(&with.stdout);
     for n in &names {
         // Under the library the image reads as a (at least) 4 MiB block device.
-        let line = text.lines().find(|l| l.starts_with(&format!("{n} "))).unwrap_or("");
-        let size: u64 = line.rsplit("ro:").next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        assert!(line.starts_with(&format!("{n} EACCES ro:")) && (4 << 20..5 << 20).contains(&size), "{text}{}", String::from_utf8_lossy(&with.stderr));
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("{n} ")))
+            .unwrap_or("");
+        let size: u64 = line
+            .rsplit("ro:")
+            .next()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        assert!(
+            line.starts_with(&format!("{n} EACCES ro:")) && (4 << 20..5 << 20).contains(&size),
+            "{text}{}",
+            String::from_utf8_lossy(&with.stderr)
+        );
     }
     let before: Vec<_> = names.iter().map(|n| snapshot(&dir.join(n))).collect();
     // A writer that ignores the error: nothing changes.
-    let out = preload::command(dir, "setpriv", &[&NOBODY[..], &["dd", "if=/dev/zero", "of=p.vhd", "bs=512", "count=1", "conv=notrunc"]].concat()).output().unwrap();
+    let out = preload::command(
+        dir,
+        "setpriv",
+        &[
+            &NOBODY[..],
+            &[
+                "dd",
+                "if=/dev/zero",
+                "of=p.vhd",
+                "bs=512",
+                "count=1",
+                "conv=notrunc",
+            ],
+        ]
+        .concat(),
+    )
+    .output()
+    .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for (n, b) in names.iter().zip(&before) {
         assert!(snapshot(&dir.join(n)) == *b, "{n} changed");
     }
 }
 
 /// `program args` in `dir`, with or without the library, optionally as nobody.
-fn run_plain(dir: &Path, preload_on: bool, as_nobody: bool, program: &str, args: &[&str]) -> Output {
+fn run_plain(
+    dir: &Path,
+    preload_on: bool,
+    as_nobody: bool,
+    program: &str,
+    args: &[&str],
+) -> Output {
     let mut c = if as_nobody {
         let mut c = Command::new("setpriv");
         c.args(NOBODY).arg(program).args(args);
@@ -210,7 +262,9 @@ fn run_plain(dir: &Path, preload_on: bool, as_nobody: bool, program: &str, args:
         c.args(args);
         c
     };
-    c.current_dir(dir).env_remove("LD_PRELOAD").env("LC_ALL", "C");
+    c.current_dir(dir)
+        .env_remove("LD_PRELOAD")
+        .env("LC_ALL", "C");
     if preload_on {
         c.env("LD_PRELOAD", preload::library());
     }
@@ -222,7 +276,9 @@ fn non_image_files_behave_identically() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let big: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + (i >> 11)) as u8).collect();
+    let big: Vec<u8> = (0..300_000u32)
+        .map(|i| (i * 31 + (i >> 11)) as u8)
+        .collect();
     std::fs::write(dir.join("plain.bin"), &big).unwrap();
     std::fs::write(dir.join("notes.txt"), "hello\nworld\n").unwrap();
     // Image-like names that are not images: text, a short file, a file with
@@ -266,19 +322,83 @@ for p in sys.argv[1:]:
     res.append(e(lambda: os.listdir(p)))
     print(' | '.join(res))
 "#;
-    let paths = ["plain.bin", "notes.txt", "text.vhd", "short.vdi", "fake.vhdx", "folder.vhdx", "missing.vhd", "missing.txt", "secret.vhd", "secret.txt"];
+    let paths = [
+        "plain.bin",
+        "notes.txt",
+        "text.vhd",
+        "short.vdi",
+        "fake.vhdx",
+        "folder.vhdx",
+        "missing.vhd",
+        "missing.txt",
+        "secret.vhd",
+        "secret.txt",
+    ];
     let mut cases: Vec<(bool, &str, Vec<&str>)> = vec![
-        (false, "cat", vec!["plain.bin", "notes.txt", "text.vhd", "short.vdi", "fake.vhdx"]),
+        (
+            false,
+            "cat",
+            vec![
+                "plain.bin",
+                "notes.txt",
+                "text.vhd",
+                "short.vdi",
+                "fake.vhdx",
+            ],
+        ),
         (false, "cat", vec!["missing.vhd"]),
         (false, "cat", vec!["folder.vhdx"]),
         (true, "cat", vec!["secret.vhd"]),
-        (false, "dd", vec!["if=fake.vhdx", "bs=1000", "skip=1", "count=3", "status=none"]),
+        (
+            false,
+            "dd",
+            vec![
+                "if=fake.vhdx",
+                "bs=1000",
+                "skip=1",
+                "count=3",
+                "status=none",
+            ],
+        ),
         (false, "dd", vec!["if=missing.vdi", "status=none"]),
-        (false, "stat", vec!["-c", "%n %s %F %a %h %Y", "plain.bin", "text.vhd", "short.vdi", "fake.vhdx", "folder.vhdx"]),
+        (
+            false,
+            "stat",
+            vec![
+                "-c",
+                "%n %s %F %a %h %Y",
+                "plain.bin",
+                "text.vhd",
+                "short.vdi",
+                "fake.vhdx",
+                "folder.vhdx",
+            ],
+        ),
         (false, "stat", vec!["missing.vhdx"]),
-        (false, "ls", vec!["-l", "--time-style=+%s", "plain.bin", "text.vhd", "short.vdi", "fake.vhdx", "secret.vhd", "missing.vhd"]),
-        (false, "md5sum", vec!["plain.bin", "text.vhd", "fake.vhdx", "short.vdi"]),
-        (true, "md5sum", vec!["secret.vhd", "secret.txt", "folder.vhdx"]),
+        (
+            false,
+            "ls",
+            vec![
+                "-l",
+                "--time-style=+%s",
+                "plain.bin",
+                "text.vhd",
+                "short.vdi",
+                "fake.vhdx",
+                "secret.vhd",
+                "missing.vhd",
+            ],
+        ),
+        (
+            false,
+            "md5sum",
+            vec!["plain.bin", "text.vhd", "fake.vhdx", "short.vdi"],
+        ),
+        (
+            true,
+            "md5sum",
+            vec!["secret.vhd", "secret.txt", "folder.vhdx"],
+        ),
     ];
     let mut pyargs = vec!["-c", py];
     pyargs.extend(paths);
@@ -288,14 +408,25 @@ for p in sys.argv[1:]:
     for (nobody, program, args) in &cases {
         let a = run_plain(dir, false, *nobody, program, args);
         let b = run_plain(dir, true, *nobody, program, args);
-        let show = |o: &Output| format!("{} / {} / {}", o.status, String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        let show = |o: &Output| {
+            format!(
+                "{} / {} / {}",
+                o.status,
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        };
         assert!(
             a.status.code() == b.status.code() && a.stdout == b.stdout && a.stderr == b.stderr,
             "{program} {args:?} (as nobody: {nobody}) differs\nwithout: {}\nwith:    {}",
             show(&a),
             show(&b)
         );
-        assert!(!String::from_utf8_lossy(&a.stderr).contains("Permission denied") || *program != SYSTEM_PYTHON, "{program} cannot start as nobody");
+        assert!(
+            !String::from_utf8_lossy(&a.stderr).contains("Permission denied")
+                || *program != SYSTEM_PYTHON,
+            "{program} cannot start as nobody"
+        );
         compared += 1;
     }
     // cp of non-images: identical copies.
@@ -303,11 +434,17 @@ for p in sys.argv[1:]:
         let with = run_plain(dir, true, false, "cp", &[f, &format!("copy-with-{f}")]);
         let without = run_plain(dir, false, false, "cp", &[f, &format!("copy-without-{f}")]);
         assert!(with.status.success() && without.status.success());
-        assert_eq!(std::fs::read(dir.join(format!("copy-with-{f}"))).unwrap(), std::fs::read(dir.join(f)).unwrap());
+        assert_eq!(
+            std::fs::read(dir.join(format!("copy-with-{f}"))).unwrap(),
+            std::fs::read(dir.join(f)).unwrap()
+        );
         compared += 1;
     }
     let a = run_plain(dir, false, false, "cp", &["missing.vhd", "x.vhd"]);
     let b = run_plain(dir, true, false, "cp", &["missing.vhd", "x.vhd"]);
     assert_eq!((a.status.code(), &a.stderr), (b.status.code(), &b.stderr));
-    println!("{} program runs identical with and without the library", compared + 1);
+    println!(
+        "{} program runs identical with and without the library",
+        compared + 1
+    );
 }

@@ -21,9 +21,13 @@ fn stop_and_continue(mut child: Child) -> std::process::ExitStatus {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-STOP", &pid])
+            .status();
         sleep(Duration::from_millis(20));
-        let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &pid])
+            .status();
         sleep(Duration::from_millis(150));
     }
 }
@@ -42,13 +46,27 @@ fn parents(dir: &Path, stem: &str) -> usize {
 fn workload(fmt: &str, name: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    tool("qemu-img", &["create", "-q", "-f", fmt, dir.join(name).to_str().unwrap(), "128M"]);
+    tool(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            dir.join(name).to_str().unwrap(),
+            "128M",
+        ],
+    );
     let (data, _) = pattern(11, 192 << 10);
     std::fs::write(dir.join("src.bin"), &data).unwrap();
-    let mkfs = preload::command(dir, "mkfs.ext4", &["-q", "-E", "lazy_itable_init=0,nodiscard", name])
-        .env("LIBVHD_IO_TEST", "1")
-        .spawn()
-        .unwrap();
+    let mkfs = preload::command(
+        dir,
+        "mkfs.ext4",
+        &["-q", "-E", "lazy_itable_init=0,nodiscard", name],
+    )
+    .env("LIBVHD_IO_TEST", "1")
+    .spawn()
+    .unwrap();
     assert!(stop_and_continue(mkfs).success(), "mkfs.ext4 failed");
     // debugfs reads its commands from a pipe, in phases; between phases it is
     // stopped and continued, and the next phase's writes find the snapshot
@@ -71,9 +89,15 @@ fn workload(fmt: &str, name: &str) {
             stdin.flush().unwrap();
             if phase < phases {
                 sleep(Duration::from_millis(400));
-                std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap();
+                std::process::Command::new("kill")
+                    .args(["-STOP", &pid])
+                    .status()
+                    .unwrap();
                 sleep(Duration::from_millis(20));
-                std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+                std::process::Command::new("kill")
+                    .args(["-CONT", &pid])
+                    .status()
+                    .unwrap();
             }
         }
     }
@@ -82,13 +106,28 @@ fn workload(fmt: &str, name: &str) {
     let stem = name.split('.').next().unwrap();
     let chain = parents(dir, stem);
     eprintln!("{name}: chain grew by {chain} snapshots");
-    assert!(chain >= phases, "{name}: only {chain} snapshots for {phases} SIGCONTs");
+    assert!(
+        chain >= phases,
+        "{name}: only {chain} snapshots for {phases} SIGCONTs"
+    );
     // The final disk, through the library, is a clean file system with every file.
-    preload::run(dir, "dd", &[&format!("if={name}"), "of=final.raw", "bs=1M", "status=none"]);
+    preload::run(
+        dir,
+        "dd",
+        &[
+            &format!("if={name}"),
+            "of=final.raw",
+            "bs=1M",
+            "status=none",
+        ],
+    );
     let raw = dir.join("final.raw");
     tool("e2fsck", &["-fn", raw.to_str().unwrap()]);
     for i in [0, 151, 299] {
-        let out = std::process::Command::new("debugfs").args(["-R", &format!("cat f{i}"), raw.to_str().unwrap()]).output().unwrap();
+        let out = std::process::Command::new("debugfs")
+            .args(["-R", &format!("cat f{i}"), raw.to_str().unwrap()])
+            .output()
+            .unwrap();
         assert!(out.stdout == data, "{name}: file f{i} differs");
     }
 }

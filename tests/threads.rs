@@ -29,7 +29,11 @@ fn program() -> &'static Path {
             .arg(&src)
             .output()
             .unwrap_or_else(|e| panic!("cannot run cc (install gcc): {e}"));
-        assert!(r.status.success(), "cc threads.c: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.status.success(),
+            "cc threads.c: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         out
     })
 }
@@ -38,7 +42,19 @@ fn run_one(fmt: &str, name: &str, opts: &str, extra: &[&str]) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = dir.join(name);
-    common::run("qemu-img", &["create", "-q", "-f", fmt, "-o", opts, img.to_str().unwrap(), "16M"]);
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            fmt,
+            "-o",
+            opts,
+            img.to_str().unwrap(),
+            "16M",
+        ],
+    );
     // Some data already there, so reads of unwritten parts see more than zeros.
     let mut seeded = vec![0u8; 16 << 20];
     let mut rng = common::Rng(5);
@@ -47,14 +63,31 @@ fn run_one(fmt: &str, name: &str, opts: &str, extra: &[&str]) -> String {
     }
     let src = dir.join("seed.raw");
     std::fs::write(&src, &seeded).unwrap();
-    common::run("qemu-img", &["convert", "-q", "-n", "-f", "raw", "-O", fmt, src.to_str().unwrap(), img.to_str().unwrap()]);
+    common::run(
+        "qemu-img",
+        &[
+            "convert",
+            "-q",
+            "-n",
+            "-f",
+            "raw",
+            "-O",
+            fmt,
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ],
+    );
     let plain = dir.join("plain.vhd.txt");
     let text: Vec<u8> = (0..65536u32).map(|i| (i * 13 + (i >> 9)) as u8).collect();
     std::fs::write(&plain, &text).unwrap();
     let expect = dir.join("expect.raw");
 
     let t = Instant::now();
-    let mut args = vec![img.to_str().unwrap(), plain.to_str().unwrap(), expect.to_str().unwrap()];
+    let mut args = vec![
+        img.to_str().unwrap(),
+        plain.to_str().unwrap(),
+        expect.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let mut child = preload::command(dir, program().to_str().unwrap(), &args)
         .stdout(Stdio::piped())
@@ -74,8 +107,14 @@ fn run_one(fmt: &str, name: &str, opts: &str, extra: &[&str]) -> String {
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(status.is_some(), "{name}: the thread program hung (killed after 120 s): {stdout}{stderr}");
-    assert!(status.unwrap().success() && stdout.starts_with("OK"), "{name}: {stdout}{stderr}");
+    assert!(
+        status.is_some(),
+        "{name}: the thread program hung (killed after 120 s): {stdout}{stderr}"
+    );
+    assert!(
+        status.unwrap().success() && stdout.starts_with("OK"),
+        "{name}: {stdout}{stderr}"
+    );
 
     // The image holds exactly what the models say, and is sound.
     match fmt {
@@ -83,7 +122,10 @@ fn run_one(fmt: &str, name: &str, opts: &str, extra: &[&str]) -> String {
             vhd_util::check_file(&img).unwrap();
         }
         _ => {
-            common::run("qemu-img", &["check", "-q", "-f", fmt, img.to_str().unwrap()]);
+            common::run(
+                "qemu-img",
+                &["check", "-q", "-f", fmt, img.to_str().unwrap()],
+            );
         }
     }
     let want = std::fs::read(&expect).unwrap();
@@ -93,7 +135,11 @@ fn run_one(fmt: &str, name: &str, opts: &str, extra: &[&str]) -> String {
         let first = (0..want.len()).find(|&i| got[i] != want[i]).unwrap();
         panic!("{name}: image differs from the thread models at {first}");
     }
-    format!("{name}: {} ({:.1} s)", stdout.trim(), t.elapsed().as_secs_f64())
+    format!(
+        "{name}: {} ({:.1} s)",
+        stdout.trim(),
+        t.elapsed().as_secs_f64()
+    )
 }
 
 #[test]

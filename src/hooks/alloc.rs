@@ -3,7 +3,7 @@
 
 use std::ffi::CStr;
 
-use libc::{c_char, c_int, c_uint, off64_t, off_t};
+use libc::{c_char, c_int, c_uint, off_t, off64_t};
 
 use super::open::{absolute, call, is_candidate};
 use super::{disk_error, emulate, image_fd};
@@ -89,7 +89,12 @@ pub unsafe extern "C" fn posix_fadvise(fd: c_int, off: off_t, len: off_t, advice
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn posix_fadvise64(fd: c_int, off: off64_t, len: off64_t, advice: c_int) -> c_int {
+pub unsafe extern "C" fn posix_fadvise64(
+    fd: c_int,
+    off: off64_t,
+    len: off64_t,
+    advice: c_int,
+) -> c_int {
     if is_mapped(fd) && image_fd(fd).is_some() {
         return 0;
     }
@@ -111,7 +116,10 @@ pub unsafe extern "C" fn readahead(fd: c_int, off: off64_t, count: libc::size_t)
 fn flush_fd(fd: c_int) -> Option<c_int> {
     let of = image_fd(fd)?;
     Some(emulate(-1, || {
-        of.image.disk().flush().map_err(|e| disk_error("sync", &of, e))?;
+        of.image
+            .disk()
+            .flush()
+            .map_err(|e| disk_error("sync", &of, e))?;
         Ok(0)
     }))
 }
@@ -143,7 +151,12 @@ pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sync_file_range(fd: c_int, off: off64_t, n: off64_t, flags: c_uint) -> c_int {
+pub unsafe extern "C" fn sync_file_range(
+    fd: c_int,
+    off: off64_t,
+    n: off64_t,
+    flags: c_uint,
+) -> c_int {
     if is_mapped(fd) {
         if let Some(r) = flush_fd(fd) {
             return r;
@@ -167,7 +180,8 @@ fn truncate_image(path: *const c_char) -> Option<c_int> {
     let r = emulate(None, || {
         let abs = absolute(libc::AT_FDCWD, p)?;
         let st = sys::fstatat(libc::AT_FDCWD, &abs, 0).map_err(|e| crate::errno::from_io(&e))?;
-        let image = st.st_mode & libc::S_IFMT == libc::S_IFREG && images::is_image(&abs, st.st_dev, st.st_ino);
+        let image = st.st_mode & libc::S_IFMT == libc::S_IFREG
+            && images::is_image(&abs, st.st_dev, st.st_ino);
         Ok(image.then_some(()))
     });
     r.map(|()| {
@@ -195,12 +209,20 @@ pub unsafe extern "C" fn truncate64(path: *const c_char, len: off64_t) -> c_int 
 /// fstatfs of a dummy describes the file system holding the container.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fstatfs(fd: c_int, buf: *mut libc::statfs) -> c_int {
-    let fd = if is_mapped(fd) { image_fd(fd).map_or(fd, |of| of.image.container_fd()) } else { fd };
+    let fd = if is_mapped(fd) {
+        image_fd(fd).map_or(fd, |of| of.image.container_fd())
+    } else {
+        fd
+    };
     call!(real::FSTATFS, fd, buf)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fstatfs64(fd: c_int, buf: *mut libc::statfs64) -> c_int {
-    let fd = if is_mapped(fd) { image_fd(fd).map_or(fd, |of| of.image.container_fd()) } else { fd };
+    let fd = if is_mapped(fd) {
+        image_fd(fd).map_or(fd, |of| of.image.container_fd())
+    } else {
+        fd
+    };
     call!(real::FSTATFS64, fd, buf)
 }

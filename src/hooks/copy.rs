@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use libc::{c_int, c_uint, loff_t, off64_t, off_t, size_t, ssize_t};
+use libc::{c_int, c_uint, loff_t, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
-use super::{emulate, image_fd, Errno};
-use crate::fdtable::{is_mapped, OpenFile};
+use super::{Errno, emulate, image_fd};
+use crate::fdtable::{OpenFile, is_mapped};
 use crate::real;
 
 const BOUNCE: usize = 1 << 20;
@@ -26,10 +26,14 @@ impl Side<'_> {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, Errno> {
         let fd = self.fd;
         let n = match (&self.image, &mut self.offset) {
-            (Some(of), Some(off)) => of.read_at(buf, u64::try_from(**off).map_err(|_| libc::EINVAL)?)?,
+            (Some(of), Some(off)) => {
+                of.read_at(buf, u64::try_from(**off).map_err(|_| libc::EINVAL)?)?
+            }
             (Some(of), None) => of.at_offset(fd, |pos| of.read_at(buf, pos))?,
             // The guard is set: these reach libc directly.
-            (None, Some(off)) => check(unsafe { libc::pread64(fd, buf.as_mut_ptr().cast(), buf.len(), **off) })?,
+            (None, Some(off)) => {
+                check(unsafe { libc::pread64(fd, buf.as_mut_ptr().cast(), buf.len(), **off) })?
+            }
             (None, None) => check(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) })?,
         };
         if let Some(off) = &mut self.offset {
@@ -42,9 +46,13 @@ impl Side<'_> {
         let fd = self.fd;
         while !buf.is_empty() {
             let n = match (&self.image, &mut self.offset) {
-                (Some(of), Some(off)) => of.write_at(buf, u64::try_from(**off).map_err(|_| libc::EINVAL)?)?,
+                (Some(of), Some(off)) => {
+                    of.write_at(buf, u64::try_from(**off).map_err(|_| libc::EINVAL)?)?
+                }
                 (Some(of), None) => of.at_offset(fd, |pos| of.write_at(buf, pos))?,
-                (None, Some(off)) => check(unsafe { libc::pwrite64(fd, buf.as_ptr().cast(), buf.len(), **off) })?,
+                (None, Some(off)) => {
+                    check(unsafe { libc::pwrite64(fd, buf.as_ptr().cast(), buf.len(), **off) })?
+                }
                 (None, None) => check(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) })?,
             };
             if n == 0 {
@@ -60,7 +68,11 @@ impl Side<'_> {
 }
 
 fn check(r: isize) -> Result<usize, Errno> {
-    if r < 0 { Err(crate::logger::errno()) } else { Ok(r as usize) }
+    if r < 0 {
+        Err(crate::logger::errno())
+    } else {
+        Ok(r as usize)
+    }
 }
 
 /// Copies up to `len` bytes; a failure after some bytes moved reports the count.
@@ -86,8 +98,16 @@ fn copy(mut from: Side<'_>, mut to: Side<'_>, len: usize) -> Result<usize, Errno
 
 fn side<'a>(fd: c_int, offset: *mut i64) -> Side<'a> {
     // SAFETY: the caller's offset pointer, valid for the call when non-NULL.
-    let offset = if offset.is_null() { None } else { Some(unsafe { &mut *offset }) };
-    let image = if is_mapped(fd) { crate::fdtable::lookup(fd) } else { None };
+    let offset = if offset.is_null() {
+        None
+    } else {
+        Some(unsafe { &mut *offset })
+    };
+    let image = if is_mapped(fd) {
+        crate::fdtable::lookup(fd)
+    } else {
+        None
+    };
     Side { fd, image, offset }
 }
 
@@ -112,21 +132,53 @@ pub unsafe extern "C" fn copy_file_range(
             copy(side(fd_in, off_in), side(fd_out, off_out), len).map(|n| n as ssize_t)
         });
     }
-    call!(real::COPY_FILE_RANGE, fd_in, off_in, fd_out, off_out, len, flags)
+    call!(
+        real::COPY_FILE_RANGE,
+        fd_in,
+        off_in,
+        fd_out,
+        off_out,
+        len,
+        flags
+    )
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sendfile(out_fd: c_int, in_fd: c_int, offset: *mut off_t, count: size_t) -> ssize_t {
+pub unsafe extern "C" fn sendfile(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut off_t,
+    count: size_t,
+) -> ssize_t {
     if either_image(in_fd, out_fd) {
-        return emulate(-1, || copy(side(in_fd, offset), side(out_fd, std::ptr::null_mut()), count).map(|n| n as ssize_t));
+        return emulate(-1, || {
+            copy(
+                side(in_fd, offset),
+                side(out_fd, std::ptr::null_mut()),
+                count,
+            )
+            .map(|n| n as ssize_t)
+        });
     }
     call!(real::SENDFILE, out_fd, in_fd, offset, count)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sendfile64(out_fd: c_int, in_fd: c_int, offset: *mut off64_t, count: size_t) -> ssize_t {
+pub unsafe extern "C" fn sendfile64(
+    out_fd: c_int,
+    in_fd: c_int,
+    offset: *mut off64_t,
+    count: size_t,
+) -> ssize_t {
     if either_image(in_fd, out_fd) {
-        return emulate(-1, || copy(side(in_fd, offset), side(out_fd, std::ptr::null_mut()), count).map(|n| n as ssize_t));
+        return emulate(-1, || {
+            copy(
+                side(in_fd, offset),
+                side(out_fd, std::ptr::null_mut()),
+                count,
+            )
+            .map(|n| n as ssize_t)
+        });
     }
     call!(real::SENDFILE64, out_fd, in_fd, offset, count)
 }
@@ -141,7 +193,9 @@ pub unsafe extern "C" fn splice(
     flags: c_uint,
 ) -> ssize_t {
     if either_image(fd_in, fd_out) {
-        return emulate(-1, || copy(side(fd_in, off_in), side(fd_out, off_out), len).map(|n| n as ssize_t));
+        return emulate(-1, || {
+            copy(side(fd_in, off_in), side(fd_out, off_out), len).map(|n| n as ssize_t)
+        });
     }
     call!(real::SPLICE, fd_in, off_in, fd_out, off_out, len, flags)
 }

@@ -9,7 +9,7 @@
 //! out of reach of a Rust preload (Rust 1.95 cannot define C-variadic
 //! functions): they exec without these checks.
 
-use std::ffi::{c_void, CStr, CString};
+use std::ffi::{CStr, CString, c_void};
 use std::ptr::null;
 
 use libc::{c_char, c_int, pid_t};
@@ -62,7 +62,13 @@ fn environment(envp: *const *const c_char) -> Option<Env> {
     }
     let name = ours.to_bytes();
     match preload {
-        Some(i) if entries[i].to_bytes()[11..].split(|&b| b == b':' || b == b' ').any(|x| x == name) => return None,
+        Some(i)
+            if entries[i].to_bytes()[11..]
+                .split(|&b| b == b':' || b == b' ')
+                .any(|x| x == name) =>
+        {
+            return None;
+        }
         Some(i) => {
             let mut v = entries[i].to_bytes().to_vec();
             v.push(b':');
@@ -78,7 +84,10 @@ fn environment(envp: *const *const c_char) -> Option<Env> {
     log::debug!("exec: LD_PRELOAD restored for inherited image fds");
     let mut ptrs: Vec<*const c_char> = entries.iter().map(|c| c.as_ptr()).collect();
     ptrs.push(null());
-    Some(Env { _strings: entries, ptrs })
+    Some(Env {
+        _strings: entries,
+        ptrs,
+    })
 }
 
 /// A setuid or setgid target would ignore LD_PRELOAD and read the empty
@@ -91,7 +100,10 @@ fn refuse_setid(path: *const c_char) -> bool {
     let p = unsafe { CStr::from_ptr(path) };
     match sys::fstatat(libc::AT_FDCWD, p, 0) {
         Ok(st) if st.st_mode & (libc::S_ISUID | libc::S_ISGID) != 0 => {
-            log::warn!("refusing to exec set-id program {} with image fds: it would not see the images", p.to_string_lossy());
+            log::warn!(
+                "refusing to exec set-id program {} with image fds: it would not see the images",
+                p.to_string_lossy()
+            );
             true
         }
         _ => false,
@@ -124,7 +136,11 @@ fn eperm() -> c_int {
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+pub unsafe extern "C" fn execve(
+    path: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
     if setid_check(path) {
         return eperm();
     }
@@ -142,7 +158,11 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+pub unsafe extern "C" fn execvpe(
+    file: *const c_char,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
     with_env(envp, |envp| call!(real::EXECVPE, file, argv, envp))
 }
 
@@ -154,7 +174,11 @@ pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+pub unsafe extern "C" fn fexecve(
+    fd: c_int,
+    argv: *const *const c_char,
+    envp: *const *const c_char,
+) -> c_int {
     with_env(envp, |envp| call!(real::FEXECVE, fd, argv, envp))
 }
 

@@ -2,10 +2,10 @@
 
 use std::ffi::c_void;
 
-use libc::{c_int, c_uint, c_ulong, off64_t, off_t, size_t};
+use libc::{c_int, c_uint, c_ulong, off_t, off64_t, size_t};
 
 use super::open::call;
-use super::{disk_error, emulate, image_fd, Errno};
+use super::{Errno, disk_error, emulate, image_fd};
 use crate::fdtable::{self, is_mapped};
 use crate::{guard, real};
 
@@ -121,7 +121,12 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 /// the caller's access mode, record locks) acts on the dummy. Record locks are
 /// not forwarded to the container: they would conflict with the library's own
 /// writer locks there, and one writer per image is already enforced.
-unsafe fn fcntl_common(fd: c_int, cmd: c_int, arg: c_ulong, real: &real::Real<unsafe extern "C" fn(c_int, c_int, ...) -> c_int>) -> c_int {
+unsafe fn fcntl_common(
+    fd: c_int,
+    cmd: c_int,
+    arg: c_ulong,
+    real: &real::Real<unsafe extern "C" fn(c_int, c_int, ...) -> c_int>,
+) -> c_int {
     if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
         let new = call!(real, fd, cmd, arg);
         if new >= 0 && (is_mapped(fd) || is_mapped(new)) {
@@ -145,7 +150,10 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 fn flush(fd: c_int) -> Option<c_int> {
     let of = image_fd(fd)?;
     Some(emulate(-1, || {
-        of.image.disk().flush().map_err(|e| disk_error("fsync", &of, e))?;
+        of.image
+            .disk()
+            .flush()
+            .map_err(|e| disk_error("fsync", &of, e))?;
         Ok(0)
     }))
 }
@@ -203,7 +211,14 @@ fn refuse_map(fd: c_int, flags: c_int) -> bool {
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off_t) -> *mut c_void {
+pub unsafe extern "C" fn mmap(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off_t,
+) -> *mut c_void {
     if refuse_map(fd, flags) {
         crate::logger::set_errno(libc::ENODEV);
         return libc::MAP_FAILED;
@@ -216,7 +231,14 @@ pub unsafe extern "C" fn mmap(addr: *mut c_void, len: size_t, prot: c_int, flags
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap64(addr: *mut c_void, len: size_t, prot: c_int, flags: c_int, fd: c_int, off: off64_t) -> *mut c_void {
+pub unsafe extern "C" fn mmap64(
+    addr: *mut c_void,
+    len: size_t,
+    prot: c_int,
+    flags: c_int,
+    fd: c_int,
+    off: off64_t,
+) -> *mut c_void {
     if refuse_map(fd, flags) {
         crate::logger::set_errno(libc::ENODEV);
         return libc::MAP_FAILED;

@@ -6,8 +6,8 @@ use std::ffi::c_void;
 use libc::{c_int, c_uint, c_ulong, c_ushort};
 
 use super::open::call;
-use super::{disk_error, emulate, image_fd, Errno};
-use crate::fdtable::{is_mapped, OpenFile};
+use super::{Errno, disk_error, emulate, image_fd};
+use crate::fdtable::{OpenFile, is_mapped};
 use crate::real;
 
 // <linux/fs.h> and <linux/hdreg.h>; not all are in the libc crate.
@@ -70,10 +70,22 @@ fn block_ioctl(of: &OpenFile, req: c_ulong, arg: *mut c_void) -> Result<c_int, E
         BLKDISCARD | BLKSECDISCARD | BLKZEROOUT => Err(libc::EOPNOTSUPP),
         HDIO_GETGEO => {
             // The image's CHS where it has one, else the conventional 255/63.
-            let g = disk.geometry().unwrap_or(vdisk::Geometry { cylinders: 0, heads: 255, sectors: 63 });
+            let g = disk.geometry().unwrap_or(vdisk::Geometry {
+                cylinders: 0,
+                heads: 255,
+                sectors: 63,
+            });
             let (heads, sectors) = (g.heads.clamp(1, 255), g.sectors.clamp(1, 63));
             let cylinders = (of.len / 512 / (heads as u64 * sectors as u64)).min(65535);
-            put(arg, HdGeometry { heads: heads as u8, sectors: sectors as u8, cylinders: cylinders as c_ushort, start: (of.start / 512) as c_ulong })
+            put(
+                arg,
+                HdGeometry {
+                    heads: heads as u8,
+                    sectors: sectors as u8,
+                    cylinders: cylinders as c_ushort,
+                    start: (of.start / 512) as c_ulong,
+                },
+            )
         }
         _ => Err(libc::ENOTTY),
     }

@@ -14,7 +14,7 @@ pub mod rw;
 pub mod stat;
 pub mod stdio;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
 use libc::c_int;

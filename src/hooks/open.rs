@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use libc::{c_char, c_int, mode_t};
 
-use super::{emulate, Errno};
+use super::{Errno, emulate};
 use crate::fdtable::{self, OpenFile};
 use crate::images::{self, Opened};
 use crate::{guard, real, sys};
@@ -75,7 +75,11 @@ fn partition_number(abs: &CStr) -> Option<u32> {
     if target_name != stem {
         return None;
     }
-    std::str::from_utf8(&name[name.len() - digits..]).ok()?.parse().ok().filter(|&n| n > 0)
+    std::str::from_utf8(&name[name.len() - digits..])
+        .ok()?
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
 }
 
 /// The common open: `Ok(None)` means "not an image, call libc".
@@ -104,27 +108,60 @@ pub fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_in
                 return Err(libc::ENOENT);
             }
             Err(e) => {
-                log::warn!("{}: cannot read the partition table: {e}", abs.to_string_lossy());
+                log::warn!(
+                    "{}: cannot read the partition table: {e}",
+                    abs.to_string_lossy()
+                );
                 return Err(crate::errno::from_vdisk(&e));
             }
         },
     };
     let fd = new_open(&abs, obj, partition, start, len, flags)?;
-    log::debug!("open {} flags {flags:#o} -> dummy fd {fd}", abs.to_string_lossy());
+    log::debug!(
+        "open {} flags {flags:#o} -> dummy fd {fd}",
+        abs.to_string_lossy()
+    );
     Ok(Some(fd))
 }
 
 /// A new dummy fd and fd context for a window on an image object.
-pub fn new_open(abs: &CStr, image: Arc<images::ImageObject>, partition: u32, start: u64, len: u64, flags: c_int) -> Result<c_int, Errno> {
-    let suffix = if partition == 0 { String::new() } else { format!("#p{partition}") };
+pub fn new_open(
+    abs: &CStr,
+    image: Arc<images::ImageObject>,
+    partition: u32,
+    start: u64,
+    len: u64,
+    flags: c_int,
+) -> Result<c_int, Errno> {
+    let suffix = if partition == 0 {
+        String::new()
+    } else {
+        format!("#p{partition}")
+    };
     let fd = make_dummy(abs, &suffix, flags)?;
     let access = flags & libc::O_ACCMODE;
-    register(fd, image, partition, start, len, access, flags & (libc::O_SYNC | libc::O_DSYNC) != 0)?;
+    register(
+        fd,
+        image,
+        partition,
+        start,
+        len,
+        access,
+        flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
+    )?;
     Ok(fd)
 }
 
 /// Maps an existing dummy `fd` to a new fd context.
-pub fn register(fd: c_int, image: Arc<images::ImageObject>, partition: u32, start: u64, len: u64, access: c_int, sync: bool) -> Result<(), Errno> {
+pub fn register(
+    fd: c_int,
+    image: Arc<images::ImageObject>,
+    partition: u32,
+    start: u64,
+    len: u64,
+    access: c_int,
+    sync: bool,
+) -> Result<(), Errno> {
     let st = sys::fstat(fd).map_err(|e| crate::errno::from_io(&e))?;
     let of = Arc::new(OpenFile {
         dummy_dev: st.st_dev,
@@ -154,30 +191,47 @@ fn fd_path(path: &CStr) -> Option<c_int> {
         "/dev/stderr" => return Some(2),
         _ => {}
     }
-    let rest = p.strip_prefix("/dev/fd/").or_else(|| p.strip_prefix("/proc/self/fd/")).or_else(|| {
-        let r = p.strip_prefix("/proc/")?;
-        let (pid, r) = r.split_once('/')?;
-        (pid.parse::<c_int>().ok()? == sys::getpid()).then_some(())?;
-        r.strip_prefix("fd/")
-    })?;
+    let rest = p
+        .strip_prefix("/dev/fd/")
+        .or_else(|| p.strip_prefix("/proc/self/fd/"))
+        .or_else(|| {
+            let r = p.strip_prefix("/proc/")?;
+            let (pid, r) = r.split_once('/')?;
+            (pid.parse::<c_int>().ok()? == sys::getpid()).then_some(())?;
+            r.strip_prefix("fd/")
+        })?;
     rest.parse().ok()
 }
 
 /// Opening a dummy through /proc or /dev/fd opens the same window again (a new
 /// open file description: own offset, own access mode), as for a device.
 pub fn reopen_fd(path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
-    let Some(n) = fd_path(path) else { return Ok(None) };
+    let Some(n) = fd_path(path) else {
+        return Ok(None);
+    };
     if !fdtable::is_mapped(n) {
         return Ok(None);
     }
-    let Some(of) = fdtable::lookup(n) else { return Ok(None) };
+    let Some(of) = fdtable::lookup(n) else {
+        return Ok(None);
+    };
     let writable = flags & libc::O_ACCMODE != libc::O_RDONLY;
     if writable && !of.image.disk().is_writable() {
         // Upgrade the image object to read-write, as a new open would.
         images::open(&of.image.path, true)?;
     }
-    let fd = new_open(&of.image.path, of.image.clone(), of.partition, of.start, of.len, flags)?;
-    log::debug!("reopen of fd {n} via {} -> dummy fd {fd}", path.to_string_lossy());
+    let fd = new_open(
+        &of.image.path,
+        of.image.clone(),
+        of.partition,
+        of.start,
+        of.len,
+        flags,
+    )?;
+    log::debug!(
+        "reopen of fd {n} via {} -> dummy fd {fd}",
+        path.to_string_lossy()
+    );
     Ok(Some(fd))
 }
 
@@ -191,8 +245,14 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     name.extend_from_slice(suffix.as_bytes());
     name.truncate(248);
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
-    let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC).map_err(|e| crate::errno::from_io(&e))?;
-    let keep = libc::O_ACCMODE | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOATIME | libc::O_SYNC | libc::O_DSYNC;
+    let memfd =
+        sys::memfd_create(&name, libc::MFD_CLOEXEC).map_err(|e| crate::errno::from_io(&e))?;
+    let keep = libc::O_ACCMODE
+        | libc::O_CLOEXEC
+        | libc::O_NONBLOCK
+        | libc::O_NOATIME
+        | libc::O_SYNC
+        | libc::O_DSYNC;
     let reopen = CString::new(format!("/proc/self/fd/{memfd}")).map_err(|_| libc::EINVAL)?;
     match sys::openat(libc::AT_FDCWD, &reopen, (flags & keep) | libc::O_NOCTTY, 0) {
         Ok(fd) => {
@@ -221,7 +281,12 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
 ///
 /// `path` is the caller's pointer, possibly NULL: it is only dereferenced
 /// when non-NULL, as libc would (an invalid pointer faults there too).
-fn open_common(dirfd: c_int, path: *const c_char, flags: c_int, real: impl FnOnce() -> c_int) -> c_int {
+fn open_common(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    real: impl FnOnce() -> c_int,
+) -> c_int {
     if path.is_null() || guard::inside() || flags & (libc::O_PATH | libc::O_DIRECTORY) != 0 {
         return real();
     }
@@ -279,56 +344,86 @@ pub(crate) use call;
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
     let mode = if needs_mode(flags) { mode } else { 0 };
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN, path, flags, mode))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::OPEN, path, flags, mode)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn open64(path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
     let mode = if needs_mode(flags) { mode } else { 0 };
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN64, path, flags, mode))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::OPEN64, path, flags, mode)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn openat(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+pub unsafe extern "C" fn openat(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: mode_t,
+) -> c_int {
     let mode = if needs_mode(flags) { mode } else { 0 };
-    open_common(dirfd, path, flags, || call!(real::OPENAT, dirfd, path, flags, mode))
+    open_common(dirfd, path, flags, || {
+        call!(real::OPENAT, dirfd, path, flags, mode)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn openat64(dirfd: c_int, path: *const c_char, flags: c_int, mode: mode_t) -> c_int {
+pub unsafe extern "C" fn openat64(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mode: mode_t,
+) -> c_int {
     let mode = if needs_mode(flags) { mode } else { 0 };
-    open_common(dirfd, path, flags, || call!(real::OPENAT64, dirfd, path, flags, mode))
+    open_common(dirfd, path, flags, || {
+        call!(real::OPENAT64, dirfd, path, flags, mode)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open_2(path: *const c_char, flags: c_int) -> c_int {
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN_2, path, flags))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::OPEN_2, path, flags)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __open64_2(path: *const c_char, flags: c_int) -> c_int {
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::OPEN64_2, path, flags))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::OPEN64_2, path, flags)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    open_common(dirfd, path, flags, || call!(real::OPENAT_2, dirfd, path, flags))
+    open_common(dirfd, path, flags, || {
+        call!(real::OPENAT_2, dirfd, path, flags)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __openat64_2(dirfd: c_int, path: *const c_char, flags: c_int) -> c_int {
-    open_common(dirfd, path, flags, || call!(real::OPENAT64_2, dirfd, path, flags))
+    open_common(dirfd, path, flags, || {
+        call!(real::OPENAT64_2, dirfd, path, flags)
+    })
 }
 
 /// creat is open(O_CREAT|O_WRONLY|O_TRUNC): on an image, a write-only open.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn creat(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::CREAT, path, mode))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::CREAT, path, mode)
+    })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn creat64(path: *const c_char, mode: mode_t) -> c_int {
     let flags = libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC;
-    open_common(libc::AT_FDCWD, path, flags, || call!(real::CREAT64, path, mode))
+    open_common(libc::AT_FDCWD, path, flags, || {
+        call!(real::CREAT64, path, mode)
+    })
 }

@@ -6,21 +6,30 @@
 use std::ffi::c_void;
 use std::slice;
 
-use libc::{c_int, iovec, off64_t, off_t, size_t, ssize_t};
+use libc::{c_int, iovec, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
-use super::{disk_error, emulate, image_fd, Errno};
-use crate::fdtable::{is_mapped, OpenFile};
+use super::{Errno, disk_error, emulate, image_fd};
+use crate::fdtable::{OpenFile, is_mapped};
 use crate::{config, logger, real, sys};
 
 impl OpenFile {
     fn describe_window(&self) -> String {
-        if self.partition == 0 { String::new() } else { format!(" partition {}", self.partition) }
+        if self.partition == 0 {
+            String::new()
+        } else {
+            format!(" partition {}", self.partition)
+        }
     }
 
     /// Reads at `pos` of the window; 0 at or past its end.
     pub fn read_at(&self, buf: &mut [u8], pos: u64) -> Result<usize, Errno> {
-        log::debug!("read {} bytes at {pos} of {}{}", buf.len(), self.image.path_str(), self.describe_window());
+        log::debug!(
+            "read {} bytes at {pos} of {}{}",
+            buf.len(),
+            self.image.path_str(),
+            self.describe_window()
+        );
         if !self.readable() {
             return Err(libc::EBADF);
         }
@@ -29,7 +38,10 @@ impl OpenFile {
         }
         let n = buf.len().min((self.len - pos) as usize);
         let buf = &mut buf[..n];
-        self.image.disk().read_at(buf, self.start + pos).map_err(|e| disk_error("read", self, e))?;
+        self.image
+            .disk()
+            .read_at(buf, self.start + pos)
+            .map_err(|e| disk_error("read", self, e))?;
         if config::dump() {
             logger::dump("read", pos, buf);
         }
@@ -39,7 +51,12 @@ impl OpenFile {
     /// Writes at `pos`; past the end of a block device that is ENOSPC, after
     /// writing the part that fits.
     pub fn write_at(&self, buf: &[u8], pos: u64) -> Result<usize, Errno> {
-        log::debug!("write {} bytes at {pos} of {}{}", buf.len(), self.image.path_str(), self.describe_window());
+        log::debug!(
+            "write {} bytes at {pos} of {}{}",
+            buf.len(),
+            self.image.path_str(),
+            self.describe_window()
+        );
         if !self.writable() {
             return Err(libc::EBADF);
         }
@@ -57,7 +74,8 @@ impl OpenFile {
         }
         let _io = self.image.write_guard();
         let disk = self.image.disk();
-        disk.write_at(buf, self.start + pos).map_err(|e| disk_error("write", self, e))?;
+        disk.write_at(buf, self.start + pos)
+            .map_err(|e| disk_error("write", self, e))?;
         if self.sync {
             disk.flush().map_err(|e| disk_error("flush", self, e))?;
         }
@@ -65,12 +83,17 @@ impl OpenFile {
     }
 
     /// Runs `f` at the dummy's file offset and advances it by the result.
-    pub(crate) fn at_offset(&self, fd: c_int, f: impl FnOnce(u64) -> Result<usize, Errno>) -> Result<usize, Errno> {
+    pub(crate) fn at_offset(
+        &self,
+        fd: c_int,
+        f: impl FnOnce(u64) -> Result<usize, Errno>,
+    ) -> Result<usize, Errno> {
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
         let pos = sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e))? as u64;
         let n = f(pos)?;
         if n > 0 {
-            sys::lseek(fd, (pos + n as u64) as i64, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e))?;
+            sys::lseek(fd, (pos + n as u64) as i64, libc::SEEK_SET)
+                .map_err(|e| crate::errno::from_io(&e))?;
         }
         Ok(n)
     }
@@ -78,7 +101,10 @@ impl OpenFile {
     /// SEEK_SET/CUR/END relative to the window; beyond the end is EINVAL, as
     /// for a block device. SEEK_DATA/SEEK_HOLE see the whole disk as data.
     pub fn seek(&self, fd: c_int, off: i64, whence: c_int) -> Result<i64, Errno> {
-        log::debug!("lseek fd {fd} offset {off} whence {whence} on {}", self.image.path_str());
+        log::debug!(
+            "lseek fd {fd} offset {off} whence {whence} on {}",
+            self.image.path_str()
+        );
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.len as i64;
         let cur = || sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e));
@@ -92,7 +118,9 @@ impl OpenFile {
             _ => return Err(libc::EINVAL),
         };
         match target {
-            Some(t) if (0..=len).contains(&t) => sys::lseek(fd, t, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e)),
+            Some(t) if (0..=len).contains(&t) => {
+                sys::lseek(fd, t, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e))
+            }
             _ => Err(libc::EINVAL),
         }
     }
@@ -173,21 +201,32 @@ unsafe extern "C" {
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos)).map(to_ssize));
+            return emulate(-1, || {
+                of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+                    .map(to_ssize)
+            });
         }
     }
     call!(real::READ, fd, buf, n)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __read_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen {
         // SAFETY: glibc's fortify failure: abort, as the real __read_chk does.
         unsafe { __chk_fail() }
     }
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos)).map(to_ssize));
+            return emulate(-1, || {
+                of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+                    .map(to_ssize)
+            });
         }
     }
     call!(real::READ_CHK, fd, buf, n, buflen)
@@ -197,7 +236,9 @@ pub unsafe extern "C" fn __read_chk(fd: c_int, buf: *mut c_void, n: size_t, bufl
 pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, off: off_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PREAD, fd, buf, n, off)
@@ -207,14 +248,22 @@ pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, off: off_
 pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PREAD64, fd, buf, n, off)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __pread_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __pread_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: off_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen {
         // SAFETY: as in __read_chk.
         unsafe { __chk_fail() }
@@ -223,7 +272,13 @@ pub unsafe extern "C" fn __pread_chk(fd: c_int, buf: *mut c_void, n: size_t, off
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t, buflen: size_t) -> ssize_t {
+pub unsafe extern "C" fn __pread64_chk(
+    fd: c_int,
+    buf: *mut c_void,
+    n: size_t,
+    off: off64_t,
+    buflen: size_t,
+) -> ssize_t {
     if n > buflen {
         // SAFETY: as in __read_chk.
         unsafe { __chk_fail() }
@@ -235,7 +290,10 @@ pub unsafe extern "C" fn __pread64_chk(fd: c_int, buf: *mut c_void, n: size_t, o
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos)).map(to_ssize));
+            return emulate(-1, || {
+                of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
+                    .map(to_ssize)
+            });
         }
     }
     call!(real::WRITE, fd, buf, n)
@@ -245,17 +303,26 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
 pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, off: off_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PWRITE, fd, buf, n, off)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwrite64(fd: c_int, buf: *const c_void, n: size_t, off: off64_t) -> ssize_t {
+pub unsafe extern "C" fn pwrite64(
+    fd: c_int,
+    buf: *const c_void,
+    n: size_t,
+    off: off64_t,
+) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PWRITE64, fd, buf, n, off)
@@ -267,7 +334,8 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
         if let Some(of) = image_fd(fd) {
             return emulate(-1, || {
                 let iov = iovecs(iov, cnt)?;
-                of.at_offset(fd, |pos| readv_at(&of, iov, pos)).map(to_ssize)
+                of.at_offset(fd, |pos| readv_at(&of, iov, pos))
+                    .map(to_ssize)
             });
         }
     }
@@ -280,7 +348,8 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
         if let Some(of) = image_fd(fd) {
             return emulate(-1, || {
                 let iov = iovecs(iov, cnt)?;
-                of.at_offset(fd, |pos| writev_at(&of, iov, pos)).map(to_ssize)
+                of.at_offset(fd, |pos| writev_at(&of, iov, pos))
+                    .map(to_ssize)
             });
         }
     }
@@ -291,17 +360,26 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
 pub unsafe extern "C" fn preadv(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PREADV, fd, iov, cnt, off)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn preadv64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t {
+pub unsafe extern "C" fn preadv64(
+    fd: c_int,
+    iov: *const iovec,
+    cnt: c_int,
+    off: off64_t,
+) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PREADV64, fd, iov, cnt, off)
@@ -311,17 +389,26 @@ pub unsafe extern "C" fn preadv64(fd: c_int, iov: *const iovec, cnt: c_int, off:
 pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PWRITEV, fd, iov, cnt, off)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwritev64(fd: c_int, iov: *const iovec, cnt: c_int, off: off64_t) -> ssize_t {
+pub unsafe extern "C" fn pwritev64(
+    fd: c_int,
+    iov: *const iovec,
+    cnt: c_int,
+    off: off64_t,
+) -> ssize_t {
     if is_mapped(fd) {
         if let Some(of) = image_fd(fd) {
-            return emulate(-1, || writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize));
+            return emulate(-1, || {
+                writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
+            });
         }
     }
     call!(real::PWRITEV64, fd, iov, cnt, off)

@@ -42,7 +42,10 @@ fn fstat_image(fd: c_int, buf: *mut Stat64) -> Option<c_int> {
     }
     let of = image_fd(fd)?;
     Some(emulate(-1, || {
-        let mut st = of.image.container_stat().map_err(|e| crate::errno::from_io(&e))?;
+        let mut st = of
+            .image
+            .container_stat()
+            .map_err(|e| crate::errno::from_io(&e))?;
         blockify(&mut st);
         // SAFETY: buf is the caller's non-NULL struct stat pointer.
         unsafe { buf.write(st) };
@@ -148,7 +151,12 @@ fd_xstat!(__fxstat64, FXSTAT64, Stat64);
 macro_rules! at_stat {
     ($name:ident, $real:ident, $t:ty) => {
         #[cfg_attr(not(test), unsafe(no_mangle))]
-        pub unsafe extern "C" fn $name(dirfd: c_int, path: *const c_char, buf: *mut $t, flags: c_int) -> c_int {
+        pub unsafe extern "C" fn $name(
+            dirfd: c_int,
+            path: *const c_char,
+            buf: *mut $t,
+            flags: c_int,
+        ) -> c_int {
             let r = call!(real::$real, dirfd, path, buf, flags);
             if r == 0 {
                 fix_path_stat(dirfd, path, flags, buf.cast());
@@ -164,7 +172,13 @@ at_stat!(fstatat64, FSTATAT64, Stat64);
 macro_rules! at_xstat {
     ($name:ident, $real:ident, $t:ty) => {
         #[cfg_attr(not(test), unsafe(no_mangle))]
-        pub unsafe extern "C" fn $name(ver: c_int, dirfd: c_int, path: *const c_char, buf: *mut $t, flags: c_int) -> c_int {
+        pub unsafe extern "C" fn $name(
+            ver: c_int,
+            dirfd: c_int,
+            path: *const c_char,
+            buf: *mut $t,
+            flags: c_int,
+        ) -> c_int {
             let r = call!(real::$real, ver, dirfd, path, buf, flags);
             if r == 0 {
                 fix_path_stat(dirfd, path, flags, buf.cast());
@@ -180,7 +194,13 @@ at_xstat!(__fxstatat64, FXSTATAT64, Stat64);
 /// statx: the fd form on a dummy asks the container, the path form is fixed
 /// up after the real call, as for stat.
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn statx(dirfd: c_int, path: *const c_char, flags: c_int, mask: c_uint, buf: *mut Statx) -> c_int {
+pub unsafe extern "C" fn statx(
+    dirfd: c_int,
+    path: *const c_char,
+    flags: c_int,
+    mask: c_uint,
+    buf: *mut Statx,
+) -> c_int {
     // SAFETY: only dereferenced when non-NULL.
     let empty = !path.is_null() && unsafe { *path } == 0 && flags & libc::AT_EMPTY_PATH != 0;
     if empty && is_mapped(dirfd) {

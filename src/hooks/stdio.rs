@@ -6,13 +6,13 @@
 //! fd under the stream (od -j via gnulib's fseeko), so `_fileno` is set to the
 //! dummy fd (glibc's struct layout, checked at build time for this target).
 
-use std::ffi::{c_void, CStr};
+use std::ffi::{CStr, c_void};
 use std::ptr::null_mut;
 
-use libc::{c_char, c_int, off64_t, size_t, ssize_t, FILE};
+use libc::{FILE, c_char, c_int, off64_t, size_t, ssize_t};
 
 use super::open::{is_candidate, open_image};
-use super::{emulate, Errno};
+use super::{Errno, emulate};
 use crate::fdtable::is_mapped;
 use crate::{guard, real};
 
@@ -70,7 +70,12 @@ unsafe extern "C" fn cookie_close(cookie: *mut c_void) -> c_int {
 
 /// A stdio stream over dummy `fd` (which the stream then owns).
 pub fn stream_for(fd: c_int, mode: *const c_char) -> *mut FILE {
-    let io = CookieIo { read: Some(cookie_read), write: Some(cookie_write), seek: Some(cookie_seek), close: Some(cookie_close) };
+    let io = CookieIo {
+        read: Some(cookie_read),
+        write: Some(cookie_write),
+        seek: Some(cookie_seek),
+        close: Some(cookie_close),
+    };
     // SAFETY: valid mode string from the caller; callbacks match glibc's types.
     let fp = unsafe { fopencookie(fd as usize as *mut c_void, mode, io) };
     #[cfg(all(target_env = "gnu", target_pointer_width = "64"))]
@@ -113,7 +118,11 @@ fn fopen_image(path: *const c_char, mode: *const c_char) -> Option<*mut FILE> {
     if (!by_fd && !is_candidate(p)) || flags & libc::O_EXCL != 0 {
         return None;
     }
-    let emulated = || match if by_fd { super::open::reopen_fd(p, flags)? } else { None } {
+    let emulated = || match if by_fd {
+        super::open::reopen_fd(p, flags)?
+    } else {
+        None
+    } {
         Some(fd) => Ok(Some(fd)),
         None if is_candidate(p) => open_image(libc::AT_FDCWD, p, flags),
         None => Ok(None),
@@ -135,7 +144,9 @@ pub unsafe extern "C" fn fopen(path: *const c_char, mode: *const c_char) -> *mut
         return fp;
     }
     // SAFETY: forwarding the caller's arguments.
-    real::FOPEN.get().map_or(null_mut(), |f| unsafe { f(path, mode) })
+    real::FOPEN
+        .get()
+        .map_or(null_mut(), |f| unsafe { f(path, mode) })
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -144,7 +155,9 @@ pub unsafe extern "C" fn fopen64(path: *const c_char, mode: *const c_char) -> *m
         return fp;
     }
     // SAFETY: forwarding the caller's arguments.
-    real::FOPEN64.get().map_or(null_mut(), |f| unsafe { f(path, mode) })
+    real::FOPEN64
+        .get()
+        .map_or(null_mut(), |f| unsafe { f(path, mode) })
 }
 
 /// fdopen of a dummy: a cookie stream on it.
@@ -154,14 +167,25 @@ pub unsafe extern "C" fn fdopen(fd: c_int, mode: *const c_char) -> *mut FILE {
         return stream_for(fd, mode);
     }
     // SAFETY: forwarding the caller's arguments.
-    real::FDOPEN.get().map_or(null_mut(), |f| unsafe { f(fd, mode) })
+    real::FDOPEN
+        .get()
+        .map_or(null_mut(), |f| unsafe { f(fd, mode) })
 }
 
 /// freopen of an image: the new stream takes the old stream's fd number, and a
 /// std stream variable is pointed at it (hexdump does freopen(path, "r", stdin)).
-unsafe fn freopen_common(path: *const c_char, mode: *const c_char, old: *mut FILE, wide: bool) -> *mut FILE {
+unsafe fn freopen_common(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut FILE,
+    wide: bool,
+) -> *mut FILE {
     let Some(fp) = fopen_image(path, mode) else {
-        let f = if wide { real::FREOPEN64.get() } else { real::FREOPEN.get() };
+        let f = if wide {
+            real::FREOPEN64.get()
+        } else {
+            real::FREOPEN.get()
+        };
         // SAFETY: forwarding the caller's arguments.
         return f.map_or(null_mut(), |f| unsafe { f(path, mode, old) });
     };
@@ -173,7 +197,11 @@ unsafe fn freopen_common(path: *const c_char, mode: *const c_char, old: *mut FIL
         let old_fd = libc::fileno(old);
         let new_fd = libc::fileno(fp);
         libc::fclose(old);
-        if old_fd >= 0 && new_fd >= 0 && old_fd != new_fd && super::fd::dup2(new_fd, old_fd) == old_fd {
+        if old_fd >= 0
+            && new_fd >= 0
+            && old_fd != new_fd
+            && super::fd::dup2(new_fd, old_fd) == old_fd
+        {
             // Move the stream onto the old number; the cookie follows.
             let moved = stream_for(old_fd, mode);
             if !moved.is_null() {
@@ -213,12 +241,20 @@ unsafe fn replace_std(old: *mut FILE, new: *mut FILE) {
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn freopen(path: *const c_char, mode: *const c_char, old: *mut FILE) -> *mut FILE {
+pub unsafe extern "C" fn freopen(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut FILE,
+) -> *mut FILE {
     unsafe { freopen_common(path, mode, old, false) }
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn freopen64(path: *const c_char, mode: *const c_char, old: *mut FILE) -> *mut FILE {
+pub unsafe extern "C" fn freopen64(
+    path: *const c_char,
+    mode: *const c_char,
+    old: *mut FILE,
+) -> *mut FILE {
     unsafe { freopen_common(path, mode, old, true) }
 }
 
@@ -227,7 +263,13 @@ pub unsafe extern "C" fn freopen64(path: *const c_char, mode: *const c_char, old
 /// internal syscalls). The old stream stays allocated but unused.
 pub fn replace_std_streams() {
     for fd in 0..3 {
-        let Some(of) = (if is_mapped(fd) { crate::fdtable::lookup(fd) } else { None }) else { continue };
+        let Some(of) = (if is_mapped(fd) {
+            crate::fdtable::lookup(fd)
+        } else {
+            None
+        }) else {
+            continue;
+        };
         let mode = match (fd, of.access) {
             (_, libc::O_RDWR) => c"r+",
             (0, _) | (_, libc::O_RDONLY) => c"r",

@@ -12,12 +12,21 @@ pub fn library() -> &'static Path {
     LIB.get_or_init(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let status = Command::new(env!("CARGO"))
-            .args(["build", "--release", "--lib", "-p", "vhdio", "--manifest-path"])
+            .args([
+                "build",
+                "--release",
+                "--lib",
+                "-p",
+                "vhdio",
+                "--manifest-path",
+            ])
             .arg(root.join("Cargo.toml"))
             .status()
             .expect("cannot run cargo to build libvhdio.so");
         assert!(status.success(), "building libvhdio.so failed");
-        let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
         let lib = target.join("release/libvhdio.so");
         assert!(lib.exists(), "{} missing after build", lib.display());
         lib
@@ -28,13 +37,17 @@ pub fn library() -> &'static Path {
 pub fn command(dir: &Path, program: &str, args: &[&str]) -> Command {
     let mut c = Command::new(program);
     c.args(args).current_dir(dir).env("LD_PRELOAD", library());
-    c.env_remove("LIBVHD_IO_DEBUG").env_remove("LIBVHD_IO_DUMP").env_remove("LIBVHD_IO_PROBE_ALL");
+    c.env_remove("LIBVHD_IO_DEBUG")
+        .env_remove("LIBVHD_IO_DUMP")
+        .env_remove("LIBVHD_IO_PROBE_ALL");
     c
 }
 
 /// Runs `program` under the library; it must succeed. Returns its output.
 pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
-    let out = command(dir, program, args).output().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let out = command(dir, program, args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     assert!(
         out.status.success(),
         "{program} {args:?} failed ({}): {}",

@@ -11,11 +11,18 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const TARGETS: [&str; 6] = ["open_vhd", "open_vhdx", "open_vdi", "open_any", "vhdx_log", "partitions"];
+const TARGETS: [&str; 6] = [
+    "open_vhd",
+    "open_vhdx",
+    "open_vdi",
+    "open_any",
+    "vhdx_log",
+    "partitions",
+];
 
 fn manifest() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -23,7 +30,12 @@ fn manifest() -> &'static Path {
 
 fn files(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.is_file()).collect())
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -50,7 +62,11 @@ fn replay(root: &Path) -> usize {
             }
         }
     }
-    assert!(failures.is_empty(), "fuzz inputs failing:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "fuzz inputs failing:\n{}",
+        failures.join("\n")
+    );
     count
 }
 
@@ -74,7 +90,12 @@ fn seeds_open() {
     for target in ["open_vhd", "open_vhdx", "open_vdi", "open_any"] {
         for f in files(&root.join(target)) {
             let data = std::fs::read(&f).unwrap();
-            assert_eq!(vdisk::fuzz::run_target(target, &data), Some(true), "{}", f.display());
+            assert_eq!(
+                vdisk::fuzz::run_target(target, &data),
+                Some(true),
+                "{}",
+                f.display()
+            );
         }
     }
     for f in files(&root.join("vhdx_log")) {
@@ -136,9 +157,17 @@ fn generate_seed_corpus() {
     let disks = [
         (
             "mbr",
-            patterned_raw(dir, "mbr.raw", 4 << 20, "label: dos\n,1M,L\n,1M,E\n,512K,L\n,,L\n"),
+            patterned_raw(
+                dir,
+                "mbr.raw",
+                4 << 20,
+                "label: dos\n,1M,L\n,1M,E\n,512K,L\n,,L\n",
+            ),
         ),
-        ("gpt", patterned_raw(dir, "gpt.raw", 4 << 20, "label: gpt\n,1M,L\n,1M\n,,\n")),
+        (
+            "gpt",
+            patterned_raw(dir, "gpt.raw", 4 << 20, "label: gpt\n,1M,L\n,1M\n,,\n"),
+        ),
         ("plain", {
             let mut d = vec![0u8; 2 << 20];
             d[..512].fill(0x11);
@@ -147,12 +176,27 @@ fn generate_seed_corpus() {
         }),
     ];
     for (name, data) in &disks {
-        put(&out, "partitions", &format!("{name}.sparse"), &vdisk::fuzz::encode_sparse(data, false));
+        put(
+            &out,
+            "partitions",
+            &format!("{name}.sparse"),
+            &vdisk::fuzz::encode_sparse(data, false),
+        );
         let raw = dir.join(format!("{name}.src"));
         std::fs::write(&raw, data).unwrap();
         for (target, fmt, opts, ext) in [
-            ("open_vhd", "vpc", "subformat=dynamic,force_size=on", "dyn.vhd"),
-            ("open_vhd", "vpc", "subformat=fixed,force_size=on", "fixed.vhd"),
+            (
+                "open_vhd",
+                "vpc",
+                "subformat=dynamic,force_size=on",
+                "dyn.vhd",
+            ),
+            (
+                "open_vhd",
+                "vpc",
+                "subformat=fixed,force_size=on",
+                "fixed.vhd",
+            ),
             ("open_vhdx", "vhdx", "block_size=1M,log_size=1M", "vhdx"),
             ("open_vdi", "vdi", "", "vdi"),
             ("open_vdi", "vdi", "static=on", "static.vdi"),
@@ -182,16 +226,26 @@ fn generate_seed_corpus() {
     big[e + 4] = 0x83;
     big[e + 8..e + 12].copy_from_slice(&1u32.to_le_bytes());
     big[e + 12..e + 16].copy_from_slice(&100u32.to_le_bytes());
-    put(&out, "partitions", "mbr4k.sparse", &vdisk::fuzz::encode_sparse(&big, true));
+    put(
+        &out,
+        "partitions",
+        "mbr4k.sparse",
+        &vdisk::fuzz::encode_sparse(&big, true),
+    );
 
     // VHDX made by vdisk: 4 KiB sectors, and a differencing file (parent refused).
-    use vdisk::vhdx::create::{create, CreateOptions, ParentInfo};
+    use vdisk::vhdx::create::{CreateOptions, ParentInfo, create};
     let mut o = CreateOptions::dynamic(2 << 20);
     o.block_size = 1 << 20;
     o.logical_sector_size = 4096;
     let s = vdisk::MemStorage::new(Vec::new());
     create(&s, &o).unwrap();
-    put(&out, "open_vhdx", "vdisk-4k.vhdx.sparse", &vdisk::fuzz::encode_sparse(&s.into_inner(), false));
+    put(
+        &out,
+        "open_vhdx",
+        "vdisk-4k.vhdx.sparse",
+        &vdisk::fuzz::encode_sparse(&s.into_inner(), false),
+    );
     let mut o = CreateOptions::dynamic(2 << 20);
     o.block_size = 1 << 20;
     o.parent = Some(ParentInfo {
@@ -200,12 +254,18 @@ fn generate_seed_corpus() {
     });
     let s = vdisk::MemStorage::new(Vec::new());
     create(&s, &o).unwrap();
-    put(&out, "open_vhdx", "vdisk-diff.vhdx.sparse", &vdisk::fuzz::encode_sparse(&s.into_inner(), false));
+    put(
+        &out,
+        "open_vhdx",
+        "vdisk-diff.vhdx.sparse",
+        &vdisk::fuzz::encode_sparse(&s.into_inner(), false),
+    );
 
     // Log seeds: entries for the template of vdisk::fuzz::vhdx_log.
     let t = vdisk::fuzz::vhdx_template();
     let tlen = t.len() as u64;
-    let regions = vdisk::vhdx::region::read(&vdisk::MemStorage::read_only(t.clone()), tlen).unwrap();
+    let regions =
+        vdisk::vhdx::region::read(&vdisk::MemStorage::read_only(t.clone()), tlen).unwrap();
     let bat = regions.bat.offset;
     let mut bat_sector = t[bat as usize..bat as usize + 4096].to_vec();
     // Block 0 fully present at the (new) end of the file.
@@ -220,11 +280,21 @@ fn generate_seed_corpus() {
         e[4..8].copy_from_slice(&crc.to_le_bytes());
         e
     };
-    let one = grow(vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat, &bat_sector), (tlen, &data)]));
+    let one = grow(vdisk::fuzz::vhdx_log_entry(
+        1,
+        0,
+        tlen,
+        &[(bat, &bat_sector), (tlen, &data)],
+    ));
     put(&out, "vhdx_log", "one-entry", &one);
     // Two entries in sequence, the second's tail pointing at the first.
     let mut two = vdisk::fuzz::vhdx_log_entry(5, 0, tlen, &[(bat + 4096, &[0u8; 4096])]);
-    let second = grow(vdisk::fuzz::vhdx_log_entry(6, 0, tlen, &[(bat, &bat_sector), (tlen + 8192, &data)]));
+    let second = grow(vdisk::fuzz::vhdx_log_entry(
+        6,
+        0,
+        tlen,
+        &[(bat, &bat_sector), (tlen + 8192, &data)],
+    ));
     two.extend_from_slice(&second);
     put(&out, "vhdx_log", "two-entries", &two);
     // A zero descriptor.

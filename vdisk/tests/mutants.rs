@@ -20,17 +20,24 @@ mod common;
 mod vhd_util;
 
 use std::io;
-use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vdisk::{MemStorage, OpenOptions, ParentOpener, Storage};
 
 const CHILD_ENV: &str = "VDISK_MUTANTS_CHILD";
-const FORMATS: [&str; 6] = ["vhd-dynamic", "vhd-fixed", "vhdx", "vhdx-dirty-log", "vdi", "vhd-diff"];
+const FORMATS: [&str; 6] = [
+    "vhd-dynamic",
+    "vhd-fixed",
+    "vhdx",
+    "vhdx-dirty-log",
+    "vdi",
+    "vhd-diff",
+];
 /// Mutants per format.
 const PER_FORMAT: usize = 4000;
 /// Address-space limit of the child, in KiB.
@@ -133,7 +140,10 @@ impl Storage for WatchedParent {
 impl ParentOpener for MemParent {
     fn open_parent(&self, _: &Path) -> io::Result<Box<dyn Storage>> {
         match &self.data {
-            Some(d) => Ok(Box::new(WatchedParent { inner: Shared(d.clone()), writes: self.writes.clone() })),
+            Some(d) => Ok(Box::new(WatchedParent {
+                inner: Shared(d.clone()),
+                writes: self.writes.clone(),
+            })),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
     }
@@ -160,9 +170,16 @@ fn le64(b: &[u8], o: usize) -> u64 {
 enum Seal {
     None,
     /// VHD one's-complement checksum over `len` bytes at `at`, field at `at + field`.
-    Vhd { at: usize, len: usize, field: usize },
+    Vhd {
+        at: usize,
+        len: usize,
+        field: usize,
+    },
     /// CRC-32C over `len` bytes at `at`, field at `at + 4`.
-    Crc { at: usize, len: usize },
+    Crc {
+        at: usize,
+        len: usize,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -174,20 +191,47 @@ struct Area {
 }
 
 fn area(start: usize, len: usize, seal: Seal, big_endian: bool) -> Area {
-    Area { start, len, seal, big_endian }
+    Area {
+        start,
+        len,
+        seal,
+        big_endian,
+    }
 }
 
 /// The metadata areas of a VHD (footer, footer copy, header, locators, BAT, bitmaps).
 fn vhd_areas(d: &[u8]) -> Vec<Area> {
     let n = d.len();
-    let footer = Seal::Vhd { at: n - 512, len: 512, field: 64 };
+    let footer = Seal::Vhd {
+        at: n - 512,
+        len: 512,
+        field: 64,
+    };
     let mut v = vec![area(n - 512, 512, footer, true)];
     if be32(d, n - 512 + 60) == 2 {
         return v; // fixed: the footer is all there is
     }
-    v.push(area(0, 512, Seal::Vhd { at: 0, len: 512, field: 64 }, true));
+    v.push(area(
+        0,
+        512,
+        Seal::Vhd {
+            at: 0,
+            len: 512,
+            field: 64,
+        },
+        true,
+    ));
     let h = 512;
-    v.push(area(h, 1024, Seal::Vhd { at: h, len: 1024, field: 36 }, true));
+    v.push(area(
+        h,
+        1024,
+        Seal::Vhd {
+            at: h,
+            len: 1024,
+            field: 36,
+        },
+        true,
+    ));
     for i in 0..8 {
         let e = h + 576 + 24 * i;
         let off = be64(d, e + 16) as usize;
@@ -215,7 +259,12 @@ fn vhdx_areas(d: &[u8]) -> Vec<Area> {
         v.push(area(h, 80, Seal::Crc { at: h, len: 4096 }, false));
     }
     for r in [192 * K, 256 * K] {
-        v.push(area(r, 16 + 32 * 2, Seal::Crc { at: r, len: 64 * K }, false));
+        v.push(area(
+            r,
+            16 + 32 * 2,
+            Seal::Crc { at: r, len: 64 * K },
+            false,
+        ));
     }
     // Regions from the first table.
     let r = 192 * K;
@@ -227,14 +276,24 @@ fn vhdx_areas(d: &[u8]) -> Vec<Area> {
             continue;
         }
         // BAT or metadata: the table, and the items the metadata table names.
-        v.push(area(off, len.min(4096).min(d.len() - off), Seal::None, false));
+        v.push(area(
+            off,
+            len.min(4096).min(d.len() - off),
+            Seal::None,
+            false,
+        ));
         if &d[off..off + 8] == b"metadata" {
             for j in 0..le32(d, off + 10).min(16) as usize {
                 let m = off + 32 + 32 * j;
                 let item = off + le32(d, m + 16) as usize;
                 let ilen = le32(d, m + 20) as usize;
                 if item < d.len() && ilen > 0 {
-                    v.push(area(item, ilen.min(1024).min(d.len() - item), Seal::None, false));
+                    v.push(area(
+                        item,
+                        ilen.min(1024).min(d.len() - item),
+                        Seal::None,
+                        false,
+                    ));
                 }
             }
         }
@@ -252,7 +311,12 @@ fn vdi_areas(d: &[u8]) -> Vec<Area> {
     let blocks = le32(d, 0x154) as usize;
     let count = le32(d, 0x180) as usize;
     if blocks < d.len() {
-        v.push(area(blocks, (count * 4).min(d.len() - blocks), Seal::None, false));
+        v.push(area(
+            blocks,
+            (count * 4).min(d.len() - blocks),
+            Seal::None,
+            false,
+        ));
     }
     v
 }
@@ -302,12 +366,24 @@ fn mutate(base: &[u8], areas: &[Area], i: usize) -> Vec<u8> {
             3 => d[pos] = rng.next() as u8,
             _ => {
                 let v = INTERESTING[rng.next() as usize % INTERESTING.len()];
-                let v = if rng.next() % 4 == 0 { v.wrapping_add(d.len() as u64) } else { v };
+                let v = if rng.next() % 4 == 0 {
+                    v.wrapping_add(d.len() as u64)
+                } else {
+                    v
+                };
                 let width = [2usize, 4, 8][rng.next() as usize % 3];
                 let pos = pos & !(width - 1);
                 if pos + width <= d.len() {
-                    let bytes = if a.big_endian { v.to_be_bytes() } else { v.to_le_bytes() };
-                    let src = if a.big_endian { &bytes[8 - width..] } else { &bytes[..width] };
+                    let bytes = if a.big_endian {
+                        v.to_be_bytes()
+                    } else {
+                        v.to_le_bytes()
+                    };
+                    let src = if a.big_endian {
+                        &bytes[8 - width..]
+                    } else {
+                        &bytes[..width]
+                    };
                     d[pos..pos + width].copy_from_slice(src);
                 }
             }
@@ -340,10 +416,19 @@ struct Base {
 
 fn patterned_raw() -> Vec<u8> {
     let tmp = tempfile::tempdir().unwrap();
-    let raw = common::sfdisk_raw(tmp.path(), "m.raw", 4 << 20, "label: dos\n,1M,L\n,1M,E\n,512K,L\n,,L\n");
+    let raw = common::sfdisk_raw(
+        tmp.path(),
+        "m.raw",
+        4 << 20,
+        "label: dos\n,1M,L\n,1M,E\n,512K,L\n,,L\n",
+    );
     let mut d = std::fs::read(raw).unwrap();
     let mut rng = common::Rng(77);
-    for (at, len) in [(1usize << 20, 8192usize), ((2 << 20) + 4096, 4096), ((4 << 20) - 65536, 65536)] {
+    for (at, len) in [
+        (1usize << 20, 8192usize),
+        ((2 << 20) + 4096, 4096),
+        ((4 << 20) - 65536, 65536),
+    ] {
         for b in &mut d[at..at + len] {
             *b = rng.next() as u8;
         }
@@ -394,13 +479,22 @@ fn base(format: &str) -> Base {
             let log = le64(&image, 64 * 1024 + 72) as usize;
             let len = le32(&image, log + 8) as usize;
             let mut v = vec![area(log, len, Seal::Crc { at: log, len }, false)];
-            v.extend(vhdx_areas(&image).into_iter().filter(|a| a.start < 192 * 1024));
+            v.extend(
+                vhdx_areas(&image)
+                    .into_iter()
+                    .filter(|a| a.start < 192 * 1024),
+            );
             v
         }
         "vdi" => vdi_areas(&image),
         _ => vhd_areas(&image),
     };
-    Base { expect, image, parent, areas }
+    Base {
+        expect,
+        image,
+        parent,
+        areas,
+    }
 }
 
 /// A VHDX whose headers name an active log: vdisk's template with one entry
@@ -422,7 +516,8 @@ fn dirty_vhdx() -> (Vec<u8>, Vec<u8>) {
     let mut bat_sector = file[bat..bat + 4096].to_vec();
     bat_sector[..8].copy_from_slice(&(tlen | 6).to_le_bytes());
     let sector: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 1) as u8).collect();
-    let mut e = vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
+    let mut e =
+        vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
     e[56..64].copy_from_slice(&(tlen + (1 << 20)).to_le_bytes());
     e[4..8].fill(0);
     let crc = vdisk::crc::crc32c(&e);
@@ -435,10 +530,25 @@ fn dirty_vhdx() -> (Vec<u8>, Vec<u8>) {
 }
 
 /// Opens `data` read-only and reads a sample of the disk.
-fn open_and_read(data: Vec<u8>, parent: Option<Arc<Vec<u8>>>, writes: &Arc<AtomicUsize>) -> Result<u64, vdisk::Error> {
-    let storage = Watched { inner: MemStorage::read_only(data), writes: writes.clone() };
-    let opener = MemParent { data: parent, writes: writes.clone() };
-    let disk = vdisk::open_disk(Box::new(storage), Path::new("/m/child.img"), OpenOptions { writable: false }, &opener)?;
+fn open_and_read(
+    data: Vec<u8>,
+    parent: Option<Arc<Vec<u8>>>,
+    writes: &Arc<AtomicUsize>,
+) -> Result<u64, vdisk::Error> {
+    let storage = Watched {
+        inner: MemStorage::read_only(data),
+        writes: writes.clone(),
+    };
+    let opener = MemParent {
+        data: parent,
+        writes: writes.clone(),
+    };
+    let disk = vdisk::open_disk(
+        Box::new(storage),
+        Path::new("/m/child.img"),
+        OpenOptions { writable: false },
+        &opener,
+    )?;
     let n = vdisk::fuzz::read_sample(&disk);
     let _ = vdisk::part::partitions(&disk);
     // A write must be refused without touching the file.
@@ -452,13 +562,26 @@ fn run_batch(format: &str) {
     let b = base(format);
     // The unmutated image must open and read like qemu does.
     let writes = Arc::new(AtomicUsize::new(0));
-    open_and_read(b.image.clone(), b.parent.clone(), &writes).unwrap_or_else(|e| panic!("{format}: base image: {e}"));
+    open_and_read(b.image.clone(), b.parent.clone(), &writes)
+        .unwrap_or_else(|e| panic!("{format}: base image: {e}"));
     let storage = MemStorage::read_only(b.image.clone());
-    let opener = MemParent { data: b.parent.clone(), writes: writes.clone() };
-    let disk = vdisk::open_disk(Box::new(storage), Path::new("/m/child.img"), OpenOptions { writable: false }, &opener).unwrap();
+    let opener = MemParent {
+        data: b.parent.clone(),
+        writes: writes.clone(),
+    };
+    let disk = vdisk::open_disk(
+        Box::new(storage),
+        Path::new("/m/child.img"),
+        OpenOptions { writable: false },
+        &opener,
+    )
+    .unwrap();
     let got = common::read_all(&disk);
     let n = got.len().min(b.expect.len());
-    assert!(n >= 2 << 20 && got[..n] == b.expect[..n], "{format}: the base image does not read as its raw disk");
+    assert!(
+        n >= 2 << 20 && got[..n] == b.expect[..n],
+        "{format}: the base image does not read as its raw disk"
+    );
     std::panic::set_hook(Box::new(|info| eprintln!("PANIC {info}")));
     let (mut crashes, mut hangs, mut write_count, mut opened) = (0usize, 0usize, 0usize, 0usize);
     let mut slowest = Duration::ZERO;
@@ -466,7 +589,9 @@ fn run_batch(format: &str) {
         let m = mutate(&b.image, &b.areas, i);
         let writes = Arc::new(AtomicUsize::new(0));
         let t = Instant::now();
-        let r = catch_unwind(AssertUnwindSafe(|| open_and_read(m, b.parent.clone(), &writes)));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            open_and_read(m, b.parent.clone(), &writes)
+        }));
         let took = t.elapsed();
         slowest = slowest.max(took);
         match r {
@@ -486,7 +611,10 @@ fn run_batch(format: &str) {
         }
         if writes.load(Ordering::SeqCst) != 0 {
             write_count += 1;
-            eprintln!("WRITE {format} mutant {i}: {} calls", writes.load(Ordering::SeqCst));
+            eprintln!(
+                "WRITE {format} mutant {i}: {} calls",
+                writes.load(Ordering::SeqCst)
+            );
         }
     }
     println!(
@@ -514,7 +642,14 @@ fn mutants_do_not_crash_hang_or_write() {
             .arg("-c")
             .arg(format!("ulimit -v {ULIMIT_KB}; exec \"$0\" \"$@\""))
             .arg(&exe)
-            .args(["--exact", "mutant_batch_child", "--ignored", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "mutant_batch_child",
+                "--ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_ENV, format)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -545,21 +680,37 @@ fn mutants_do_not_crash_hang_or_write() {
             std::thread::sleep(Duration::from_millis(50));
         };
         let (out, err) = (out_t.join().unwrap(), err_t.join().unwrap());
-        let result = out.lines().find_map(|l| l.find("RESULT ").map(|i| l[i + 7..].to_string()));
+        let result = out
+            .lines()
+            .find_map(|l| l.find("RESULT ").map(|i| l[i + 7..].to_string()));
         let tail: Vec<&str> = err.lines().rev().take(15).collect();
         match (status, result) {
             (None, _) => failures.push(format!("{format}: batch hung (over {BATCH_LIMIT:?})")),
             (Some(s), Some(r)) if s.success() => {
                 if !r.contains("crashes=0 hangs=0 writes=0") {
-                    failures.push(format!("{r}\n{}", err.lines().filter(|l| !l.starts_with("PANIC")).take(20).collect::<Vec<_>>().join("\n")));
+                    failures.push(format!(
+                        "{r}\n{}",
+                        err.lines()
+                            .filter(|l| !l.starts_with("PANIC"))
+                            .take(20)
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    ));
                 }
                 report.push(format!("{r} ({:.1} s)", t.elapsed().as_secs_f64()));
             }
-            (Some(s), _) => failures.push(format!("{format}: child failed ({s}), under ulimit -v {ULIMIT_KB}:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"))),
+            (Some(s), _) => failures.push(format!(
+                "{format}: child failed ({s}), under ulimit -v {ULIMIT_KB}:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            )),
         }
     }
     for r in &report {
         println!("{r}");
     }
-    assert!(failures.is_empty(), "mutation test failures:\n{}", failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "mutation test failures:\n{}",
+        failures.join("\n\n")
+    );
 }

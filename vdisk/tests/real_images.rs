@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::sha256_hex;
-use vdisk::{open_disk, Error, OpenOptions, StdParentOpener};
+use vdisk::{Error, OpenOptions, StdParentOpener, open_disk};
 
 fn shared_images() -> Option<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/images");
@@ -29,7 +29,12 @@ fn copy(dir: &Path, names: &[&str]) -> tempfile::TempDir {
 
 fn digest(path: &Path) -> vdisk::Result<(u64, String)> {
     let file = std::fs::File::open(path).unwrap();
-    let disk = open_disk(Box::new((file, false)), path, OpenOptions::default(), &StdParentOpener)?;
+    let disk = open_disk(
+        Box::new((file, false)),
+        path,
+        OpenOptions::default(),
+        &StdParentOpener,
+    )?;
     let mut data = vec![0u8; disk.size() as usize];
     // Odd-sized pieces, to cross block and sector boundaries unaligned.
     let mut off = 0usize;
@@ -49,7 +54,10 @@ fn ext2_vhd() {
     let tmp = copy(&dir, &["ext2.vhd"]);
     let (size, sha) = digest(&tmp.path().join("ext2.vhd")).unwrap();
     assert_eq!(size, 4212736);
-    assert_eq!(sha, "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99");
+    assert_eq!(
+        sha,
+        "870be7ae16c1fa8faab05c6eb9205dc9a7ae35c5f552c5cf8a267c0bc6a5cb99"
+    );
 }
 
 #[test]
@@ -58,7 +66,10 @@ fn image_vhd_with_bad_checksum() {
     let tmp = copy(&dir, &["image.vhd"]);
     let (size, sha) = digest(&tmp.path().join("image.vhd")).unwrap();
     assert_eq!(size, 104448);
-    assert_eq!(sha, "c6db12a7db548e193c29420c1b4533e4708b20c5033db5cc29ef075d48316d25");
+    assert_eq!(
+        sha,
+        "c6db12a7db548e193c29420c1b4533e4708b20c5033db5cc29ef075d48316d25"
+    );
 }
 
 #[test]
@@ -67,7 +78,10 @@ fn differential_found_by_parent_name() {
     let tmp = copy(&dir, &["image.vhd", "image-differential.vhd"]);
     let (size, sha) = digest(&tmp.path().join("image-differential.vhd")).unwrap();
     assert_eq!(size, 104448);
-    assert_eq!(sha, "c6db12a7db548e193c29420c1b4533e4708b20c5033db5cc29ef075d48316d25");
+    assert_eq!(
+        sha,
+        "c6db12a7db548e193c29420c1b4533e4708b20c5033db5cc29ef075d48316d25"
+    );
 }
 
 #[test]

@@ -4,17 +4,20 @@
 /// SHA-256, so tests compare with published digests without a dependency.
 pub fn sha256_hex(data: &[u8]) -> String {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
+        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
+        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
+        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
+        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
+        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
+        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
+        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
     ];
     let mut h: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19,
+        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
+        0x5be0cd19,
     ];
     let mut msg = data.to_vec();
     msg.push(0x80);
@@ -25,22 +28,43 @@ pub fn sha256_hex(data: &[u8]) -> String {
     for chunk in msg.chunks(64) {
         let mut w = [0u32; 64];
         for i in 0..16 {
-            w[i] = u32::from_be_bytes([chunk[4 * i], chunk[4 * i + 1], chunk[4 * i + 2], chunk[4 * i + 3]]);
+            w[i] = u32::from_be_bytes([
+                chunk[4 * i],
+                chunk[4 * i + 1],
+                chunk[4 * i + 2],
+                chunk[4 * i + 3],
+            ]);
         }
         for i in 16..64 {
             let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
             let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+            w[i] = w[i - 16]
+                .wrapping_add(s0)
+                .wrapping_add(w[i - 7])
+                .wrapping_add(s1);
         }
         let mut v = h;
         for i in 0..64 {
             let s1 = v[4].rotate_right(6) ^ v[4].rotate_right(11) ^ v[4].rotate_right(25);
             let ch = (v[4] & v[5]) ^ (!v[4] & v[6]);
-            let t1 = v[7].wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
+            let t1 = v[7]
+                .wrapping_add(s1)
+                .wrapping_add(ch)
+                .wrapping_add(K[i])
+                .wrapping_add(w[i]);
             let s0 = v[0].rotate_right(2) ^ v[0].rotate_right(13) ^ v[0].rotate_right(22);
             let maj = (v[0] & v[1]) ^ (v[0] & v[2]) ^ (v[1] & v[2]);
             let t2 = s0.wrapping_add(maj);
-            v = [t1.wrapping_add(t2), v[0], v[1], v[2], v[3].wrapping_add(t1), v[4], v[5], v[6]];
+            v = [
+                t1.wrapping_add(t2),
+                v[0],
+                v[1],
+                v[2],
+                v[3].wrapping_add(t1),
+                v[4],
+                v[5],
+                v[6],
+            ];
         }
         for i in 0..8 {
             h[i] = h[i].wrapping_add(v[i]);
@@ -51,7 +75,10 @@ pub fn sha256_hex(data: &[u8]) -> String {
 
 #[test]
 fn sha256_known_answer() {
-    assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+    assert_eq!(
+        sha256_hex(b"abc"),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    );
 }
 
 use std::path::Path;
@@ -111,7 +138,13 @@ impl Rng {
 
 /// Writes `data` as a raw file and converts it with qemu-img into `fmt` with
 /// `opts` (e.g. "subformat=dynamic,force_size=on").
-pub fn qemu_image_from(data: &[u8], dir: &Path, name: &str, fmt: &str, opts: &str) -> std::path::PathBuf {
+pub fn qemu_image_from(
+    data: &[u8],
+    dir: &Path,
+    name: &str,
+    fmt: &str,
+    opts: &str,
+) -> std::path::PathBuf {
     let raw = dir.join(format!("{name}.src.raw"));
     std::fs::write(&raw, data).unwrap();
     let img = dir.join(name);
@@ -119,7 +152,10 @@ pub fn qemu_image_from(data: &[u8], dir: &Path, name: &str, fmt: &str, opts: &st
     if !opts.is_empty() {
         args.extend(["-o", opts]);
     }
-    let (r, i) = (raw.to_str().unwrap().to_string(), img.to_str().unwrap().to_string());
+    let (r, i) = (
+        raw.to_str().unwrap().to_string(),
+        img.to_str().unwrap().to_string(),
+    );
     args.push(&r);
     args.push(&i);
     run("qemu-img", &args);
@@ -129,7 +165,18 @@ pub fn qemu_image_from(data: &[u8], dir: &Path, name: &str, fmt: &str, opts: &st
 /// The virtual disk of `img` as qemu-img reads it (the independent reader).
 pub fn qemu_raw(img: &Path, fmt: &str) -> Vec<u8> {
     let out = img.with_extension("qemu.raw");
-    run("qemu-img", &["convert", "-f", fmt, "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            fmt,
+            "-O",
+            "raw",
+            img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     let data = std::fs::read(&out).unwrap();
     std::fs::remove_file(&out).ok();
     data
@@ -137,8 +184,17 @@ pub fn qemu_raw(img: &Path, fmt: &str) -> Vec<u8> {
 
 /// Opens `path` with vdisk (std files, std parent opener).
 pub fn open(path: &Path, writable: bool) -> vdisk::Result<vdisk::Disk> {
-    let file = std::fs::OpenOptions::new().read(true).write(writable).open(path).unwrap();
-    vdisk::open_disk(Box::new((file, writable)), path, vdisk::OpenOptions { writable }, &vdisk::StdParentOpener)
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(writable)
+        .open(path)
+        .unwrap();
+    vdisk::open_disk(
+        Box::new((file, writable)),
+        path,
+        vdisk::OpenOptions { writable },
+        &vdisk::StdParentOpener,
+    )
 }
 
 /// Reads the whole disk in odd-sized pieces that cross sectors and blocks.
