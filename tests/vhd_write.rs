@@ -20,49 +20,6 @@ use vhd_util::*;
 
 const MIB: u64 = 1 << 20;
 
-/// The system python: the pyenv shim is a shell script around it.
-fn python() -> &'static str {
-    if Path::new("/usr/bin/python3").exists() {
-        "/usr/bin/python3"
-    } else {
-        "python3"
-    }
-}
-
-const PWRITE_PY: &str = r#"
-import os, sys
-path, ops, blob = sys.argv[1:4]
-data = memoryview(open(blob, 'rb').read())
-fd = os.open(path, os.O_RDWR)
-for line in open(ops):
-    off, n, at = map(int, line.split())
-    done = 0
-    while done < n:
-        w = os.pwrite(fd, data[at + done:at + n], off + done)
-        assert w > 0, w
-        done += w
-os.fsync(fd)
-os.close(fd)
-"#;
-
-/// Runs `ops` as os.pwrite calls on `image` in python under the library.
-fn pwrite_through_library(dir: &Path, image: &Path, ops: &[(u64, Vec<u8>)]) {
-    let mut blob = Vec::new();
-    let mut lines = String::new();
-    for (off, d) in ops {
-        lines.push_str(&format!("{off} {} {}\n", d.len(), blob.len()));
-        blob.extend_from_slice(d);
-    }
-    fs::write(dir.join("pwrite.py"), PWRITE_PY).unwrap();
-    fs::write(dir.join("ops.txt"), lines).unwrap();
-    fs::write(dir.join("blob.bin"), blob).unwrap();
-    preload::run(
-        dir,
-        python(),
-        &["pwrite.py", image.to_str().unwrap(), "ops.txt", "blob.bin"],
-    );
-}
-
 #[test]
 fn random_pwrites_through_the_library_match_a_raw_copy() {
     let tmp = tempfile::tempdir().unwrap();
@@ -87,7 +44,7 @@ fn random_pwrites_through_the_library_match_a_raw_copy() {
         assert!(model[..data.len()] == data[..]);
         check_file(&img).unwrap();
         let ops = random_writes(20 + i as u64, model.len() as u64, 2 * MIB, 24);
-        pwrite_through_library(dir, &img, &ops);
+        preload::pwrite_through_library(dir, &img, &ops);
         apply_writes(&mut model, &ops);
         let got = qemu_raw(&img, "vpc");
         assert_eq!(got.len(), model.len(), "{name}: size changed");
@@ -165,7 +122,7 @@ fn differencing_child_written_through_the_library() {
         "the chain reads differently through the library"
     );
     let ops = random_writes(33, size, 2 * MIB, 16);
-    pwrite_through_library(dir, &topp, &ops);
+    preload::pwrite_through_library(dir, &topp, &ops);
     apply_writes(&mut model, &ops);
     let cat = preload::run(dir, "cat", &["top.vhd"]);
     assert!(

@@ -1,6 +1,7 @@
 //! Running real programs with the library preloaded.
 #![allow(dead_code)]
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
@@ -60,4 +61,47 @@ pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
 /// Runs a shell command line under the library.
 pub fn sh(dir: &Path, script: &str) -> Output {
     run(dir, "sh", &["-c", script])
+}
+
+/// The system python: the pyenv shim is a shell script around it.
+pub fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+const PWRITE_PY: &str = r#"
+import os, sys
+path, ops, blob = sys.argv[1:4]
+data = memoryview(open(blob, 'rb').read())
+fd = os.open(path, os.O_RDWR)
+for line in open(ops):
+    off, n, at = map(int, line.split())
+    done = 0
+    while done < n:
+        w = os.pwrite(fd, data[at + done:at + n], off + done)
+        assert w > 0, w
+        done += w
+os.fsync(fd)
+os.close(fd)
+"#;
+
+/// Runs `ops` as os.pwrite calls on `image` in python under the library.
+pub fn pwrite_through_library(dir: &Path, image: &Path, ops: &[(u64, Vec<u8>)]) {
+    let mut blob = Vec::new();
+    let mut lines = String::new();
+    for (off, d) in ops {
+        lines.push_str(&format!("{off} {} {}\n", d.len(), blob.len()));
+        blob.extend_from_slice(d);
+    }
+    fs::write(dir.join("pwrite.py"), PWRITE_PY).unwrap();
+    fs::write(dir.join("ops.txt"), lines).unwrap();
+    fs::write(dir.join("blob.bin"), blob).unwrap();
+    run(
+        dir,
+        python(),
+        &["pwrite.py", image.to_str().unwrap(), "ops.txt", "blob.bin"],
+    );
 }

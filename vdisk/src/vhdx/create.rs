@@ -145,7 +145,9 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<Created> {
         parent_locator: Vec::new(),
     };
     let locator = opts.parent.as_ref().map(|p| {
-        let linkage = Guid(p.data_write_guid).to_string();
+        // Lower case: Windows parses either, and libvhdi (the independent
+        // reader) accepts only lower case here.
+        let linkage = Guid(p.data_write_guid).to_string().to_ascii_lowercase();
         let mut pairs: Vec<(&str, &str)> = vec![("parent_linkage", &linkage)];
         pairs.extend(p.paths.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         metadata::encode_locator(&pairs)
