@@ -85,6 +85,10 @@ reals! {
     PREADV64 = c"preadv64": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t) -> ssize_t;
     PWRITEV = c"pwritev": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off_t) -> ssize_t;
     PWRITEV64 = c"pwritev64": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t) -> ssize_t;
+    PREADV2 = c"preadv2": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
+    PREADV64V2 = c"preadv64v2": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t, c_int) -> ssize_t;
+    PWRITEV2 = c"pwritev2": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off_t, c_int) -> ssize_t;
+    PWRITEV64V2 = c"pwritev64v2": unsafe extern "C" fn(c_int, *const libc::iovec, c_int, off64_t, c_int) -> ssize_t;
     LSEEK = c"lseek": unsafe extern "C" fn(c_int, off_t, c_int) -> off_t;
     LSEEK64 = c"lseek64": unsafe extern "C" fn(c_int, off64_t, c_int) -> off64_t;
     CLOSE = c"close": unsafe extern "C" fn(c_int) -> c_int;

@@ -372,3 +372,43 @@ fn images_under_dev_shm() {
         want.split_whitespace().next()
     );
 }
+
+/// preadv2/pwritev2 (python calls them when flags are given): offset -1 is the
+/// file offset, which then advances; an explicit offset leaves it alone.
+#[test]
+fn preadv2_and_pwritev2() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (data, _) = pattern(9, 3 << 20);
+    let img = qemu_image_from(
+        &data,
+        dir,
+        "v.vhd",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+    );
+    let script = r#"
+import os
+fd = os.open('v.vhd', os.O_RDWR)
+a, b = bytearray(1000), bytearray(3000)
+os.lseek(fd, 5000, os.SEEK_SET)
+assert os.preadv(fd, [a, b], -1, os.RWF_HIPRI) == 4000
+assert os.lseek(fd, 0, os.SEEK_CUR) == 9000, os.lseek(fd, 0, os.SEEK_CUR)
+c = bytearray(700)
+assert os.preadv(fd, [c], 2_000_000, os.RWF_HIPRI) == 700
+assert os.lseek(fd, 0, os.SEEK_CUR) == 9000
+assert os.pwritev(fd, [b'x' * 600, b'y' * 424], 1_000_001, os.RWF_DSYNC) == 1024
+assert os.pwritev(fd, [b'z' * 100], -1, os.RWF_DSYNC) == 100
+assert os.lseek(fd, 0, os.SEEK_CUR) == 9100
+open('out.bin', 'wb').write(bytes(a) + bytes(b) + bytes(c))
+"#;
+    preload::run(dir, "python3", &["-c", script]);
+    let out = fs::read(dir.join("out.bin")).unwrap();
+    assert!(out[..4000] == data[5000..9000]);
+    assert!(out[4000..] == data[2_000_000..2_000_700]);
+    let mut expect = data.clone();
+    expect[1_000_001..1_000_601].fill(b'x');
+    expect[1_000_601..1_001_025].fill(b'y');
+    expect[9000..9100].fill(b'z');
+    assert!(qemu_raw(&img, "vpc")[..data.len()] == expect[..]);
+}

@@ -232,28 +232,26 @@ pub unsafe extern "C" fn __read_chk(
     call!(real::READ_CHK, fd, buf, n, buflen)
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pread(fd: c_int, buf: *mut c_void, n: size_t, off: off_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize)
-            });
+// Each 64-bit name is the same function as its plain twin on LP64 (off_t is
+// 64 bits): one macro per shape, two exported names each.
+
+macro_rules! positioned {
+    ($($name:ident = $real:ident, $off:ty;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
+            if is_mapped(fd) {
+                if let Some(of) = image_fd(fd) {
+                    return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+                }
+            }
+            call!(real::$real, fd, buf, n, off)
         }
-    }
-    call!(real::PREAD, fd, buf, n, off)
+    )*};
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pread64(fd: c_int, buf: *mut c_void, n: size_t, off: off64_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize)
-            });
-        }
-    }
-    call!(real::PREAD64, fd, buf, n, off)
+positioned! {
+    pread = PREAD, off_t;
+    pread64 = PREAD64, off64_t;
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -299,33 +297,23 @@ pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssiz
     call!(real::WRITE, fd, buf, n)
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwrite(fd: c_int, buf: *const c_void, n: size_t, off: off_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize)
-            });
+macro_rules! positioned_write {
+    ($($name:ident = $real:ident, $off:ty;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
+            if is_mapped(fd) {
+                if let Some(of) = image_fd(fd) {
+                    return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+                }
+            }
+            call!(real::$real, fd, buf, n, off)
         }
-    }
-    call!(real::PWRITE, fd, buf, n, off)
+    )*};
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwrite64(
-    fd: c_int,
-    buf: *const c_void,
-    n: size_t,
-    off: off64_t,
-) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize)
-            });
-        }
-    }
-    call!(real::PWRITE64, fd, buf, n, off)
+positioned_write! {
+    pwrite = PWRITE, off_t;
+    pwrite64 = PWRITE64, off64_t;
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -356,80 +344,86 @@ pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssi
     call!(real::WRITEV, fd, iov, cnt)
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn preadv(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
-            });
-        }
-    }
-    call!(real::PREADV, fd, iov, cnt, off)
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn preadv64(
+/// A vectored transfer at `off`; -1 (preadv2/pwritev2) means the file offset.
+fn vectored(
     fd: c_int,
+    of: &OpenFile,
     iov: *const iovec,
     cnt: c_int,
-    off: off64_t,
-) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                readv_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
-            });
-        }
-    }
-    call!(real::PREADV64, fd, iov, cnt, off)
+    off: i64,
+    op: fn(&OpenFile, &[iovec], u64) -> Result<usize, Errno>,
+) -> Result<ssize_t, Errno> {
+    let iov = iovecs(iov, cnt)?;
+    let n = if off == -1 {
+        of.at_offset(fd, |pos| op(of, iov, pos))?
+    } else {
+        op(of, iov, checked_pos(off)?)?
+    };
+    Ok(to_ssize(n))
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwritev(fd: c_int, iov: *const iovec, cnt: c_int, off: off_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
-            });
+macro_rules! vectored_hooks {
+    ($($name:ident = $real:ident, $off:ty, $op:ident;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, iov: *const iovec, cnt: c_int, off: $off) -> ssize_t {
+            if is_mapped(fd) {
+                if let Some(of) = image_fd(fd) {
+                    return emulate(-1, || {
+                        let off = checked_pos(off)? as i64;
+                        vectored(fd, &of, iov, cnt, off, $op)
+                    });
+                }
+            }
+            call!(real::$real, fd, iov, cnt, off)
         }
-    }
-    call!(real::PWRITEV, fd, iov, cnt, off)
+    )*};
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn pwritev64(
-    fd: c_int,
-    iov: *const iovec,
-    cnt: c_int,
-    off: off64_t,
-) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                writev_at(&of, iovecs(iov, cnt)?, checked_pos(off)?).map(to_ssize)
-            });
-        }
-    }
-    call!(real::PWRITEV64, fd, iov, cnt, off)
+vectored_hooks! {
+    preadv = PREADV, off_t, readv_at;
+    preadv64 = PREADV64, off64_t, readv_at;
+    pwritev = PWRITEV, off_t, writev_at;
+    pwritev64 = PWRITEV64, off64_t, writev_at;
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn lseek(fd: c_int, off: off_t, whence: c_int) -> off_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.seek(fd, off, whence));
+/// preadv2/pwritev2: as preadv/pwritev, offset -1 being the file offset. The
+/// RWF_* flags (hints, RWF_APPEND) change nothing on a block device here.
+macro_rules! vectored2_hooks {
+    ($($name:ident = $real:ident, $off:ty, $op:ident;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, iov: *const iovec, cnt: c_int, off: $off, flags: c_int) -> ssize_t {
+            if is_mapped(fd) {
+                if let Some(of) = image_fd(fd) {
+                    return emulate(-1, || vectored(fd, &of, iov, cnt, off as i64, $op));
+                }
+            }
+            call!(real::$real, fd, iov, cnt, off, flags)
         }
-    }
-    call!(real::LSEEK, fd, off, whence)
+    )*};
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn lseek64(fd: c_int, off: off64_t, whence: c_int) -> off64_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || of.seek(fd, off, whence));
+vectored2_hooks! {
+    preadv2 = PREADV2, off_t, readv_at;
+    preadv64v2 = PREADV64V2, off64_t, readv_at;
+    pwritev2 = PWRITEV2, off_t, writev_at;
+    pwritev64v2 = PWRITEV64V2, off64_t, writev_at;
+}
+
+macro_rules! seek_hooks {
+    ($($name:ident = $real:ident, $off:ty;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, off: $off, whence: c_int) -> $off {
+            if is_mapped(fd) {
+                if let Some(of) = image_fd(fd) {
+                    return emulate(-1, || of.seek(fd, off, whence));
+                }
+            }
+            call!(real::$real, fd, off, whence)
         }
-    }
-    call!(real::LSEEK64, fd, off, whence)
+    )*};
+}
+
+seek_hooks! {
+    lseek = LSEEK, off_t;
+    lseek64 = LSEEK64, off64_t;
 }

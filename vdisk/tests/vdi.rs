@@ -805,7 +805,7 @@ fn diff_found_through_env_var() {
         child.expected(Some(&base_data)),
     )
     .unwrap();
-    // std::env::set_var is unsafe in a threaded test binary: run one test in a child process.
+    // std::env::set_var is not thread-safe in a test binary: run one test in a child process.
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "env_var_child", "--ignored", "--nocapture"])
         .env(
