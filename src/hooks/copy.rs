@@ -143,44 +143,25 @@ pub unsafe extern "C" fn copy_file_range(
     )
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sendfile(
-    out_fd: c_int,
-    in_fd: c_int,
-    offset: *mut off_t,
-    count: size_t,
-) -> ssize_t {
-    if either_image(in_fd, out_fd) {
-        return emulate(-1, || {
-            copy(
-                side(in_fd, offset),
-                side(out_fd, std::ptr::null_mut()),
-                count,
-            )
-            .map(|n| n as ssize_t)
-        });
-    }
-    call!(real::SENDFILE, out_fd, in_fd, offset, count)
+/// sendfile: from `in_fd` (at `*offset` if given) to `out_fd`'s own offset.
+macro_rules! sendfile_hooks {
+    ($($name:ident = $real:ident, $off:ty;)*) => {$(
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(out_fd: c_int, in_fd: c_int, offset: *mut $off, count: size_t) -> ssize_t {
+            if either_image(in_fd, out_fd) {
+                return emulate(-1, || {
+                    let to = side(out_fd, std::ptr::null_mut());
+                    copy(side(in_fd, offset), to, count).map(|n| n as ssize_t)
+                });
+            }
+            call!(real::$real, out_fd, in_fd, offset, count)
+        }
+    )*};
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn sendfile64(
-    out_fd: c_int,
-    in_fd: c_int,
-    offset: *mut off64_t,
-    count: size_t,
-) -> ssize_t {
-    if either_image(in_fd, out_fd) {
-        return emulate(-1, || {
-            copy(
-                side(in_fd, offset),
-                side(out_fd, std::ptr::null_mut()),
-                count,
-            )
-            .map(|n| n as ssize_t)
-        });
-    }
-    call!(real::SENDFILE64, out_fd, in_fd, offset, count)
+sendfile_hooks! {
+    sendfile = SENDFILE, off_t;
+    sendfile64 = SENDFILE64, off64_t;
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
