@@ -146,8 +146,8 @@ fn release(p: *mut OpenFile) {
 pub fn remove_range(lo: c_int, hi: c_int) {
     let lo = lo.max(0) as usize;
     let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
-    for fd in lo..=hi {
-        if !SLOTS[fd].load(Ordering::Relaxed).is_null() {
+    for (fd, slot) in SLOTS.iter().enumerate().take(hi + 1).skip(lo) {
+        if !slot.load(Ordering::Relaxed).is_null() {
             drop(remove(fd as c_int));
         }
     }
@@ -239,12 +239,11 @@ pub fn is_internal(fd: c_int) -> bool {
 pub fn inheritable_dummies() -> usize {
     let mut n = 0;
     for (fd, s) in SLOTS.iter().enumerate() {
-        if !s.load(Ordering::Relaxed).is_null() {
-            if let Ok(flags) = sys::fcntl(fd as c_int, libc::F_GETFD, 0) {
-                if flags & libc::FD_CLOEXEC as libc::c_long == 0 {
-                    n += 1;
-                }
-            }
+        if !s.load(Ordering::Relaxed).is_null()
+            && let Ok(flags) = sys::fcntl(fd as c_int, libc::F_GETFD, 0)
+            && flags & libc::FD_CLOEXEC as libc::c_long == 0
+        {
+            n += 1;
         }
     }
     n

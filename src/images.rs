@@ -261,11 +261,11 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         .iter()
         .filter_map(Weak::upgrade)
         .find(|o| o.id() == (st.st_dev, st.st_ino));
-    if let Some(obj) = &existing {
-        if !writable || obj.disk().is_writable() {
-            sys::close(fd);
-            return Ok(Opened::Image(obj.clone()));
-        }
+    if let Some(obj) = &existing
+        && (!writable || obj.disk().is_writable())
+    {
+        sys::close(fd);
+        return Ok(Opened::Image(obj.clone()));
     }
     let storage = FdStorage::new(fd, writable);
     match vdisk::probe(&storage) {
@@ -352,10 +352,10 @@ pub fn flush_all() {
     let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
     for obj in objects {
         let disk = obj.disk();
-        if disk.is_writable() {
-            if let Err(e) = disk.flush() {
-                log::warn!("sync {}: {e}", obj.path_str());
-            }
+        if disk.is_writable()
+            && let Err(e) = disk.flush()
+        {
+            log::warn!("sync {}: {e}", obj.path_str());
         }
     }
 }

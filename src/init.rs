@@ -69,13 +69,13 @@ extern "C" fn fork_child() {
 fn split_partition(name: &[u8]) -> (&[u8], u32) {
     if let Some(i) = name.windows(2).rposition(|w| w == b"#p") {
         let digits = &name[i + 2..];
-        if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) {
-            if let Some(n) = std::str::from_utf8(digits)
+        if !digits.is_empty()
+            && digits.iter().all(u8::is_ascii_digit)
+            && let Some(n) = std::str::from_utf8(digits)
                 .ok()
                 .and_then(|d| d.parse().ok())
-            {
-                return (&name[..i], n);
-            }
+        {
+            return (&name[..i], n);
         }
     }
     (name, 0)

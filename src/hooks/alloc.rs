@@ -19,20 +19,20 @@ fn fallocate_common(fd: c_int) -> Option<c_int> {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = fallocate_common(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = fallocate_common(fd)
+    {
+        return r;
     }
     call!(real::FALLOCATE, fd, mode, off, len)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = fallocate_common(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = fallocate_common(fd)
+    {
+        return r;
     }
     call!(real::FALLOCATE64, fd, mode, off, len)
 }
@@ -50,10 +50,10 @@ fn posix_fallocate_common(fd: c_int, off: i64, len: i64) -> Option<c_int> {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off_t, len: off_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = posix_fallocate_common(fd, off, len) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = posix_fallocate_common(fd, off, len)
+    {
+        return r;
     }
     match real::POSIX_FALLOCATE.get() {
         // SAFETY: forwarding the caller's arguments.
@@ -64,10 +64,10 @@ pub unsafe extern "C" fn posix_fallocate(fd: c_int, off: off_t, len: off_t) -> c
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn posix_fallocate64(fd: c_int, off: off64_t, len: off64_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = posix_fallocate_common(fd, off, len) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = posix_fallocate_common(fd, off, len)
+    {
+        return r;
     }
     match real::POSIX_FALLOCATE64.get() {
         // SAFETY: forwarding the caller's arguments.
@@ -142,10 +142,10 @@ pub unsafe extern "C" fn sync() {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn syncfs(fd: c_int) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = flush_fd(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = flush_fd(fd)
+    {
+        return r;
     }
     call!(real::SYNCFS, fd)
 }
@@ -157,10 +157,10 @@ pub unsafe extern "C" fn sync_file_range(
     n: off64_t,
     flags: c_uint,
 ) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = flush_fd(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = flush_fd(fd)
+    {
+        return r;
     }
     call!(real::SYNC_FILE_RANGE, fd, off, n, flags)
 }

@@ -72,11 +72,11 @@ fn after_dup(old: c_int, new: c_int) {
     if is_mapped(new) {
         drop(fdtable::remove(new));
     }
-    if is_mapped(old) {
-        if let Some(of) = fdtable::lookup(old) {
-            log::debug!("dup dummy fd {old} -> {new}");
-            fdtable::insert(new, of);
-        }
+    if is_mapped(old)
+        && let Some(of) = fdtable::lookup(old)
+    {
+        log::debug!("dup dummy fd {old} -> {new}");
+        fdtable::insert(new, of);
     }
 }
 
@@ -160,20 +160,20 @@ fn flush(fd: c_int) -> Option<c_int> {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fsync(fd: c_int) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = flush(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = flush(fd)
+    {
+        return r;
     }
     call!(real::FSYNC, fd)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = flush(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = flush(fd)
+    {
+        return r;
     }
     call!(real::FDATASYNC, fd)
 }
@@ -186,20 +186,20 @@ fn no_truncate(fd: c_int) -> Option<c_int> {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = no_truncate(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = no_truncate(fd)
+    {
+        return r;
     }
     call!(real::FTRUNCATE, fd, len)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
-    if is_mapped(fd) {
-        if let Some(r) = no_truncate(fd) {
-            return r;
-        }
+    if is_mapped(fd)
+        && let Some(r) = no_truncate(fd)
+    {
+        return r;
     }
     call!(real::FTRUNCATE64, fd, len)
 }

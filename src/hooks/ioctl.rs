@@ -93,14 +93,14 @@ fn block_ioctl(of: &OpenFile, req: c_ulong, arg: *mut c_void) -> Result<c_int, E
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ioctl(fd: c_int, req: c_ulong, arg: *mut c_void) -> c_int {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                let r = block_ioctl(&of, req, arg);
-                log::debug!("ioctl {req:#x} on dummy fd {fd}: {r:?}");
-                r
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            let r = block_ioctl(&of, req, arg);
+            log::debug!("ioctl {req:#x} on dummy fd {fd}: {r:?}");
+            r
+        });
     }
     call!(real::IOCTL, fd, req, arg)
 }

@@ -199,13 +199,13 @@ unsafe extern "C" {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
-                    .map(to_ssize)
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+                .map(to_ssize)
+        });
     }
     call!(real::READ, fd, buf, n)
 }
@@ -221,13 +221,13 @@ pub unsafe extern "C" fn __read_chk(
         // SAFETY: glibc's fortify failure: abort, as the real __read_chk does.
         unsafe { __chk_fail() }
     }
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
-                    .map(to_ssize)
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+                .map(to_ssize)
+        });
     }
     call!(real::READ_CHK, fd, buf, n, buflen)
 }
@@ -286,13 +286,13 @@ pub unsafe extern "C" fn __pread64_chk(
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
-                    .map(to_ssize)
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
+                .map(to_ssize)
+        });
     }
     call!(real::WRITE, fd, buf, n)
 }
@@ -318,28 +318,28 @@ positioned_write! {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                let iov = iovecs(iov, cnt)?;
-                of.at_offset(fd, |pos| readv_at(&of, iov, pos))
-                    .map(to_ssize)
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            let iov = iovecs(iov, cnt)?;
+            of.at_offset(fd, |pos| readv_at(&of, iov, pos))
+                .map(to_ssize)
+        });
     }
     call!(real::READV, fd, iov, cnt)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    if is_mapped(fd) {
-        if let Some(of) = image_fd(fd) {
-            return emulate(-1, || {
-                let iov = iovecs(iov, cnt)?;
-                of.at_offset(fd, |pos| writev_at(&of, iov, pos))
-                    .map(to_ssize)
-            });
-        }
+    if is_mapped(fd)
+        && let Some(of) = image_fd(fd)
+    {
+        return emulate(-1, || {
+            let iov = iovecs(iov, cnt)?;
+            of.at_offset(fd, |pos| writev_at(&of, iov, pos))
+                .map(to_ssize)
+        });
     }
     call!(real::WRITEV, fd, iov, cnt)
 }

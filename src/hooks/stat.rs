@@ -203,16 +203,17 @@ pub unsafe extern "C" fn statx(
 ) -> c_int {
     // SAFETY: only dereferenced when non-NULL.
     let empty = !path.is_null() && unsafe { *path } == 0 && flags & libc::AT_EMPTY_PATH != 0;
-    if empty && is_mapped(dirfd) {
-        if let Some(of) = image_fd(dirfd) {
-            let fd = of.image.container_fd();
-            let r = call!(real::STATX, fd, path, flags, mask, buf);
-            if r == 0 {
-                // SAFETY: filled by the real call.
-                blockify_x(unsafe { &mut *buf });
-            }
-            return r;
+    if empty
+        && is_mapped(dirfd)
+        && let Some(of) = image_fd(dirfd)
+    {
+        let fd = of.image.container_fd();
+        let r = call!(real::STATX, fd, path, flags, mask, buf);
+        if r == 0 {
+            // SAFETY: filled by the real call.
+            blockify_x(unsafe { &mut *buf });
         }
+        return r;
     }
     let r = call!(real::STATX, dirfd, path, flags, mask, buf);
     if r != 0 || empty || path.is_null() || buf.is_null() || guard::inside() {

@@ -230,12 +230,12 @@ unsafe fn replace_std(old: *mut FILE, new: *mut FILE) {
     // SAFETY: the std stream variables of the program (copy-relocated); only
     // compared and assigned, as freopen's callers expect.
     unsafe {
-        if std::ptr::eq(*(&raw const stdin), old) {
-            *(&raw mut stdin) = new;
-        } else if std::ptr::eq(*(&raw const stdout), old) {
-            *(&raw mut stdout) = new;
-        } else if std::ptr::eq(*(&raw const stderr), old) {
-            *(&raw mut stderr) = new;
+        if std::ptr::eq(stdin, old) {
+            stdin = new;
+        } else if std::ptr::eq(stdout, old) {
+            stdout = new;
+        } else if std::ptr::eq(stderr, old) {
+            stderr = new;
         }
     }
 }
@@ -282,9 +282,9 @@ pub fn replace_std_streams() {
         // SAFETY: the program's std stream variables, replaced before main.
         unsafe {
             let old = match fd {
-                0 => *(&raw const stdin),
-                1 => *(&raw const stdout),
-                _ => *(&raw const stderr),
+                0 => stdin,
+                1 => stdout,
+                _ => stderr,
             };
             replace_std(old, fp);
         }

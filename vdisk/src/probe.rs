@@ -38,12 +38,12 @@ pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
     {
         return Ok(Some(Format::Vhd));
     }
-    if &first[..8] == VHD_COOKIE {
-        if let Ok(footer) = Footer::parse(&first) {
-            if footer.disk_type.is_sparse() && footer.data_offset < len {
-                return Ok(Some(Format::Vhd));
-            }
-        }
+    if &first[..8] == VHD_COOKIE
+        && let Ok(footer) = Footer::parse(&first)
+        && footer.disk_type.is_sparse()
+        && footer.data_offset < len
+    {
+        return Ok(Some(Format::Vhd));
     }
     Ok(None)
 }

@@ -10,6 +10,8 @@ use std::sync::Mutex;
 /// Implementations take `&self` and keep no file offset, so one storage can serve
 /// concurrent readers. The preload library implements it over raw syscalls, tools
 /// and tests use the `std::fs::File` implementation below.
+// `len` is a file length; an `is_empty` would add nothing.
+#[allow(clippy::len_without_is_empty)]
 pub trait Storage: Send + Sync {
     /// Reads up to `buf.len()` bytes at `offset`; returns 0 only at end of file.
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;

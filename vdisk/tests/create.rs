@@ -366,7 +366,8 @@ fn chain(format: Format, base_fixed: bool, sector: u32, block_size: Option<u32>,
     drop(disk);
     // libvhdi reads VHD chains written in 4 KiB units (see above) and VHDX
     // chains (whole blocks are copied on write).
-    let libvhdi_reads = (format == Format::Vhd && align % 4096 == 0) || format == Format::Vhdx;
+    let libvhdi_reads =
+        (format == Format::Vhd && align.is_multiple_of(4096)) || format == Format::Vhdx;
     if libvhdi_reads && have_pyvhdi() {
         let chain: Vec<PathBuf> = paths
             .iter()

@@ -236,7 +236,7 @@ fn vhd_areas(d: &[u8]) -> Vec<Area> {
         let e = h + 576 + 24 * i;
         let off = be64(d, e + 16) as usize;
         let len = be32(d, e + 8) as usize;
-        if &d[e..e + 4] != [0; 4] && off < n && len > 0 {
+        if d[e..e + 4] != [0; 4] && off < n && len > 0 {
             v.push(area(off, len.min(n - off).min(1024), Seal::None, true));
         }
     }
@@ -366,7 +366,7 @@ fn mutate(base: &[u8], areas: &[Area], i: usize) -> Vec<u8> {
             3 => d[pos] = rng.next() as u8,
             _ => {
                 let v = INTERESTING[rng.next() as usize % INTERESTING.len()];
-                let v = if rng.next() % 4 == 0 {
+                let v = if rng.next().is_multiple_of(4) {
                     v.wrapping_add(d.len() as u64)
                 } else {
                     v
@@ -389,7 +389,7 @@ fn mutate(base: &[u8], areas: &[Area], i: usize) -> Vec<u8> {
             }
         }
     }
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         match a.seal {
             Seal::None => {}
             Seal::Vhd { at, len, field } => {

@@ -137,7 +137,7 @@ fn random_writes_match_raw() {
         // Leave holes so that writes allocate blocks.
         let mut rng = Rng(7 + i as u64);
         for chunk in model.chunks_mut(3 * MIB as usize) {
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 chunk.fill(0);
             }
         }
@@ -603,7 +603,7 @@ fn corrupt_images_are_errors() {
             let at = (region + (rng.next() % 4096) as usize).min(b.len() - 1);
             b[at] = rng.next() as u8;
         }
-        let _ = open_mem(b, rng.next() % 2 == 0);
+        let _ = open_mem(b, rng.next().is_multiple_of(2));
     }
 }
 

@@ -105,7 +105,8 @@ fn create_info_check_every_format() {
         assert_eq!(qemu_size(&img, qfmt), *size, "{args:?}");
         let info = ok(&["info", s(&img)]);
         assert!(
-            info.contains(&format!("virtual size: ")) && info.contains(&format!("({size} bytes)")),
+            info.contains(&"virtual size: ".to_string())
+                && info.contains(&format!("({size} bytes)")),
             "{info}"
         );
         let kind = if opts.contains("fixed") {

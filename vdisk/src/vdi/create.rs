@@ -45,7 +45,7 @@ fn check(size: u64, block_size: u32) -> Result<u32> {
         )));
     }
     let blocks = size.div_ceil(block_size as u64);
-    if size == 0 || size % 512 != 0 || blocks > MAX_BLOCKS {
+    if size == 0 || !size.is_multiple_of(512) || blocks > MAX_BLOCKS {
         return Err(Error::unsupported(format!("VDI virtual size {size}")));
     }
     Ok(blocks as u32)

@@ -54,7 +54,7 @@ impl BlockAllocationTable {
     pub fn set(&self, storage: &dyn Storage, b: usize, file_offset: u64) -> Result<()> {
         let sector = u32::try_from(file_offset / 512)
             .ok()
-            .filter(|&s| s != UNUSED && file_offset % 512 == 0)
+            .filter(|&s| s != UNUSED && file_offset.is_multiple_of(512))
             .ok_or_else(|| {
                 Error::NoSpace("VHD blocks cannot start beyond 2 TiB in the file".into())
             })?;

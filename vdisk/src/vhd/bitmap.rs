@@ -20,7 +20,7 @@ pub fn run(bits: &[u8], first: u32, max: u32) -> (bool, u32) {
     while n < max {
         let s = first + n;
         // Whole bytes at once where possible.
-        if s % 8 == 0 && n + 8 <= max {
+        if s.is_multiple_of(8) && n + 8 <= max {
             let byte = bits[(s / 8) as usize];
             if byte == if state { 0xFF } else { 0 } {
                 n += 8;

@@ -111,7 +111,7 @@ fn footer(kind: DiskType, size: u64, geometry: Geometry, id: [u8; 16]) -> Result
 }
 
 fn check_size(size: u64) -> Result<()> {
-    if size == 0 || size % 512 != 0 || size > MAX_SIZE {
+    if size == 0 || !size.is_multiple_of(512) || size > MAX_SIZE {
         return Err(Error::unsupported(format!(
             "VHD virtual size {size} (1 sector to 2040 GiB)"
         )));

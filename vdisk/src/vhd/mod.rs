@@ -426,10 +426,9 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         if let Some(end) = loc
             .data_offset
             .checked_add(loc.space_bytes().max(loc.data_length as u64))
+            && end <= len
         {
-            if end <= len {
-                next_free = next_free.max(end);
-            }
+            next_free = next_free.max(end);
         }
     }
     next_free = next_free.max(batmap_end(

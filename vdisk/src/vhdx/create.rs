@@ -77,10 +77,13 @@ pub fn create(storage: &dyn Storage, opts: &CreateOptions) -> Result<Created> {
         }
     }
     let size = opts.virtual_size;
-    if size == 0 || size > metadata::MAX_DISK_SIZE || size % opts.logical_sector_size as u64 != 0 {
+    if size == 0
+        || size > metadata::MAX_DISK_SIZE
+        || !size.is_multiple_of(opts.logical_sector_size as u64)
+    {
         return Err(Error::unsupported(format!("VHDX virtual size {size}")));
     }
-    if opts.log_size as u64 % MIB != 0 || opts.log_size == 0 {
+    if !(opts.log_size as u64).is_multiple_of(MIB) || opts.log_size == 0 {
         return Err(Error::unsupported(format!(
             "VHDX log size {}",
             opts.log_size

@@ -61,8 +61,8 @@ impl Header {
                 h.log_version
             )));
         }
-        if h.log_length as u64 % MIB != 0
-            || h.log_offset % MIB != 0
+        if !(h.log_length as u64).is_multiple_of(MIB)
+            || !h.log_offset.is_multiple_of(MIB)
             || (h.log_length != 0 && h.log_offset < MIB)
         {
             return Err(Error::corrupt(

@@ -96,7 +96,11 @@ impl<'a> Log<'a> {
             return Ok(None);
         }
         let length = le32(&head, 8) as u64;
-        if length == 0 || length % SECTOR != 0 || length > self.length || length > MAX_ENTRY {
+        if length == 0
+            || !length.is_multiple_of(SECTOR)
+            || length > self.length
+            || length > MAX_ENTRY
+        {
             return Ok(None);
         }
         let whole = if length == SECTOR {
@@ -136,12 +140,12 @@ impl<'a> Log<'a> {
             }
             if let Some(&(_, head_seq, head_tail)) = run.last() {
                 // Valid if the head's tail is an entry of the run.
-                if let Some(first) = run.iter().position(|&(p, _, _)| p == head_tail) {
-                    if best.as_ref().is_none_or(|(_, s)| head_seq > *s) {
-                        let seq: Vec<(u64, u64)> =
-                            run[first..].iter().map(|&(p, s, _)| (p, s)).collect();
-                        best = Some((seq, head_seq));
-                    }
+                if let Some(first) = run.iter().position(|&(p, _, _)| p == head_tail)
+                    && best.as_ref().is_none_or(|(_, s)| head_seq > *s)
+                {
+                    let seq: Vec<(u64, u64)> =
+                        run[first..].iter().map(|&(p, s, _)| (p, s)).collect();
+                    best = Some((seq, head_seq));
                 }
                 tail += total;
             } else {
@@ -194,7 +198,7 @@ fn parse_entry(b: &[u8], guid: Guid, log_length: u64) -> Option<Entry> {
     let count = le32(b, 24) as u64;
     if &b[..4] != b"loge"
         || length != b.len() as u64
-        || tail % SECTOR != 0
+        || !tail.is_multiple_of(SECTOR)
         || tail >= log_length
         || seq == 0
     {
@@ -217,13 +221,13 @@ fn parse_entry(b: &[u8], guid: Guid, log_length: u64) -> Option<Entry> {
     for i in 0..count as usize {
         let d = &b[64 + 32 * i..96 + 32 * i];
         let offset = le64(d, 16);
-        if le64(d, 24) != seq || offset % SECTOR != 0 {
+        if le64(d, 24) != seq || !offset.is_multiple_of(SECTOR) {
             return None;
         }
         match &d[..4] {
             b"zero" => {
                 let length = le64(d, 8);
-                if length % SECTOR != 0 {
+                if !length.is_multiple_of(SECTOR) {
                     return None;
                 }
                 ops.push(Op::Zero { offset, length });

@@ -134,7 +134,7 @@ pub fn read(storage: &dyn Storage, region: Region) -> Result<Metadata> {
     }
     if virtual_size == 0
         || virtual_size > MAX_DISK_SIZE
-        || virtual_size % logical_sector_size as u64 != 0
+        || !virtual_size.is_multiple_of(logical_sector_size as u64)
     {
         return Err(Error::corrupt(
             "VHDX metadata",

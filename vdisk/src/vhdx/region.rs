@@ -72,8 +72,8 @@ pub fn parse(b: &[u8], file_len: u64) -> Result<Regions> {
             }
             log::debug!("ignoring optional VHDX region {guid}");
         }
-        if region.offset % MIB != 0
-            || region.length % MIB != 0
+        if !region.offset.is_multiple_of(MIB)
+            || !region.length.is_multiple_of(MIB)
             || region.offset < MIB
             || region.length == 0
         {

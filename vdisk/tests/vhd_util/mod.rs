@@ -80,7 +80,7 @@ pub fn check(d: &[u8]) -> Result<Layout, String> {
     if len < 512 {
         return Err(format!("file of {len} bytes has no footer"));
     }
-    if len % 512 != 0 {
+    if !len.is_multiple_of(512) {
         bad!("file length {len} is not a multiple of 512");
     }
     let fe = len as usize - 512;
@@ -107,7 +107,7 @@ pub fn check(d: &[u8]) -> Result<Layout, String> {
     let disk_type = be32(f, 60);
     let size = footer_virtual_size(f);
     let current = be64(f, 48);
-    if current % 512 != 0 {
+    if !current.is_multiple_of(512) {
         bad!("current size {current} is not a multiple of 512");
     }
     let unique_id: [u8; 16] = f[68..84].try_into().unwrap();
@@ -145,7 +145,7 @@ fn check_sparse(d: &[u8], f: &[u8], size: u64, layout: &mut Layout, errs: &mut V
         bad!("the footer copy at 0 differs from the footer at {footer_at}");
     }
     let ho = be64(f, 16);
-    if ho < 512 || ho % 512 != 0 || ho.checked_add(1024).is_none_or(|e| e > footer_at) {
+    if ho < 512 || !ho.is_multiple_of(512) || ho.checked_add(1024).is_none_or(|e| e > footer_at) {
         bad!("dynamic header offset {ho} out of range (file {len})");
         return;
     }
@@ -182,7 +182,7 @@ fn check_sparse(d: &[u8], f: &[u8], size: u64, layout: &mut Layout, errs: &mut V
         bad!("{entries} entries of {bs} bytes do not cover the disk size {size}");
     }
     let bat_bytes = (entries * 4).div_ceil(512) * 512;
-    if to % 512 != 0 || to.checked_add(bat_bytes).is_none_or(|e| e > footer_at) {
+    if !to.is_multiple_of(512) || to.checked_add(bat_bytes).is_none_or(|e| e > footer_at) {
         bad!("BAT at {to} ({entries} entries) out of range (file {len})");
         return;
     }
@@ -204,7 +204,7 @@ fn check_sparse(d: &[u8], f: &[u8], size: u64, layout: &mut Layout, errs: &mut V
             if dl > space {
                 bad!("locator {i}: {dl} bytes of data in {space} bytes of space");
             }
-            if off % 512 != 0 || off.checked_add(space).is_none_or(|x| x > footer_at) {
+            if !off.is_multiple_of(512) || off.checked_add(space).is_none_or(|x| x > footer_at) {
                 bad!("locator {i}: data at {off} (+{space}) out of range");
                 continue;
             }
@@ -487,7 +487,7 @@ impl Child {
         for (b, e) in bat.iter().enumerate() {
             file[to + 4 * b..to + 4 * b + 4].copy_from_slice(&e.to_be_bytes());
         }
-        assert!(self.gap.len() % 512 == 0);
+        assert!(self.gap.len().is_multiple_of(512));
         file.extend_from_slice(&self.gap);
         file.extend_from_slice(&footer);
         file
