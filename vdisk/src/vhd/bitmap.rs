@@ -72,3 +72,110 @@ mod tests {
         assert_eq!(bitmap_size(4 << 20), 1024);
     }
 }
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Recently read bitmaps of partly written blocks, so that reads of such a
+/// block do not re-read its bitmap each time (full blocks need no bitmap at
+/// all). Bounded to about 1 MiB. Only `try_lock` is used: a busy cache is a
+/// miss, so it never blocks a reader, nor a child after fork.
+pub struct BitmapCache {
+    map: Mutex<HashMap<usize, Arc<[u8]>>>,
+    max_entries: usize,
+    /// Bumped by every bitmap write: a bitmap read before a write must not be
+    /// cached after it.
+    generation: AtomicU64,
+    /// A write could not take the lock to drop its entry: clear everything
+    /// at the next use instead.
+    stale: AtomicBool,
+}
+
+impl BitmapCache {
+    pub fn new(bitmap_size: u64) -> BitmapCache {
+        BitmapCache {
+            map: Mutex::new(HashMap::new()),
+            max_entries: ((1 << 20) / bitmap_size.max(1)).max(16) as usize,
+            generation: AtomicU64::new(0),
+            stale: AtomicBool::new(false),
+        }
+    }
+
+    /// Call before reading a bitmap from the file; pass the result to `put`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    fn locked(&self) -> Option<std::sync::MutexGuard<'_, HashMap<usize, Arc<[u8]>>>> {
+        let mut map = self.map.try_lock().ok()?;
+        if self.stale.swap(false, Ordering::AcqRel) {
+            map.clear();
+        }
+        Some(map)
+    }
+
+    pub fn get(&self, block: usize) -> Option<Arc<[u8]>> {
+        self.locked()?.get(&block).cloned()
+    }
+
+    /// Caches `bits` of `block`, read from the file at `generation`.
+    pub fn put(&self, block: usize, bits: Arc<[u8]>, generation: u64) {
+        let Some(mut map) = self.locked() else { return };
+        if self.generation.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if map.len() >= self.max_entries {
+            map.clear();
+        }
+        map.insert(block, bits);
+    }
+
+    /// After writing `block`'s bitmap to the file.
+    pub fn written(&self, block: usize) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match self.map.try_lock() {
+            Ok(mut map) => {
+                map.remove(&block);
+            }
+            Err(_) => self.stale.store(true, Ordering::Release),
+        }
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::*;
+
+    #[test]
+    fn a_write_invalidates_and_a_stale_read_is_not_cached() {
+        let c = BitmapCache::new(512);
+        let g = c.generation();
+        c.put(3, Arc::from(vec![1u8; 512]), g);
+        assert_eq!(c.get(3).unwrap()[0], 1);
+        c.written(3);
+        assert!(c.get(3).is_none());
+        // Read before a write, put after it: refused.
+        let g = c.generation();
+        c.written(3);
+        c.put(3, Arc::from(vec![2u8; 512]), g);
+        assert!(c.get(3).is_none());
+        // A write that finds the lock busy clears the cache at the next use.
+        let g = c.generation();
+        c.put(4, Arc::from(vec![4u8; 512]), g);
+        {
+            let _busy = c.map.lock().unwrap();
+            c.written(4);
+        }
+        assert!(c.get(4).is_none());
+    }
+
+    #[test]
+    fn bounded() {
+        let c = BitmapCache::new(512 * 1024);
+        for b in 0..100 {
+            c.put(b, Arc::from(vec![0u8; 8]), c.generation());
+        }
+        assert!(c.map.lock().unwrap().len() <= 16);
+    }
+}

@@ -50,6 +50,8 @@ struct Sparse {
     bitmap_size: u64,
     /// One bit per block: its bitmap is known to be all ones, so reads skip it.
     full: Vec<AtomicU64>,
+    /// Bitmaps of partly written blocks, for reads.
+    bitmaps: bitmap::BitmapCache,
     /// Where the next block may start: past every structure and block.
     next_free: AtomicU64,
 }
@@ -176,6 +178,7 @@ impl VhdImage {
                     if bitmap::run(&bits, first, count) != (true, count) {
                         bitmap::set_range(&mut bits, first, count);
                         self.storage.write_all_at(&bits, bitmap_offset)?;
+                        s.bitmaps.written(b);
                     }
                     if bitmap::is_full(&bits, s.sectors_per_block()) {
                         s.mark_full(b);
@@ -437,6 +440,7 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         len,
     )?);
     Ok(Sparse {
+        bitmaps: bitmap::BitmapCache::new(bitmap_size),
         full: (0..bat.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect(),
@@ -509,7 +513,17 @@ impl Image for VhdImage {
         if s.is_full(b) {
             return Ok((data, max));
         }
-        let bits = self.read_bitmap(s, bitmap_offset)?;
+        let bits = match s.bitmaps.get(b) {
+            Some(bits) => bits,
+            None => {
+                let generation = s.bitmaps.generation();
+                let bits: std::sync::Arc<[u8]> = self.read_bitmap(s, bitmap_offset)?.into();
+                if !bitmap::is_full(&bits, s.sectors_per_block()) {
+                    s.bitmaps.put(b, bits.clone(), generation);
+                }
+                bits
+            }
+        };
         if bitmap::is_full(&bits, s.sectors_per_block()) {
             s.mark_full(b);
             return Ok((data, max));
