@@ -938,3 +938,34 @@ fn killed_at_any_write_leaves_a_valid_image() {
         }
     }
 }
+
+/// Two BAT entries whose blocks overlap: readable, but refused for writing
+/// (a write into one block would change the other).
+#[test]
+fn overlapping_blocks_refused_for_writing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, _) = common::pattern(77, 6 << 20);
+    let data: Vec<u8> = data.iter().map(|&b| b | 1).collect(); // every block allocated
+    let img = common::qemu_image_from(
+        &data,
+        tmp.path(),
+        "o.vhd",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+    );
+    let mut d = std::fs::read(&img).unwrap();
+    // qemu puts the BAT at 1536; make block 1 start 8 sectors into block 0.
+    let b0 = u32::from_be_bytes(d[1536..1540].try_into().unwrap());
+    d[1540..1544].copy_from_slice(&(b0 + 8).to_be_bytes());
+    std::fs::write(&img, &d).unwrap();
+    assert!(
+        common::open(&img, false).is_ok(),
+        "a read-only open should still work"
+    );
+    match common::open(&img, true) {
+        Err(vdisk::Error::Corrupt { detail, .. }) => {
+            assert!(detail.contains("overlap"), "{detail}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}

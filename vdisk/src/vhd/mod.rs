@@ -93,6 +93,9 @@ impl VhdImage {
             }
             DiskType::Dynamic | DiskType::Differencing => {
                 let s = open_sparse(storage.as_ref(), &footer, size, len)?;
+                if opts.writable {
+                    refuse_overlapping_blocks(&s)?;
+                }
                 let mut copy = [0u8; FOOTER_SIZE];
                 storage.read_exact_at(&mut copy, 0)?;
                 repair |= !s.header.checksum_ok || copy != footer.encode();
@@ -361,6 +364,25 @@ fn locate_footer(storage: &dyn Storage, len: u64) -> Result<FoundFooter> {
         end_at,
         end_exact,
     })
+}
+
+/// Two BAT entries whose blocks overlap: reading is harmless, but a write into
+/// one would change the other, so a writable open refuses the file. (Sorting
+/// the entries costs only writers; reads open without it.)
+fn refuse_overlapping_blocks(s: &Sparse) -> Result<()> {
+    let mut starts: Vec<(u64, usize)> = s.bat.allocated().map(|(b, off)| (off, b)).collect();
+    starts.sort_unstable();
+    let span = s.bitmap_size + s.block_size;
+    for pair in starts.windows(2) {
+        let ((a, ba), (b, bb)) = (pair[0], pair[1]);
+        if a + span > b {
+            return Err(Error::corrupt(
+                "VHD BAT",
+                format!("blocks {ba} and {bb} overlap in the file (at {a} and {b})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> Result<Sparse> {
