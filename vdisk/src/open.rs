@@ -113,6 +113,10 @@ pub fn open_disk(
             ));
         }
         let (parent, parent_path) = open_parent(&link, opener)?;
+        let child = layers.last().map(|l| (l.format(), l.logical_sector_size()));
+        if let Some((format, ss)) = child {
+            check_parent(format, ss, parent.as_ref(), &parent_path)?;
+        }
         if !seen.insert(parent.link_id()) {
             return Err(Error::corrupt(
                 "parent chain",
@@ -123,6 +127,22 @@ pub fn open_disk(
         path = parent_path;
     }
     Disk::new(layers)
+}
+
+/// A parent must present the child's sector size (LBAs would not line up),
+/// and VHD and VHDX children name parents of their own format (MS specs);
+/// VirtualBox lets a VDI child sit on other formats.
+fn check_parent(format: Format, sector_size: u32, parent: &dyn Image, path: &Path) -> Result<()> {
+    let same_format = matches!(format, Format::Vdi) || parent.format() == format;
+    if !same_format || parent.logical_sector_size() != sector_size {
+        return Err(Error::ParentMismatch(format!(
+            "{}: a {} parent with {}-byte sectors for a {format} child with {sector_size}-byte sectors",
+            path.display(),
+            parent.format(),
+            parent.logical_sector_size()
+        )));
+    }
+    Ok(())
 }
 
 /// Tries each candidate of `link`; the first image whose identity matches wins.

@@ -969,3 +969,58 @@ fn overlapping_blocks_refused_for_writing() {
         other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
     }
 }
+
+/// A parent of another format (or sector size) than its child is refused,
+/// even when its identity matches what the child records.
+#[test]
+fn parent_of_another_format_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let new_file = |name: &str| {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.join(name))
+            .unwrap();
+        (f, true)
+    };
+    vdisk::create(
+        &new_file("p.vdi"),
+        vdisk::CreateOptions::new(vdisk::Format::Vdi, 4 << 20),
+    )
+    .unwrap();
+    let vdi_id = common::open(&dir.join("p.vdi"), false).unwrap().layers()[0].link_id();
+    vdisk::create(
+        &new_file("base.vhd"),
+        vdisk::CreateOptions::new(vdisk::Format::Vhd, 4 << 20),
+    )
+    .unwrap();
+    let base = std::fs::File::open(dir.join("base.vhd")).unwrap();
+    vdisk::snapshot(
+        &dir.join("base.vhd"),
+        &(base, false),
+        &new_file("c.vhd"),
+        &dir.join("c.vhd"),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.join("base.vhd")).unwrap();
+    // Point the child at the VDI: parent id, parent name, no locators.
+    let mut d = std::fs::read(dir.join("c.vhd")).unwrap();
+    let foot = d.len() - 512;
+    let h = u64::from_be_bytes(d[foot + 16..foot + 24].try_into().unwrap()) as usize;
+    d[h + 40..h + 56].copy_from_slice(&vdi_id);
+    let name: Vec<u8> = "p.vdi"
+        .encode_utf16()
+        .flat_map(|u| u.to_be_bytes())
+        .collect();
+    d[h + 64..h + 576].fill(0);
+    d[h + 64..h + 64 + name.len()].copy_from_slice(&name);
+    d[h + 576..h + 768].fill(0);
+    fix_header_checksum(&mut d[h..h + 1024]);
+    std::fs::write(dir.join("c.vhd"), &d).unwrap();
+    match common::open(&dir.join("c.vhd"), false) {
+        Err(vdisk::Error::ParentMismatch(m)) => assert!(m.contains("vdi parent"), "{m}"),
+        other => panic!("expected ParentMismatch, got {:?}", other.map(|_| ())),
+    }
+}
