@@ -52,6 +52,9 @@ pub struct ParentLink {
     pub candidates: Vec<PathBuf>,
     /// The identity the parent must have: its [`Image::link_id`].
     pub id: [u8; 16],
+    /// Another identity the parent may have instead (VHDX `parent_linkage2`,
+    /// written while a merge is in progress).
+    pub alternate_id: Option<[u8; 16]>,
     /// What to name in an error when no candidate matches.
     pub description: String,
 }

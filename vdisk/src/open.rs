@@ -171,7 +171,7 @@ fn open_parent(
             }
         };
         let image = open_image(storage, format, path, OpenOptions { writable: false })?;
-        if image.link_id() != link.id {
+        if image.link_id() != link.id && Some(image.link_id()) != link.alternate_id {
             tried.push(format!("{} (identity differs)", path.display()));
             continue;
         }

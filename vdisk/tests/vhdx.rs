@@ -780,3 +780,54 @@ fn killed_at_any_write_leaves_a_consistent_file() {
     eprintln!("{runs} kills in {total} writes, {pending} with a pending log");
     assert!(pending > 0, "no kill hit a pending log");
 }
+
+/// parent_linkage2 (written during merges): a parent whose DataWriteGuid
+/// matches it, and not parent_linkage, is accepted; one matching neither is not.
+#[test]
+fn parent_linkage2_is_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let parent_path = dir.join("p.vhdx");
+    let p = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&parent_path)
+        .unwrap();
+    create(&(p, true), &CreateOptions::dynamic(8 << 20)).unwrap();
+    let guid = open(&parent_path, false).unwrap().layers()[0].link_id();
+    let text = vdisk::vhdx::guid::Guid(guid).to_string();
+    for (name, alternate, opens) in [
+        ("c1.vhdx", text.clone(), true),
+        (
+            "c2.vhdx",
+            "{01234567-89ab-cdef-0123-456789abcdef}".to_string(),
+            false,
+        ),
+    ] {
+        let path = dir.join(name);
+        let c = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .unwrap();
+        let mut opts = CreateOptions::dynamic(8 << 20);
+        opts.parent = Some(ParentInfo {
+            data_write_guid: [0x42; 16], // not the parent's
+            paths: vec![
+                ("parent_linkage2".into(), alternate),
+                ("relative_path".into(), r".\p.vhdx".into()),
+            ],
+        });
+        create(&(c, true), &opts).unwrap();
+        match open(&path, false) {
+            Ok(_) => assert!(
+                opens,
+                "{name} opened with a parent matching neither linkage"
+            ),
+            Err(Error::ParentNotFound(m)) => assert!(!opens, "{name}: {m}"),
+            Err(e) => panic!("{name}: {e}"),
+        }
+    }
+}

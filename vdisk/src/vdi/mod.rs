@@ -88,6 +88,7 @@ impl VdiImage {
         let parent = (header.image_type == ImageType::Diff).then(|| ParentLink {
             candidates: Vec::new(),
             id: header.uuid_linkage,
+            alternate_id: None,
             description: format!("VDI parent with UUID {}", uuid_text(&header.uuid_linkage)),
         });
         Ok(VdiImage {

@@ -112,6 +112,7 @@ pub fn find(
     ParentLink {
         candidates,
         id: link.id,
+        alternate_id: link.alternate_id,
         description: format!(
             "VDI parent with UUID {} (registries read: {registries}; folders searched: {})",
             uuid_text(&link.id),

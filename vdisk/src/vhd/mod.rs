@@ -103,6 +103,7 @@ impl VhdImage {
                     parent = Some(ParentLink {
                         candidates: locator::parent_candidates(storage.as_ref(), &s.header, path)?,
                         id: s.header.parent_unique_id,
+                        alternate_id: None,
                         description: format!(
                             "VHD parent '{}' with unique id {}",
                             s.header.parent_name,

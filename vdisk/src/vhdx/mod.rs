@@ -517,9 +517,15 @@ fn parent_link(meta: &Metadata, child: &Path) -> Result<ParentLink> {
             push(dir.join(name));
         }
     }
+    // parent_linkage2: the parent's DataWriteGuid may also be this one.
+    let alternate_id = match meta.locator("parent_linkage2") {
+        Some(text) => Some(Guid::parse_text(text)?.0),
+        None => None,
+    };
     Ok(ParentLink {
         candidates,
         id: id.0,
+        alternate_id,
         description: format!("VHDX parent with DataWriteGuid {id} ({})", named.join(", ")),
     })
 }
