@@ -10,7 +10,7 @@
 //! (device and inode of its memfd) and drops a stale entry.
 
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libc::c_int;
@@ -26,6 +26,9 @@ static SLOTS: [AtomicPtr<OpenFile>; MAX_FDS] = [const { AtomicPtr::new(null_mut(
 /// The library's own fds (containers, parents): one bit each.
 static INTERNAL: [AtomicU64; MAX_FDS / 64] = [const { AtomicU64::new(0) }; MAX_FDS / 64];
 static LOCK: Mutex<()> = Mutex::new(());
+/// How many slots are mapped (changed under LOCK): the whole-table scans of
+/// exec and closefrom/close_range cost nothing in a process without images.
+static MAPPED: AtomicUsize = AtomicUsize::new(0);
 
 /// One open of an image (or partition): what dup'ed fds share. The file offset
 /// is not here: it lives in the dummy memfd, so the kernel shares it across
@@ -105,7 +108,11 @@ pub fn insert(fd: c_int, of: Arc<OpenFile>) -> bool {
     let Some(s) = slot(fd) else { return false };
     let old = {
         let _l = lock();
-        s.swap(Arc::into_raw(of).cast_mut(), Ordering::AcqRel)
+        let old = s.swap(Arc::into_raw(of).cast_mut(), Ordering::AcqRel);
+        if old.is_null() {
+            MAPPED.fetch_add(1, Ordering::Relaxed);
+        }
+        old
     };
     release(old);
     true
@@ -116,7 +123,11 @@ pub fn remove(fd: c_int) -> Option<Arc<OpenFile>> {
     let s = slot(fd)?;
     let old = {
         let _l = lock();
-        s.swap(null_mut(), Ordering::AcqRel)
+        let old = s.swap(null_mut(), Ordering::AcqRel);
+        if !old.is_null() {
+            MAPPED.fetch_sub(1, Ordering::Relaxed);
+        }
+        old
     };
     // SAFETY: old came from Arc::into_raw; the table's count moves to the caller.
     (!old.is_null()).then(|| unsafe { Arc::from_raw(old) })
@@ -127,8 +138,13 @@ fn remove_if(fd: c_int, of: &Arc<OpenFile>) {
     let p = Arc::as_ptr(of).cast_mut();
     let won = {
         let _l = lock();
-        s.compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        let won = s
+            .compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if won {
+            MAPPED.fetch_sub(1, Ordering::Relaxed);
+        }
+        won
     };
     if won {
         release(p);
@@ -144,6 +160,9 @@ fn release(p: *mut OpenFile) {
 
 /// Unmaps every fd in `lo..=hi` (after close_range or closefrom).
 pub fn remove_range(lo: c_int, hi: c_int) {
+    if MAPPED.load(Ordering::Relaxed) == 0 {
+        return;
+    }
     let lo = lo.max(0) as usize;
     let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
     for (fd, slot) in SLOTS.iter().enumerate().take(hi + 1).skip(lo) {
@@ -237,6 +256,9 @@ pub fn is_internal(fd: c_int) -> bool {
 
 /// Dummies that an exec would hand to the new program (not close-on-exec).
 pub fn inheritable_dummies() -> usize {
+    if MAPPED.load(Ordering::Relaxed) == 0 {
+        return 0;
+    }
     let mut n = 0;
     for (fd, s) in SLOTS.iter().enumerate() {
         if !s.load(Ordering::Relaxed).is_null()
