@@ -288,20 +288,10 @@ fn fork_exec_chains_share_the_disk() {
     let tail = md5(&data[512..]);
     // The offset lives in the dummy: head consumes 512 bytes, md5sum the rest.
     let out = preload::sh(dir, "(head -c 512 >/dev/null; md5sum) < d.vhd");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
-        Some(tail.as_str())
-    );
+    assert_eq!(preload::first_word(&out), tail);
     // A child that lost LD_PRELOAD (env -i) still reads the disk on an inherited fd.
     let out = preload::sh(dir, "exec 3<d.vhd; env -i /usr/bin/md5sum /dev/fd/3");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
-        Some(whole.as_str())
-    );
+    assert_eq!(preload::first_word(&out), whole);
     // md5sum < image from a shell WITHOUT the library: fd 0 is adopted.
     let out = std::process::Command::new("sh")
         .current_dir(dir)
@@ -311,20 +301,10 @@ fn fork_exec_chains_share_the_disk() {
         ])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
-        Some(whole.as_str())
-    );
+    assert_eq!(preload::first_word(&out), whole);
     // /dev/stdin and python's open() name the same virtual disk.
     let out = preload::sh(dir, "md5sum /dev/stdin < d.vhd");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
-        Some(whole.as_str())
-    );
+    assert_eq!(preload::first_word(&out), whole);
     let out = preload::run(
         dir,
         "python3",
@@ -366,9 +346,7 @@ fn images_under_dev_shm() {
     let out = preload::run(Path::new("/"), "md5sum", &[abs.to_str().unwrap()]);
     let want = tool("md5sum", &[dir.join("s.vhd.src.raw").to_str().unwrap()]);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next(),
+        Some(preload::first_word(&out).as_str()),
         want.split_whitespace().next()
     );
 }

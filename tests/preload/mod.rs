@@ -58,6 +58,15 @@ pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
     out
 }
 
+/// The first word a program printed (a checksum, a size).
+pub fn first_word(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
 /// Runs a shell command line under the library.
 pub fn sh(dir: &Path, script: &str) -> Output {
     run(dir, "sh", &["-c", script])
