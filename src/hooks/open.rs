@@ -83,7 +83,7 @@ fn partition_number(abs: &CStr) -> Option<u32> {
 }
 
 /// The common open: `Ok(None)` means "not an image, call libc".
-pub fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
     let abs = absolute(dirfd, path)?;
     let access = flags & libc::O_ACCMODE;
     let writable = access != libc::O_RDONLY;
@@ -205,7 +205,7 @@ fn fd_path(path: &CStr) -> Option<c_int> {
 
 /// Opening a dummy through /proc or /dev/fd opens the same window again (a new
 /// open file description: own offset, own access mode), as for a device.
-pub fn reopen_fd(path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+fn reopen_fd(path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
     let Some(n) = fd_path(path) else {
         return Ok(None);
     };
@@ -297,18 +297,10 @@ fn open_common(
     // SAFETY: non-NULL path from the caller, NUL-terminated per the API.
     let p = unsafe { CStr::from_ptr(path) };
     crate::config::load();
-    let by_fd = p.to_bytes().starts_with(b"/dev/") || p.to_bytes().starts_with(b"/proc/");
-    if !by_fd && !is_candidate(p) {
+    if !may_be_image(p) {
         return real();
     }
-    // /dev/fd/N and friends reopen a dummy; any other path (an image under
-    // /dev/shm, say) is opened as usual.
-    let emulated = || match if by_fd { reopen_fd(p, flags)? } else { None } {
-        Some(fd) => Ok(Some(fd)),
-        None if is_candidate(p) => open_image(dirfd, p, flags),
-        None => Ok(None),
-    };
-    match emulate(Err(libc::EIO), || Ok(emulated())) {
+    match open_path(dirfd, p, flags) {
         Ok(Some(fd)) => fd,
         Ok(None) => real(),
         Err(e) => {
@@ -316,6 +308,36 @@ fn open_common(
             -1
         }
     }
+}
+
+/// Whether an open of `path` may concern an image: an image-like name, or a
+/// /dev or /proc path that may name a dummy fd. No syscall.
+pub fn may_be_image(path: &CStr) -> bool {
+    is_fd_path(path) || is_candidate(path)
+}
+
+fn is_fd_path(path: &CStr) -> bool {
+    let b = path.to_bytes();
+    b.starts_with(b"/dev/") || b.starts_with(b"/proc/")
+}
+
+/// Opens `path` the library's way, under the guard: a /dev/fd/N-style path
+/// reopens a dummy, an image-like path opens the image (an image may also sit
+/// under /dev/shm). `Ok(None)`: not ours, the caller makes libc's call.
+pub fn open_path(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
+    let open = || {
+        if is_fd_path(path)
+            && let Some(fd) = reopen_fd(path, flags)?
+        {
+            return Ok(Some(fd));
+        }
+        if is_candidate(path) {
+            open_image(dirfd, path, flags)
+        } else {
+            Ok(None)
+        }
+    };
+    emulate(Err(libc::EIO), || Ok(open()))
 }
 
 fn needs_mode(flags: c_int) -> bool {

@@ -11,8 +11,7 @@ use std::ptr::null_mut;
 
 use libc::{FILE, c_char, c_int, off64_t, size_t, ssize_t};
 
-use super::open::{is_candidate, open_image};
-use super::{Errno, emulate};
+use super::open::{may_be_image, open_path};
 use crate::fdtable::is_mapped;
 use crate::{guard, real};
 
@@ -114,20 +113,10 @@ fn fopen_image(path: *const c_char, mode: *const c_char) -> Option<*mut FILE> {
     let (p, m) = unsafe { (CStr::from_ptr(path), CStr::from_ptr(mode)) };
     crate::config::load();
     let flags = mode_flags(m);
-    let by_fd = p.to_bytes().starts_with(b"/dev/") || p.to_bytes().starts_with(b"/proc/");
-    if (!by_fd && !is_candidate(p)) || flags & libc::O_EXCL != 0 {
+    if !may_be_image(p) || flags & libc::O_EXCL != 0 {
         return None;
     }
-    let emulated = || match if by_fd {
-        super::open::reopen_fd(p, flags)?
-    } else {
-        None
-    } {
-        Some(fd) => Ok(Some(fd)),
-        None if is_candidate(p) => open_image(libc::AT_FDCWD, p, flags),
-        None => Ok(None),
-    };
-    let fd: Result<Option<c_int>, Errno> = emulate(Err(libc::EIO), || Ok(emulated()));
+    let fd = open_path(libc::AT_FDCWD, p, flags);
     match fd {
         Ok(Some(fd)) => Some(stream_for(fd, mode)),
         Ok(None) => None,
