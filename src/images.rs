@@ -63,6 +63,11 @@ impl ImageObject {
     pub fn disk(&self) -> Arc<vdisk::Disk> {
         self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
+    /// Runs `f` on the current disk, without taking a reference to it (the
+    /// data path: a snapshot or an upgrade to read-write waits for `f`).
+    pub fn with_disk<R>(&self, f: impl FnOnce(&vdisk::Disk) -> R) -> R {
+        f(&self.disk.read().unwrap_or_else(|e| e.into_inner()))
+    }
     pub fn path_str(&self) -> &str {
         self.path.to_str().unwrap_or("<non-UTF-8 path>")
     }

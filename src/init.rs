@@ -139,12 +139,14 @@ fn rebuild_inherited() {
         let Some((n, start, len)) = window(&obj, n) else {
             continue;
         };
+        let raw = sys::lseek(fd, 0, libc::SEEK_CUR).unwrap_or(0);
+        let base = fdtable::inherited_offset_base(raw, len);
         if register(
             fd,
             obj,
             n,
-            start,
-            len,
+            (start, len),
+            base,
             access,
             flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
         )
@@ -194,12 +196,15 @@ fn adopt_std_fds() {
         let Ok(dummy) = new_open(&path, obj, 0, 0, len, access) else {
             continue;
         };
-        let of = fdtable::remove(dummy);
-        let moved = sys::lseek(dummy, pos, libc::SEEK_SET).is_ok()
+        let Some(of) = fdtable::remove(dummy) else {
+            sys::close(dummy);
+            continue;
+        };
+        let moved = of.set_position(dummy, pos as u64).is_ok()
             // SAFETY: dup3 onto a std fd number we are replacing on purpose.
             && unsafe { libc::syscall(libc::SYS_dup3, dummy, fd, 0) } == fd as libc::c_long;
         sys::close(dummy);
-        if let (true, Some(of)) = (moved, of) {
+        if moved {
             fdtable::insert(fd, of);
             log::debug!("adopted image {} on fd {fd}", path.to_string_lossy());
         }

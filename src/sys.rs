@@ -132,6 +132,21 @@ pub fn getcwd(buf: &mut [u8]) -> io::Result<usize> {
         .map(|n| (n as usize).saturating_sub(1))
 }
 
+/// Random bytes from the kernel (never blocks; zeros if the pool is not ready).
+pub fn random_u64() -> u64 {
+    let mut v = [0u8; 8];
+    // SAFETY: valid buffer of 8 bytes.
+    let _ = unsafe {
+        libc::syscall(
+            libc::SYS_getrandom,
+            v.as_mut_ptr(),
+            8usize,
+            libc::GRND_NONBLOCK,
+        )
+    };
+    u64::from_ne_bytes(v)
+}
+
 pub fn getpid() -> c_int {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_getpid) as c_int }

@@ -104,7 +104,7 @@ fn side<'a>(fd: c_int, offset: *mut i64) -> Side<'a> {
         Some(unsafe { &mut *offset })
     };
     let image = if is_mapped(fd) {
-        crate::fdtable::lookup(fd)
+        crate::fdtable::lookup_io(fd)
     } else {
         None
     };

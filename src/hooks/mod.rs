@@ -50,13 +50,26 @@ pub fn emulate<T>(fail: T, f: impl FnOnce() -> Result<T, Errno>) -> T {
 /// The image behind `fd` if it is one of our dummies; `None` sends the call to libc.
 /// Callers test `fdtable::is_mapped` first, so this runs only for image fds.
 pub fn image_fd(fd: c_int) -> Option<Arc<OpenFile>> {
+    image_fd_checked(fd, fdtable::lookup)
+}
+
+/// [`image_fd`] for the data path (read, write and their variants): checks
+/// the dummy's offset signature instead of its identity (see `fdtable`).
+pub fn image_fd_io(fd: c_int) -> Option<Arc<OpenFile>> {
+    image_fd_checked(fd, fdtable::lookup_io)
+}
+
+fn image_fd_checked(
+    fd: c_int,
+    lookup: fn(c_int) -> Option<Arc<OpenFile>>,
+) -> Option<Arc<OpenFile>> {
     if crate::guard::inside() {
         return None;
     }
     crate::config::load();
     let _guard = Guard::enter();
     crate::snapshot::run_if_pending();
-    fdtable::lookup(fd)
+    lookup(fd)
 }
 
 /// A vdisk error on `of`: logged once here, returned as errno.

@@ -139,26 +139,34 @@ pub fn new_open(
         format!("#p{partition}")
     };
     let fd = make_dummy(abs, &suffix, flags)?;
+    let base = fdtable::new_offset_base(len);
+    if base != 0
+        && let Err(e) = sys::lseek(fd, base as i64, libc::SEEK_SET)
+    {
+        sys::close(fd);
+        return Err(crate::errno::from_io(&e));
+    }
     let access = flags & libc::O_ACCMODE;
     register(
         fd,
         image,
         partition,
-        start,
-        len,
+        (start, len),
+        base,
         access,
         flags & (libc::O_SYNC | libc::O_DSYNC) != 0,
     )?;
     Ok(fd)
 }
 
-/// Maps an existing dummy `fd` to a new fd context.
+/// Maps an existing dummy `fd` to a new fd context: a window `(start, len)`
+/// and the dummy's offset base (see `fdtable`).
 pub fn register(
     fd: c_int,
     image: Arc<images::ImageObject>,
     partition: u32,
-    start: u64,
-    len: u64,
+    (start, len): (u64, u64),
+    offset_base: u64,
     access: c_int,
     sync: bool,
 ) -> Result<(), Errno> {
@@ -173,6 +181,7 @@ pub fn register(
         len,
         partition,
         offset_lock: Mutex::new(()),
+        offset_base,
     });
     if !fdtable::insert(fd, of) {
         sys::close(fd);

@@ -9,9 +9,9 @@ use std::slice;
 use libc::{c_int, iovec, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
-use super::{Errno, disk_error, emulate, image_fd};
+use super::{Errno, disk_error, emulate, image_fd_io};
 use crate::fdtable::{OpenFile, is_mapped};
-use crate::{config, logger, real, sys};
+use crate::{config, logger, real};
 
 impl OpenFile {
     fn describe_window(&self) -> String {
@@ -39,8 +39,7 @@ impl OpenFile {
         let n = buf.len().min((self.len - pos) as usize);
         let buf = &mut buf[..n];
         self.image
-            .disk()
-            .read_at(buf, self.start + pos)
+            .with_disk(|disk| disk.read_at(buf, self.start + pos))
             .map_err(|e| disk_error("read", self, e))?;
         if config::dump() {
             logger::dump("read", pos, buf);
@@ -73,13 +72,14 @@ impl OpenFile {
             logger::dump("write", pos, buf);
         }
         let _io = self.image.write_guard();
-        let disk = self.image.disk();
-        disk.write_at(buf, self.start + pos)
-            .map_err(|e| disk_error("write", self, e))?;
-        if self.sync {
-            disk.flush().map_err(|e| disk_error("flush", self, e))?;
-        }
-        Ok(n)
+        self.image.with_disk(|disk| {
+            disk.write_at(buf, self.start + pos)
+                .map_err(|e| disk_error("write", self, e))?;
+            if self.sync {
+                disk.flush().map_err(|e| disk_error("flush", self, e))?;
+            }
+            Ok(n)
+        })
     }
 
     /// Runs `f` at the dummy's file offset and advances it by the result.
@@ -89,11 +89,10 @@ impl OpenFile {
         f: impl FnOnce(u64) -> Result<usize, Errno>,
     ) -> Result<usize, Errno> {
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e))? as u64;
+        let pos = self.position(fd)?;
         let n = f(pos)?;
         if n > 0 {
-            sys::lseek(fd, (pos + n as u64) as i64, libc::SEEK_SET)
-                .map_err(|e| crate::errno::from_io(&e))?;
+            self.set_position(fd, pos + n as u64)?;
         }
         Ok(n)
     }
@@ -107,7 +106,7 @@ impl OpenFile {
         );
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
         let len = self.len as i64;
-        let cur = || sys::lseek(fd, 0, libc::SEEK_CUR).map_err(|e| crate::errno::from_io(&e));
+        let cur = || self.position(fd).map(|p| p as i64);
         let target = match whence {
             libc::SEEK_SET => Some(off),
             libc::SEEK_CUR => cur()?.checked_add(off),
@@ -118,9 +117,7 @@ impl OpenFile {
             _ => return Err(libc::EINVAL),
         };
         match target {
-            Some(t) if (0..=len).contains(&t) => {
-                sys::lseek(fd, t, libc::SEEK_SET).map_err(|e| crate::errno::from_io(&e))
-            }
+            Some(t) if (0..=len).contains(&t) => self.set_position(fd, t as u64).map(|()| t),
             _ => Err(libc::EINVAL),
         }
     }
@@ -200,7 +197,7 @@ unsafe extern "C" {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd(fd)
+        && let Some(of) = image_fd_io(fd)
     {
         return emulate(-1, || {
             of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
@@ -222,7 +219,7 @@ pub unsafe extern "C" fn __read_chk(
         unsafe { __chk_fail() }
     }
     if is_mapped(fd)
-        && let Some(of) = image_fd(fd)
+        && let Some(of) = image_fd_io(fd)
     {
         return emulate(-1, || {
             of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
@@ -240,7 +237,7 @@ macro_rules! positioned {
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
             if is_mapped(fd) {
-                if let Some(of) = image_fd(fd) {
+                if let Some(of) = image_fd_io(fd) {
                     return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
                 }
             }
@@ -287,7 +284,7 @@ pub unsafe extern "C" fn __pread64_chk(
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd(fd)
+        && let Some(of) = image_fd_io(fd)
     {
         return emulate(-1, || {
             of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
@@ -302,7 +299,7 @@ macro_rules! positioned_write {
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
             if is_mapped(fd) {
-                if let Some(of) = image_fd(fd) {
+                if let Some(of) = image_fd_io(fd) {
                     return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
                 }
             }
@@ -319,7 +316,7 @@ positioned_write! {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd(fd)
+        && let Some(of) = image_fd_io(fd)
     {
         return emulate(-1, || {
             let iov = iovecs(iov, cnt)?;
@@ -333,7 +330,7 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd(fd)
+        && let Some(of) = image_fd_io(fd)
     {
         return emulate(-1, || {
             let iov = iovecs(iov, cnt)?;
@@ -367,7 +364,7 @@ macro_rules! vectored_hooks {
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, iov: *const iovec, cnt: c_int, off: $off) -> ssize_t {
             if is_mapped(fd) {
-                if let Some(of) = image_fd(fd) {
+                if let Some(of) = image_fd_io(fd) {
                     return emulate(-1, || {
                         let off = checked_pos(off)? as i64;
                         vectored(fd, &of, iov, cnt, off, $op)
@@ -393,7 +390,7 @@ macro_rules! vectored2_hooks {
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, iov: *const iovec, cnt: c_int, off: $off, flags: c_int) -> ssize_t {
             if is_mapped(fd) {
-                if let Some(of) = image_fd(fd) {
+                if let Some(of) = image_fd_io(fd) {
                     return emulate(-1, || vectored(fd, &of, iov, cnt, off as i64, $op));
                 }
             }
@@ -414,7 +411,7 @@ macro_rules! seek_hooks {
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, off: $off, whence: c_int) -> $off {
             if is_mapped(fd) {
-                if let Some(of) = image_fd(fd) {
+                if let Some(of) = image_fd_io(fd) {
                     return emulate(-1, || of.seek(fd, off, whence));
                 }
             }

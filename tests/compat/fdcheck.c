@@ -6,8 +6,9 @@
  * values (bytes as lower-case hex, from qemu-img's raw conversion). Nothing
  * here decides pass or fail, so a wrong answer shows what the program saw.
  *   - an image fd closed behind the library's back (fclose of an fdopen or
- *     fopen stream, closefrom, close_range) and the number reused by a
- *     regular file: reads must return the regular file's bytes;
+ *     fopen stream, closefrom, close_range, a raw close or dup3 syscall) and
+ *     the number reused by a regular file or a pipe: reads, writes and fstat
+ *     must reach that file;
  *   - the library's own fds survive closefrom/close_range/close loops above
  *     the image fd (reads and a write at WOFF still work);
  *   - dup shares the offset, SEEK_END is the virtual size, F_GETFL reports
@@ -23,6 +24,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -146,6 +148,31 @@ int main(int argc, char **argv) {
     printf("close_range_reused=%d\n", fd2 == fd);
     rd("close_range_reuse", fd2);
     close(fd2);
+
+    /* A raw close syscall (no hook sees it) and the number reused by a
+     * regular file: every call on it must reach the file. */
+    fd = must_open(img, O_RDONLY);
+    rd("raw_close_img", fd);
+    syscall(SYS_close, fd);
+    fd2 = open_at_number(plain, fd);
+    printf("raw_close_reused=%d\n", fd2 == fd);
+    prd("raw_close_reuse_pread", fd2, 0);
+    rd("raw_close_reuse", fd2);
+    struct stat st;
+    printf("raw_close_fstat_reg=%d\n", fstat(fd2, &st) == 0 && S_ISREG(st.st_mode));
+    close(fd2);
+
+    /* A raw dup3 of a pipe onto an image fd: writes go to the pipe (a
+     * non-blocking one: a write lost into the image shows as EAGAIN). */
+    fd = must_open(img, O_RDWR);
+    int pipefd[2];
+    if (pipe2(pipefd, O_NONBLOCK) != 0) return 2;
+    syscall(SYS_dup3, pipefd[1], fd, 0);
+    printf("raw_dup3_write=%ld\n", (long)write(fd, "PIPE-WRITE-BYTES", 16));
+    rd("raw_dup3_pipe", pipefd[0]);
+    close(fd);
+    close(pipefd[0]);
+    close(pipefd[1]);
 
     /* The library's own fds survive the program closing everything above. */
     fd = must_open(img, O_RDWR);
