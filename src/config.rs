@@ -36,11 +36,16 @@ fn set(name: &CStr) -> bool {
     get(name).is_some_and(|v| !v.is_empty() && v.to_bytes() != b"0")
 }
 
-/// Reads the environment on first use; cheap afterwards.
+/// Reads the environment on first use; one load afterwards.
+#[inline]
 pub fn load() {
-    if STATE.load(Ordering::Acquire) == READ {
-        return;
+    if STATE.load(Ordering::Acquire) != READ {
+        load_slow();
     }
+}
+
+#[cold]
+fn load_slow() {
     if STATE
         .compare_exchange(UNREAD, READING, Ordering::AcqRel, Ordering::Acquire)
         .is_err()

@@ -96,7 +96,7 @@ impl OpenFile {
         self.access != libc::O_RDONLY
     }
     /// Whether `raw`, an offset of the fd, carries this open's signature.
-    fn signed(&self, raw: i64) -> bool {
+    pub fn signed(&self, raw: i64) -> bool {
         self.offset_base != 0
             && (raw as u64)
                 .checked_sub(self.offset_base)
@@ -145,6 +145,17 @@ pub fn lookup_io(fd: c_int) -> Option<Arc<OpenFile>> {
     validated(fd, of, true)
 }
 
+/// [`lookup_io`] for read, write, readv and writev, which read the offset
+/// anyway: they check its signature themselves ([`OpenFile::signed`]) and
+/// call [`drop_stale`] when it fails. Opens without one are checked here.
+pub fn lookup_stream(fd: c_int) -> Option<Arc<OpenFile>> {
+    let of = entry(fd)?;
+    if of.offset_base != 0 {
+        return Some(of);
+    }
+    validated(fd, of, false)
+}
+
 fn entry(fd: c_int) -> Option<Arc<OpenFile>> {
     let s = slot(fd)?;
     let of = {
@@ -172,9 +183,15 @@ fn validated(fd: c_int, of: Arc<OpenFile>, signature: bool) -> Option<Arc<OpenFi
     if valid {
         return Some(of);
     }
-    log::debug!("fd {fd}: stale mapping to {} dropped", of.image.path_str());
-    remove_if(fd, &of);
+    drop_stale(fd, &of);
     None
+}
+
+/// Unmaps `fd` after a failed check, unless it was remapped meanwhile.
+pub fn drop_stale(fd: c_int, of: &Arc<OpenFile>) {
+    let _guard = crate::guard::Guard::enter();
+    log::debug!("fd {fd}: stale mapping to {} dropped", of.image.path_str());
+    remove_if(fd, of);
 }
 
 /// Maps `fd` to `of`, replacing any earlier mapping.

@@ -74,6 +74,7 @@ fn ours(sig: c_int) -> bool {
 #[inline]
 pub fn run_if_pending() {
     if PENDING.load(Ordering::Relaxed) && PENDING.swap(false, Ordering::AcqRel) {
+        let _guard = crate::guard::Guard::enter();
         crate::images::snapshot_all();
     }
 }

@@ -1,5 +1,6 @@
-/* Fallback when fio is missing: N random 4 KiB preads or pwrites (aligned) over
- * the first SIZE bytes of PATH; prints wall and CPU ns per operation. */
+/* Fallback when fio is missing: N random 4 KiB preads or pwrites over SIZE
+ * bytes of PATH from OFFSET (default 0; 4 KiB-aligned plus OFFSET); prints
+ * wall and CPU ns per operation. */
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -9,7 +10,8 @@
 #include <unistd.h>
 
 int main(int argc, char **argv) {
-    if (argc != 5) { fprintf(stderr, "usage: rand4k read|write PATH SIZE N\n"); return 2; }
+    if (argc != 5 && argc != 6) { fprintf(stderr, "usage: rand4k read|write PATH SIZE N [OFFSET]\n"); return 2; }
+    off_t base = argc == 6 ? (off_t)strtoull(argv[5], 0, 10) : 0;
     int wr = strcmp(argv[1], "write") == 0;
     uint64_t blocks = strtoull(argv[3], 0, 10) / 4096;
     long n = atol(argv[4]);
@@ -23,7 +25,7 @@ int main(int argc, char **argv) {
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ca);
     for (long i = 0; i < n; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        off_t off = (off_t)(x % blocks) * 4096;
+        off_t off = base + (off_t)(x % blocks) * 4096;
         ssize_t r = wr ? pwrite(fd, buf, 4096, off) : pread(fd, buf, 4096, off);
         if (r != 4096) { perror("io"); return 1; }
     }

@@ -59,6 +59,11 @@ pub fn image_fd_io(fd: c_int) -> Option<Arc<OpenFile>> {
     image_fd_checked(fd, fdtable::lookup_io)
 }
 
+/// [`image_fd`] for read, write, readv and writev: see `fdtable::lookup_stream`.
+pub fn image_fd_stream(fd: c_int) -> Option<Arc<OpenFile>> {
+    image_fd_checked(fd, fdtable::lookup_stream)
+}
+
 fn image_fd_checked(
     fd: c_int,
     lookup: fn(c_int) -> Option<Arc<OpenFile>>,
@@ -67,8 +72,9 @@ fn image_fd_checked(
         return None;
     }
     crate::config::load();
-    let _guard = Guard::enter();
     crate::snapshot::run_if_pending();
+    // No guard here: a lookup makes raw syscalls only, and takes the guard
+    // itself where it drops a stale entry.
     lookup(fd)
 }
 

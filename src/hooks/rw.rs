@@ -5,13 +5,14 @@
 
 use std::ffi::c_void;
 use std::slice;
+use std::sync::Arc;
 
 use libc::{c_int, iovec, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
-use super::{Errno, disk_error, emulate, image_fd_io};
-use crate::fdtable::{OpenFile, is_mapped};
-use crate::{config, logger, real};
+use super::{Errno, disk_error, emulate, image_fd_io, image_fd_stream};
+use crate::fdtable::{self, OpenFile, is_mapped};
+use crate::{config, logger, real, sys};
 
 impl OpenFile {
     fn describe_window(&self) -> String {
@@ -88,8 +89,24 @@ impl OpenFile {
         fd: c_int,
         f: impl FnOnce(u64) -> Result<usize, Errno>,
     ) -> Result<usize, Errno> {
+        self.at_checked_offset(fd, f)
+            .map_err(|e| if e == STALE { libc::EBADF } else { e })
+    }
+
+    /// [`OpenFile::at_offset`] that also checks the offset's signature (for
+    /// fds from `image_fd_stream`): `Err(STALE)` if the fd is no longer ours.
+    fn at_checked_offset(
+        &self,
+        fd: c_int,
+        f: impl FnOnce(u64) -> Result<usize, Errno>,
+    ) -> Result<usize, Errno> {
         let _serial = self.offset_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let pos = self.position(fd)?;
+        let pos = match sys::lseek(fd, 0, libc::SEEK_CUR) {
+            Ok(raw) if self.offset_base == 0 => raw as u64,
+            Ok(raw) if self.signed(raw) => raw as u64 - self.offset_base,
+            Err(e) if self.offset_base == 0 => return Err(crate::errno::from_io(&e)),
+            _ => return Err(STALE),
+        };
         let n = f(pos)?;
         if n > 0 {
             self.set_position(fd, pos + n as u64)?;
@@ -121,6 +138,27 @@ impl OpenFile {
             _ => Err(libc::EINVAL),
         }
     }
+}
+
+/// Not an errno: the fd of a stream call proved stale (see `stream`).
+const STALE: Errno = -1;
+
+/// Emulates read, write, readv or writev on `fd`; `None` when the offset's
+/// signature shows the fd is no longer ours (the entry is dropped and the
+/// caller passes the call to libc, with errno untouched).
+fn stream(
+    fd: c_int,
+    of: &Arc<OpenFile>,
+    f: impl FnOnce() -> Result<ssize_t, Errno>,
+) -> Option<ssize_t> {
+    let saved = logger::errno();
+    let r = emulate(-1, f);
+    if r == -1 && logger::errno() == STALE {
+        logger::set_errno(saved);
+        fdtable::drop_stale(fd, of);
+        return None;
+    }
+    Some(r)
 }
 
 fn as_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
@@ -197,12 +235,13 @@ unsafe extern "C" {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd_io(fd)
-    {
-        return emulate(-1, || {
-            of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+        && let Some(of) = image_fd_stream(fd)
+        && let Some(r) = stream(fd, &of, || {
+            of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
                 .map(to_ssize)
-        });
+        })
+    {
+        return r;
     }
     call!(real::READ, fd, buf, n)
 }
@@ -219,12 +258,13 @@ pub unsafe extern "C" fn __read_chk(
         unsafe { __chk_fail() }
     }
     if is_mapped(fd)
-        && let Some(of) = image_fd_io(fd)
-    {
-        return emulate(-1, || {
-            of.at_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+        && let Some(of) = image_fd_stream(fd)
+        && let Some(r) = stream(fd, &of, || {
+            of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
                 .map(to_ssize)
-        });
+        })
+    {
+        return r;
     }
     call!(real::READ_CHK, fd, buf, n, buflen)
 }
@@ -284,12 +324,13 @@ pub unsafe extern "C" fn __pread64_chk(
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd_io(fd)
-    {
-        return emulate(-1, || {
-            of.at_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
+        && let Some(of) = image_fd_stream(fd)
+        && let Some(r) = stream(fd, &of, || {
+            of.at_checked_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
                 .map(to_ssize)
-        });
+        })
+    {
+        return r;
     }
     call!(real::WRITE, fd, buf, n)
 }
@@ -316,13 +357,14 @@ positioned_write! {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd_io(fd)
-    {
-        return emulate(-1, || {
+        && let Some(of) = image_fd_stream(fd)
+        && let Some(r) = stream(fd, &of, || {
             let iov = iovecs(iov, cnt)?;
-            of.at_offset(fd, |pos| readv_at(&of, iov, pos))
+            of.at_checked_offset(fd, |pos| readv_at(&of, iov, pos))
                 .map(to_ssize)
-        });
+        })
+    {
+        return r;
     }
     call!(real::READV, fd, iov, cnt)
 }
@@ -330,13 +372,14 @@ pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssiz
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
     if is_mapped(fd)
-        && let Some(of) = image_fd_io(fd)
-    {
-        return emulate(-1, || {
+        && let Some(of) = image_fd_stream(fd)
+        && let Some(r) = stream(fd, &of, || {
             let iov = iovecs(iov, cnt)?;
-            of.at_offset(fd, |pos| writev_at(&of, iov, pos))
+            of.at_checked_offset(fd, |pos| writev_at(&of, iov, pos))
                 .map(to_ssize)
-        });
+        })
+    {
+        return r;
     }
     call!(real::WRITEV, fd, iov, cnt)
 }

@@ -12,6 +12,8 @@ pub const MAX_CHAIN_DEPTH: usize = 256;
 /// layer is the base image. Only `layers[0]` is ever written.
 pub struct Disk {
     layers: Vec<Box<dyn Image>>,
+    /// `layers[i].virtual_size()`, fixed once opened: read on every call.
+    sizes: Vec<u64>,
     /// Serialises writes: read-modify-write of partial sectors and block
     /// allocation must not interleave. Reads take no lock.
     write_lock: Mutex<()>,
@@ -40,6 +42,7 @@ impl Disk {
             ));
         }
         Ok(Disk {
+            sizes: layers.iter().map(|l| l.virtual_size()).collect(),
             layers,
             write_lock: Mutex::new(()),
         })
@@ -50,7 +53,7 @@ impl Disk {
     }
     /// Size of the virtual disk in bytes.
     pub fn size(&self) -> u64 {
-        self.layers[0].virtual_size()
+        self.sizes[0]
     }
     pub fn logical_sector_size(&self) -> u32 {
         self.layers[0].logical_sector_size()
@@ -90,11 +93,10 @@ impl Disk {
     /// Reads through layer `level` and below. A layer smaller than the top one
     /// reads zeros past its end (a child may be larger than its parent).
     fn read_layer(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-        let Some(image) = self.layers.get(level) else {
+        let (Some(image), Some(&size)) = (self.layers.get(level), self.sizes.get(level)) else {
             buf.fill(0);
             return Ok(());
         };
-        let size = image.virtual_size();
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;

@@ -41,10 +41,18 @@ pub struct Layout {
     pub payload_blocks: u64,
     pub bitmap_blocks: u64,
     pub has_parent: bool,
+    /// log2 of `block_size` and of `chunk_ratio`: both are powers of two (the
+    /// metadata parser refuses other block sizes), and the read path divides
+    /// by them on every call.
+    block_shift: u32,
+    chunk_shift: u32,
 }
 
 impl Layout {
+    /// `block_size` and `sector_size` are powers of two, as the metadata
+    /// parser and `create` enforce.
     pub fn new(virtual_size: u64, block_size: u32, sector_size: u32, has_parent: bool) -> Layout {
+        debug_assert!(block_size.is_power_of_two() && sector_size.is_power_of_two());
         let chunk_ratio = (1u64 << 23) * sector_size as u64 / block_size as u64;
         let payload_blocks = virtual_size.div_ceil(block_size as u64);
         Layout {
@@ -54,10 +62,16 @@ impl Layout {
             payload_blocks,
             bitmap_blocks: payload_blocks.div_ceil(chunk_ratio),
             has_parent,
+            block_shift: block_size.trailing_zeros(),
+            chunk_shift: chunk_ratio.trailing_zeros(),
         }
     }
+    /// The payload block holding virtual `offset`, and the offset within it.
+    pub fn block_of(&self, offset: u64) -> (u64, u64) {
+        (offset >> self.block_shift, offset & (self.block_size - 1))
+    }
     pub fn payload_index(&self, b: u64) -> u64 {
-        b + b / self.chunk_ratio
+        b + (b >> self.chunk_shift)
     }
     pub fn bitmap_index(&self, chunk: u64) -> u64 {
         (chunk + 1) * self.chunk_ratio + chunk

@@ -549,8 +549,7 @@ impl Image for VhdxImage {
 
     fn map(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         let l = &self.layout;
-        let b = offset / l.block_size;
-        let in_block = offset % l.block_size;
+        let (b, in_block) = l.block_of(offset);
         let max = len.min(l.block_size - in_block);
         let e = self.entry(l.payload_index(b))?;
         let data = Mapping::Data {
