@@ -30,19 +30,38 @@ impl<F: Copy> Real<F> {
     }
 
     /// The next definition of the symbol after ours, or `None` if libc lacks it.
+    #[inline]
     pub fn get(&self) -> Option<F> {
         const { assert!(size_of::<F>() == size_of::<*mut c_void>()) };
         let mut p = self.ptr.load(Ordering::Acquire);
         if p.is_null() {
-            // SAFETY: dlsym with a valid NUL-terminated name.
-            p = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) };
+            p = self.resolve();
             if p.is_null() {
                 return None;
             }
-            self.ptr.store(p, Ordering::Release);
         }
         // SAFETY: F is the C signature of the symbol `name`, pointer-sized.
         Some(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+    }
+
+    /// The function if already resolved (the hooks' fast path: one load).
+    #[inline]
+    pub fn resolved(&self) -> Option<F> {
+        let p = self.ptr.load(Ordering::Acquire);
+        // SAFETY: as in `get`.
+        (!p.is_null()).then(|| unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+    }
+
+    /// The first lookup (normally at init, by `resolve_all`).
+    #[cold]
+    #[inline(never)]
+    fn resolve(&self) -> *mut c_void {
+        // SAFETY: dlsym with a valid NUL-terminated name.
+        let p = unsafe { libc::dlsym(libc::RTLD_NEXT, self.name.as_ptr()) };
+        if !p.is_null() {
+            self.ptr.store(p, Ordering::Release);
+        }
+        p
     }
 }
 

@@ -47,6 +47,21 @@ pub fn emulate<T>(fail: T, f: impl FnOnce() -> Result<T, Errno>) -> T {
     }
 }
 
+/// The first statement of the hottest hooks: an fd that is not an image goes
+/// to libc in a few instructions and a tail call, before the hook sets up
+/// anything for the image path.
+macro_rules! pass_through {
+    ($fd:expr, $real:expr, $($arg:expr),*) => {
+        if !crate::fdtable::is_mapped($fd)
+            && let Some(f) = $real.resolved()
+        {
+            // SAFETY: forwarding the caller's arguments to the real function.
+            return unsafe { f($($arg),*) };
+        }
+    };
+}
+pub(crate) use pass_through;
+
 /// The image behind `fd` if it is one of our dummies; `None` sends the call to libc.
 /// Callers test `fdtable::is_mapped` first, so this runs only for image fds.
 pub fn image_fd(fd: c_int) -> Option<Arc<OpenFile>> {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use libc::{c_int, iovec, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
-use super::{Errno, disk_error, emulate, image_fd_io, image_fd_stream};
+use super::{Errno, disk_error, emulate, image_fd_io, image_fd_stream, pass_through};
 use crate::fdtable::{self, OpenFile, is_mapped};
 use crate::{config, logger, real, sys};
 
@@ -234,16 +234,21 @@ unsafe extern "C" {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    if is_mapped(fd)
-        && let Some(of) = image_fd_stream(fd)
-        && let Some(r) = stream(fd, &of, || {
-            of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
-                .map(to_ssize)
-        })
-    {
-        return r;
+    pass_through!(fd, real::READ, fd, buf, n);
+    #[inline(never)]
+    fn image(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
+        if is_mapped(fd)
+            && let Some(of) = image_fd_stream(fd)
+            && let Some(r) = stream(fd, &of, || {
+                of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
+                    .map(to_ssize)
+            })
+        {
+            return r;
+        }
+        call!(real::READ, fd, buf, n)
     }
-    call!(real::READ, fd, buf, n)
+    image(fd, buf, n)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -276,12 +281,17 @@ macro_rules! positioned {
     ($($name:ident = $real:ident, $off:ty;)*) => {$(
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
-            if is_mapped(fd) {
-                if let Some(of) = image_fd_io(fd) {
-                    return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+            pass_through!(fd, real::$real, fd, buf, n, off);
+            #[inline(never)]
+            fn image(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
+                if is_mapped(fd) {
+                    if let Some(of) = image_fd_io(fd) {
+                        return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
+                    }
                 }
+                call!(real::$real, fd, buf, n, off)
             }
-            call!(real::$real, fd, buf, n, off)
+            image(fd, buf, n, off)
         }
     )*};
 }
@@ -323,28 +333,38 @@ pub unsafe extern "C" fn __pread64_chk(
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    if is_mapped(fd)
-        && let Some(of) = image_fd_stream(fd)
-        && let Some(r) = stream(fd, &of, || {
-            of.at_checked_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
-                .map(to_ssize)
-        })
-    {
-        return r;
+    pass_through!(fd, real::WRITE, fd, buf, n);
+    #[inline(never)]
+    fn image(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
+        if is_mapped(fd)
+            && let Some(of) = image_fd_stream(fd)
+            && let Some(r) = stream(fd, &of, || {
+                of.at_checked_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
+                    .map(to_ssize)
+            })
+        {
+            return r;
+        }
+        call!(real::WRITE, fd, buf, n)
     }
-    call!(real::WRITE, fd, buf, n)
+    image(fd, buf, n)
 }
 
 macro_rules! positioned_write {
     ($($name:ident = $real:ident, $off:ty;)*) => {$(
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
-            if is_mapped(fd) {
-                if let Some(of) = image_fd_io(fd) {
-                    return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+            pass_through!(fd, real::$real, fd, buf, n, off);
+            #[inline(never)]
+            fn image(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
+                if is_mapped(fd) {
+                    if let Some(of) = image_fd_io(fd) {
+                        return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
+                    }
                 }
+                call!(real::$real, fd, buf, n, off)
             }
-            call!(real::$real, fd, buf, n, off)
+            image(fd, buf, n, off)
         }
     )*};
 }
@@ -453,12 +473,17 @@ macro_rules! seek_hooks {
     ($($name:ident = $real:ident, $off:ty;)*) => {$(
         #[cfg_attr(not(test), unsafe(no_mangle))]
         pub unsafe extern "C" fn $name(fd: c_int, off: $off, whence: c_int) -> $off {
-            if is_mapped(fd) {
-                if let Some(of) = image_fd_io(fd) {
-                    return emulate(-1, || of.seek(fd, off, whence));
+            pass_through!(fd, real::$real, fd, off, whence);
+            #[inline(never)]
+            fn image(fd: c_int, off: $off, whence: c_int) -> $off {
+                if is_mapped(fd) {
+                    if let Some(of) = image_fd_io(fd) {
+                        return emulate(-1, || of.seek(fd, off, whence));
+                    }
                 }
+                call!(real::$real, fd, off, whence)
             }
-            call!(real::$real, fd, off, whence)
+            image(fd, off, whence)
         }
     )*};
 }
