@@ -376,32 +376,42 @@ positioned_write! {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    if is_mapped(fd)
-        && let Some(of) = image_fd_stream(fd)
-        && let Some(r) = stream(fd, &of, || {
-            let iov = iovecs(iov, cnt)?;
-            of.at_checked_offset(fd, |pos| readv_at(&of, iov, pos))
-                .map(to_ssize)
-        })
-    {
-        return r;
+    pass_through!(fd, real::READV, fd, iov, cnt);
+    #[inline(never)]
+    fn image(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+        if is_mapped(fd)
+            && let Some(of) = image_fd_stream(fd)
+            && let Some(r) = stream(fd, &of, || {
+                let iov = iovecs(iov, cnt)?;
+                of.at_checked_offset(fd, |pos| readv_at(&of, iov, pos))
+                    .map(to_ssize)
+            })
+        {
+            return r;
+        }
+        call!(real::READV, fd, iov, cnt)
     }
-    call!(real::READV, fd, iov, cnt)
+    image(fd, iov, cnt)
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    if is_mapped(fd)
-        && let Some(of) = image_fd_stream(fd)
-        && let Some(r) = stream(fd, &of, || {
-            let iov = iovecs(iov, cnt)?;
-            of.at_checked_offset(fd, |pos| writev_at(&of, iov, pos))
-                .map(to_ssize)
-        })
-    {
-        return r;
+    pass_through!(fd, real::WRITEV, fd, iov, cnt);
+    #[inline(never)]
+    fn image(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
+        if is_mapped(fd)
+            && let Some(of) = image_fd_stream(fd)
+            && let Some(r) = stream(fd, &of, || {
+                let iov = iovecs(iov, cnt)?;
+                of.at_checked_offset(fd, |pos| writev_at(&of, iov, pos))
+                    .map(to_ssize)
+            })
+        {
+            return r;
+        }
+        call!(real::WRITEV, fd, iov, cnt)
     }
-    call!(real::WRITEV, fd, iov, cnt)
+    image(fd, iov, cnt)
 }
 
 /// A vectored transfer at `off`; -1 (preadv2/pwritev2) means the file offset.
