@@ -92,15 +92,26 @@ impl Disk {
 
     /// Reads through layer `level` and below. A layer smaller than the top one
     /// reads zeros past its end (a child may be larger than its parent).
+    ///
+    /// Data runs that continue each other in the file (blocks allocated in
+    /// order) are read with one call: `pending` is the run not read yet, as
+    /// (start in `buf`, file offset, length).
     fn read_layer(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let (Some(image), Some(&size)) = (self.layers.get(level), self.sizes.get(level)) else {
             buf.fill(0);
             return Ok(());
         };
+        let mut pending: Option<(usize, u64, usize)> = None;
+        let flush = |buf: &mut [u8], pending: &mut Option<(usize, u64, usize)>| match pending.take()
+        {
+            Some((at, file_offset, n)) => image.read_data(&mut buf[at..at + n], file_offset),
+            None => Ok(()),
+        };
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
             if off >= size {
+                flush(buf, &mut pending)?;
                 buf[done..].fill(0);
                 break;
             }
@@ -112,15 +123,27 @@ impl Disk {
                     format!("layer {level} mapped {run} bytes of {want}"),
                 ));
             }
-            let chunk = &mut buf[done..done + run as usize];
+            let run = run as usize;
             match mapping {
-                Mapping::Data { file_offset } => image.read_data(chunk, file_offset)?,
-                Mapping::Zero => chunk.fill(0),
-                Mapping::Unallocated => self.read_layer(level + 1, chunk, off)?,
+                Mapping::Data { file_offset } => match &mut pending {
+                    Some((_, start, n)) if *start + *n as u64 == file_offset => *n += run,
+                    _ => {
+                        flush(buf, &mut pending)?;
+                        pending = Some((done, file_offset, run));
+                    }
+                },
+                Mapping::Zero => {
+                    flush(buf, &mut pending)?;
+                    buf[done..done + run].fill(0);
+                }
+                Mapping::Unallocated => {
+                    flush(buf, &mut pending)?;
+                    self.read_layer(level + 1, &mut buf[done..done + run], off)?;
+                }
             }
-            done += run as usize;
+            done += run;
         }
-        Ok(())
+        flush(buf, &mut pending)
     }
 
     /// Writes `buf` at `offset` into the top layer. Unaligned heads and tails
