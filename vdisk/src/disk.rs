@@ -1,7 +1,8 @@
 //! A virtual disk: an image and its parent chain, with the generic read and
 //! write loops over layer mappings.
 
-use std::sync::Mutex;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{Error, Format, Geometry, Image, Mapping, Result};
 
@@ -14,9 +15,14 @@ pub struct Disk {
     layers: Vec<Box<dyn Image>>,
     /// `layers[i].virtual_size()`, fixed once opened: read on every call.
     sizes: Vec<u64>,
-    /// Serialises writes: read-modify-write of partial sectors and block
-    /// allocation must not interleave. Reads take no lock.
-    write_lock: Mutex<()>,
+    /// Writes that change metadata (allocation, bitmaps, headers) or merge
+    /// partial sectors hold it exclusively; overwrites of data the top layer
+    /// already holds share it, so writers to allocated blocks run together.
+    /// Reads take no lock.
+    write_lock: RwLock<()>,
+    /// Set after the first write: the formats' one-time work before data may
+    /// change (new VHDX data GUID, VDI modification UUID...) is done.
+    writes_begun: AtomicBool,
 }
 
 impl std::fmt::Debug for Disk {
@@ -44,7 +50,8 @@ impl Disk {
         Ok(Disk {
             sizes: layers.iter().map(|l| l.virtual_size()).collect(),
             layers,
-            write_lock: Mutex::new(()),
+            write_lock: RwLock::new(()),
+            writes_begun: AtomicBool::new(false),
         })
     }
 
@@ -156,8 +163,76 @@ impl Disk {
         if buf.is_empty() {
             return Ok(());
         }
-        let _serial = self.write_lock.lock().unwrap_or_else(|e| e.into_inner());
         let ss = self.logical_sector_size() as u64;
+        if offset % ss == 0
+            && buf.len() as u64 % ss == 0
+            && self.writes_begun.load(Ordering::Acquire)
+        {
+            let _shared = self.write_lock.read().unwrap_or_else(|e| e.into_inner());
+            if self.overwrite_in_place(buf, offset)? {
+                return Ok(());
+            }
+        }
+        let _serial = self.write_lock.write().unwrap_or_else(|e| e.into_inner());
+        self.write_serial(buf, offset, ss)?;
+        self.writes_begun.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Overwrites `buf` at `offset` if the top layer already maps all of it to
+    /// data in its own file: a plain overwrite, no metadata change. Returns
+    /// false, having written nothing, if any part is unallocated, zero or in
+    /// a parent. Runs that continue each other in the file are one write.
+    fn overwrite_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
+        let top = &self.layers[0];
+        let runs = |f: &mut dyn FnMut(usize, u64, usize) -> Result<bool>| -> Result<bool> {
+            let mut done = 0usize;
+            while done < buf.len() {
+                let want = (buf.len() - done) as u64;
+                let (mapping, run) = top.map(offset + done as u64, want)?;
+                if run == 0 || run > want {
+                    return Err(Error::corrupt(
+                        "mapping",
+                        format!("top layer mapped {run} bytes of {want}"),
+                    ));
+                }
+                let Mapping::Data { file_offset } = mapping else {
+                    return Ok(false);
+                };
+                if !f(done, file_offset, run as usize)? {
+                    return Ok(false);
+                }
+                done += run as usize;
+            }
+            Ok(true)
+        };
+        // First make sure every byte has a place, then write: a refusal must
+        // come before the first byte lands.
+        if !runs(&mut |_, _, _| Ok(true))? {
+            return Ok(false);
+        }
+        let storage = top.storage();
+        let mut pending: Option<(usize, u64, usize)> = None;
+        runs(&mut |at, file_offset, n| {
+            match &mut pending {
+                Some((_, start, len)) if *start + *len as u64 == file_offset => *len += n,
+                _ => {
+                    if let Some((a, f, l)) = pending.take() {
+                        storage.write_all_at(&buf[a..a + l], f)?;
+                    }
+                    pending = Some((at, file_offset, n));
+                }
+            }
+            Ok(true)
+        })?;
+        if let Some((a, f, l)) = pending {
+            storage.write_all_at(&buf[a..a + l], f)?;
+        }
+        Ok(true)
+    }
+
+    /// The general write, under the exclusive write lock.
+    fn write_serial(&self, buf: &[u8], offset: u64, ss: u64) -> Result<()> {
         let end = offset + buf.len() as u64;
         let head = offset % ss;
         let mut pos = offset;
