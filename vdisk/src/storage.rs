@@ -166,3 +166,28 @@ impl Storage for MemStorage {
         !self.read_only
     }
 }
+
+/// Reads a table of `count` entries of `size` bytes at `offset`, each decoded
+/// by `entry`, through a 64 KiB buffer: the allocation tables of multi-TiB
+/// disks are megabytes, and a second full-size copy would double the page
+/// faults of every open.
+pub fn read_table<T>(
+    storage: &dyn Storage,
+    offset: u64,
+    count: usize,
+    size: usize,
+    entry: impl Fn(&[u8]) -> T,
+) -> io::Result<Vec<T>> {
+    const CHUNK: usize = 64 << 10;
+    let total = count * size;
+    let mut entries = Vec::with_capacity(count);
+    let mut raw = vec![0u8; (CHUNK / size * size).min(total)];
+    let mut done = 0usize;
+    while done < total {
+        let n = raw.len().min(total - done);
+        storage.read_exact_at(&mut raw[..n], offset + done as u64)?;
+        entries.extend(raw[..n].chunks_exact(size).map(&entry));
+        done += n;
+    }
+    Ok(entries)
+}

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::storage::read_table;
 use crate::{Error, Result, Storage};
 
 /// Never allocated: zeros in a base image, the parent's data in a child.
@@ -47,14 +48,10 @@ impl BlockMap {
     /// Reads `count` entries at `offset`; the caller has checked that they lie
     /// inside the file, which bounds the allocation.
     pub fn load(storage: &dyn Storage, offset: u64, count: u32) -> Result<BlockMap> {
-        let mut raw = vec![0u8; count as usize * 4];
-        storage
-            .read_exact_at(&mut raw, offset)
-            .map_err(|e| Error::corrupt("VDI block map", e.to_string()))?;
-        let entries = raw
-            .chunks_exact(4)
-            .map(|c| AtomicU32::new(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
-            .collect();
+        let entries = read_table(storage, offset, count as usize, 4, |c| {
+            AtomicU32::new(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        })
+        .map_err(|e| Error::corrupt("VDI block map", e.to_string()))?;
         Ok(BlockMap { offset, entries })
     }
 

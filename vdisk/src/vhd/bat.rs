@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use crate::storage::read_table;
 use crate::{Error, Result, Storage};
 
 pub const UNUSED: u32 = 0xFFFF_FFFF;
@@ -16,27 +17,11 @@ pub struct BlockAllocationTable {
 
 impl BlockAllocationTable {
     /// Reads `count` entries at `offset`; the caller has bounded both by the file length.
-    ///
-    /// Read through a small buffer: a 2 TiB disk has a 4 MiB BAT, and a second
-    /// copy of it would double the page faults of every open.
     pub fn load(storage: &dyn Storage, offset: u64, count: u32) -> Result<BlockAllocationTable> {
-        const CHUNK: usize = 64 << 10;
-        let total = count as usize * 4;
-        let mut entries = Vec::with_capacity(count as usize);
-        let mut raw = vec![0u8; CHUNK.min(total)];
-        let mut done = 0usize;
-        while done < total {
-            let n = CHUNK.min(total - done);
-            storage
-                .read_exact_at(&mut raw[..n], offset + done as u64)
-                .map_err(|e| Error::corrupt("VHD BAT", e.to_string()))?;
-            entries.extend(
-                raw[..n]
-                    .chunks_exact(4)
-                    .map(|c| AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))),
-            );
-            done += n;
-        }
+        let entries = read_table(storage, offset, count as usize, 4, |c| {
+            AtomicU32::new(u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        })
+        .map_err(|e| Error::corrupt("VHD BAT", e.to_string()))?;
         Ok(BlockAllocationTable { offset, entries })
     }
 

@@ -116,12 +116,9 @@ impl Bat {
             ));
         }
         let count = layout.total_entries().min(in_region);
-        let mut raw = vec![0u8; count as usize * 8];
-        storage.read_exact_at(&mut raw, region.offset)?;
-        let entries = raw
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(crate::bytes::le64(c, 0)))
-            .collect();
+        let entries = crate::storage::read_table(storage, region.offset, count as usize, 8, |c| {
+            AtomicU64::new(crate::bytes::le64(c, 0))
+        })?;
         Ok(Bat { region, entries })
     }
 
