@@ -164,8 +164,8 @@ impl Disk {
             return Ok(());
         }
         let ss = self.logical_sector_size() as u64;
-        if offset % ss == 0
-            && buf.len() as u64 % ss == 0
+        if offset.is_multiple_of(ss)
+            && (buf.len() as u64).is_multiple_of(ss)
             && self.writes_begun.load(Ordering::Acquire)
         {
             let _shared = self.write_lock.read().unwrap_or_else(|e| e.into_inner());
