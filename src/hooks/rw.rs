@@ -232,24 +232,37 @@ unsafe extern "C" {
     fn __chk_fail() -> !;
 }
 
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-    pass_through!(fd, real::READ, fd, buf, n);
-    #[inline(never)]
-    fn image(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t {
-        if is_mapped(fd)
-            && let Some(of) = image_fd_stream(fd)
-            && let Some(r) = stream(fd, &of, || {
-                of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
-                    .map(to_ssize)
-            })
-        {
-            return r;
+// The hottest hooks: `pass_through!` sends an fd that is not an image to libc
+// before anything else; the image path is a function of its own, out of line.
+
+/// read, write, readv, writev: at the file offset, which they read anyway and
+/// whose signature is their stale-fd check (see `stream`).
+macro_rules! stream_hook {
+    ($name:ident = $real:ident, ($($arg:ident: $ty:ty),*), |$of:ident, $pos:ident| $op:expr) => {
+        #[cfg_attr(not(test), unsafe(no_mangle))]
+        pub unsafe extern "C" fn $name(fd: c_int, $($arg: $ty),*) -> ssize_t {
+            pass_through!(fd, real::$real, fd, $($arg),*);
+            #[inline(never)]
+            fn image(fd: c_int, $($arg: $ty),*) -> ssize_t {
+                if is_mapped(fd)
+                    && let Some($of) = image_fd_stream(fd)
+                    && let Some(r) = stream(fd, &$of, || {
+                        $of.at_checked_offset(fd, |$pos| $op).map(to_ssize)
+                    })
+                {
+                    return r;
+                }
+                call!(real::$real, fd, $($arg),*)
+            }
+            image(fd, $($arg),*)
         }
-        call!(real::READ, fd, buf, n)
-    }
-    image(fd, buf, n)
+    };
 }
+
+stream_hook!(read = READ, (buf: *mut c_void, n: size_t), |of, pos| of.read_at(as_mut(buf, n), pos));
+stream_hook!(write = WRITE, (buf: *const c_void, n: size_t), |of, pos| of.write_at(as_ref(buf, n), pos));
+stream_hook!(readv = READV, (iov: *const iovec, cnt: c_int), |of, pos| readv_at(&of, iovecs(iov, cnt)?, pos));
+stream_hook!(writev = WRITEV, (iov: *const iovec, cnt: c_int), |of, pos| writev_at(&of, iovecs(iov, cnt)?, pos));
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __read_chk(
@@ -262,44 +275,39 @@ pub unsafe extern "C" fn __read_chk(
         // SAFETY: glibc's fortify failure: abort, as the real __read_chk does.
         unsafe { __chk_fail() }
     }
-    if is_mapped(fd)
-        && let Some(of) = image_fd_stream(fd)
-        && let Some(r) = stream(fd, &of, || {
-            of.at_checked_offset(fd, |pos| of.read_at(as_mut(buf, n), pos))
-                .map(to_ssize)
-        })
-    {
-        return r;
-    }
-    call!(real::READ_CHK, fd, buf, n, buflen)
+    unsafe { read(fd, buf, n) }
 }
 
 // Each 64-bit name is the same function as its plain twin on LP64 (off_t is
-// 64 bits): one macro per shape, two exported names each.
+// 64 bits): two exported names per shape.
 
-macro_rules! positioned {
-    ($($name:ident = $real:ident, $off:ty;)*) => {$(
+/// pread, pwrite and their 64-bit names: at the caller's offset.
+macro_rules! positioned_hook {
+    ($name:ident = $real:ident, ($($arg:ident: $ty:ty),*), $off:ty, |$of:ident, $pos:ident| $op:expr) => {
         #[cfg_attr(not(test), unsafe(no_mangle))]
-        pub unsafe extern "C" fn $name(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
-            pass_through!(fd, real::$real, fd, buf, n, off);
+        pub unsafe extern "C" fn $name(fd: c_int, $($arg: $ty,)* off: $off) -> ssize_t {
+            pass_through!(fd, real::$real, fd, $($arg,)* off);
             #[inline(never)]
-            fn image(fd: c_int, buf: *mut c_void, n: size_t, off: $off) -> ssize_t {
-                if is_mapped(fd) {
-                    if let Some(of) = image_fd_io(fd) {
-                        return emulate(-1, || of.read_at(as_mut(buf, n), checked_pos(off)?).map(to_ssize));
-                    }
+            fn image(fd: c_int, $($arg: $ty,)* off: $off) -> ssize_t {
+                if is_mapped(fd)
+                    && let Some($of) = image_fd_io(fd)
+                {
+                    return emulate(-1, || {
+                        let $pos = checked_pos(off)?;
+                        $op.map(to_ssize)
+                    });
                 }
-                call!(real::$real, fd, buf, n, off)
+                call!(real::$real, fd, $($arg,)* off)
             }
-            image(fd, buf, n, off)
+            image(fd, $($arg,)* off)
         }
-    )*};
+    };
 }
 
-positioned! {
-    pread = PREAD, off_t;
-    pread64 = PREAD64, off64_t;
-}
+positioned_hook!(pread = PREAD, (buf: *mut c_void, n: size_t), off_t, |of, pos| of.read_at(as_mut(buf, n), pos));
+positioned_hook!(pread64 = PREAD64, (buf: *mut c_void, n: size_t), off64_t, |of, pos| of.read_at(as_mut(buf, n), pos));
+positioned_hook!(pwrite = PWRITE, (buf: *const c_void, n: size_t), off_t, |of, pos| of.write_at(as_ref(buf, n), pos));
+positioned_hook!(pwrite64 = PWRITE64, (buf: *const c_void, n: size_t), off64_t, |of, pos| of.write_at(as_ref(buf, n), pos));
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn __pread_chk(
@@ -329,89 +337,6 @@ pub unsafe extern "C" fn __pread64_chk(
         unsafe { __chk_fail() }
     }
     unsafe { pread64(fd, buf, n, off) }
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-    pass_through!(fd, real::WRITE, fd, buf, n);
-    #[inline(never)]
-    fn image(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t {
-        if is_mapped(fd)
-            && let Some(of) = image_fd_stream(fd)
-            && let Some(r) = stream(fd, &of, || {
-                of.at_checked_offset(fd, |pos| of.write_at(as_ref(buf, n), pos))
-                    .map(to_ssize)
-            })
-        {
-            return r;
-        }
-        call!(real::WRITE, fd, buf, n)
-    }
-    image(fd, buf, n)
-}
-
-macro_rules! positioned_write {
-    ($($name:ident = $real:ident, $off:ty;)*) => {$(
-        #[cfg_attr(not(test), unsafe(no_mangle))]
-        pub unsafe extern "C" fn $name(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
-            pass_through!(fd, real::$real, fd, buf, n, off);
-            #[inline(never)]
-            fn image(fd: c_int, buf: *const c_void, n: size_t, off: $off) -> ssize_t {
-                if is_mapped(fd) {
-                    if let Some(of) = image_fd_io(fd) {
-                        return emulate(-1, || of.write_at(as_ref(buf, n), checked_pos(off)?).map(to_ssize));
-                    }
-                }
-                call!(real::$real, fd, buf, n, off)
-            }
-            image(fd, buf, n, off)
-        }
-    )*};
-}
-
-positioned_write! {
-    pwrite = PWRITE, off_t;
-    pwrite64 = PWRITE64, off64_t;
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn readv(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    pass_through!(fd, real::READV, fd, iov, cnt);
-    #[inline(never)]
-    fn image(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-        if is_mapped(fd)
-            && let Some(of) = image_fd_stream(fd)
-            && let Some(r) = stream(fd, &of, || {
-                let iov = iovecs(iov, cnt)?;
-                of.at_checked_offset(fd, |pos| readv_at(&of, iov, pos))
-                    .map(to_ssize)
-            })
-        {
-            return r;
-        }
-        call!(real::READV, fd, iov, cnt)
-    }
-    image(fd, iov, cnt)
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-    pass_through!(fd, real::WRITEV, fd, iov, cnt);
-    #[inline(never)]
-    fn image(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t {
-        if is_mapped(fd)
-            && let Some(of) = image_fd_stream(fd)
-            && let Some(r) = stream(fd, &of, || {
-                let iov = iovecs(iov, cnt)?;
-                of.at_checked_offset(fd, |pos| writev_at(&of, iov, pos))
-                    .map(to_ssize)
-            })
-        {
-            return r;
-        }
-        call!(real::WRITEV, fd, iov, cnt)
-    }
-    image(fd, iov, cnt)
 }
 
 /// A vectored transfer at `off`; -1 (preadv2/pwritev2) means the file offset.

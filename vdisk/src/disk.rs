@@ -99,58 +99,63 @@ impl Disk {
 
     /// Reads through layer `level` and below. A layer smaller than the top one
     /// reads zeros past its end (a child may be larger than its parent).
-    ///
-    /// Data runs that continue each other in the file (blocks allocated in
-    /// order) are read with one call: `pending` is the run not read yet, as
-    /// (start in `buf`, file offset, length).
+    /// Data runs that continue each other in the file are read with one call.
     fn read_layer(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
         let (Some(image), Some(&size)) = (self.layers.get(level), self.sizes.get(level)) else {
             buf.fill(0);
             return Ok(());
         };
-        let mut pending: Option<(usize, u64, usize)> = None;
-        let flush = |buf: &mut [u8], pending: &mut Option<(usize, u64, usize)>| match pending.take()
-        {
+        let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
+        buf[inside..].fill(0);
+        let mut runs = FileRuns::default();
+        let read = |buf: &mut [u8], run: Option<(usize, u64, usize)>| match run {
             Some((at, file_offset, n)) => image.read_data(&mut buf[at..at + n], file_offset),
             None => Ok(()),
         };
-        let mut done = 0usize;
-        while done < buf.len() {
-            let off = offset + done as u64;
-            if off >= size {
-                flush(buf, &mut pending)?;
-                buf[done..].fill(0);
-                break;
+        self.each_run(level, offset, inside, |at, mapping, n| {
+            match mapping {
+                Mapping::Data { file_offset } => read(buf, runs.add(at, file_offset, n))?,
+                Mapping::Zero => {
+                    read(buf, runs.take())?;
+                    buf[at..at + n].fill(0);
+                }
+                Mapping::Unallocated => {
+                    read(buf, runs.take())?;
+                    self.read_layer(level + 1, &mut buf[at..at + n], offset + at as u64)?;
+                }
             }
-            let want = ((buf.len() - done) as u64).min(size - off);
-            let (mapping, run) = image.map(off, want)?;
+            Ok(true)
+        })?;
+        read(buf, runs.take())
+    }
+
+    /// Maps `len` bytes at `offset` of layer `level` run by run, calling
+    /// `f(position in the range, mapping, length)` until it returns false.
+    /// Returns whether every run was visited.
+    fn each_run(
+        &self,
+        level: usize,
+        offset: u64,
+        len: usize,
+        mut f: impl FnMut(usize, Mapping, usize) -> Result<bool>,
+    ) -> Result<bool> {
+        let image = &self.layers[level];
+        let mut done = 0usize;
+        while done < len {
+            let want = (len - done) as u64;
+            let (mapping, run) = image.map(offset + done as u64, want)?;
             if run == 0 || run > want {
                 return Err(Error::corrupt(
                     "mapping",
                     format!("layer {level} mapped {run} bytes of {want}"),
                 ));
             }
-            let run = run as usize;
-            match mapping {
-                Mapping::Data { file_offset } => match &mut pending {
-                    Some((_, start, n)) if *start + *n as u64 == file_offset => *n += run,
-                    _ => {
-                        flush(buf, &mut pending)?;
-                        pending = Some((done, file_offset, run));
-                    }
-                },
-                Mapping::Zero => {
-                    flush(buf, &mut pending)?;
-                    buf[done..done + run].fill(0);
-                }
-                Mapping::Unallocated => {
-                    flush(buf, &mut pending)?;
-                    self.read_layer(level + 1, &mut buf[done..done + run], off)?;
-                }
+            if !f(done, mapping, run as usize)? {
+                return Ok(false);
             }
-            done += run;
+            done += run as usize;
         }
-        flush(buf, &mut pending)
+        Ok(true)
     }
 
     /// Writes `buf` at `offset` into the top layer. Unaligned heads and tails
@@ -184,50 +189,24 @@ impl Disk {
     /// false, having written nothing, if any part is unallocated, zero or in
     /// a parent. Runs that continue each other in the file are one write.
     fn overwrite_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
-        let top = &self.layers[0];
-        let runs = |f: &mut dyn FnMut(usize, u64, usize) -> Result<bool>| -> Result<bool> {
-            let mut done = 0usize;
-            while done < buf.len() {
-                let want = (buf.len() - done) as u64;
-                let (mapping, run) = top.map(offset + done as u64, want)?;
-                if run == 0 || run > want {
-                    return Err(Error::corrupt(
-                        "mapping",
-                        format!("top layer mapped {run} bytes of {want}"),
-                    ));
-                }
-                let Mapping::Data { file_offset } = mapping else {
-                    return Ok(false);
-                };
-                if !f(done, file_offset, run as usize)? {
-                    return Ok(false);
-                }
-                done += run as usize;
-            }
-            Ok(true)
-        };
-        // First make sure every byte has a place, then write: a refusal must
-        // come before the first byte lands.
-        if !runs(&mut |_, _, _| Ok(true))? {
+        // Every byte must have its place before the first one is written.
+        let all_data = |_, mapping, _| Ok(matches!(mapping, Mapping::Data { .. }));
+        if !self.each_run(0, offset, buf.len(), all_data)? {
             return Ok(false);
         }
-        let storage = top.storage();
-        let mut pending: Option<(usize, u64, usize)> = None;
-        runs(&mut |at, file_offset, n| {
-            match &mut pending {
-                Some((_, start, len)) if *start + *len as u64 == file_offset => *len += n,
-                _ => {
-                    if let Some((a, f, l)) = pending.take() {
-                        storage.write_all_at(&buf[a..a + l], f)?;
-                    }
-                    pending = Some((at, file_offset, n));
-                }
+        let storage = self.layers[0].storage();
+        let write = |run: Option<(usize, u64, usize)>| match run {
+            Some((at, file_offset, n)) => storage.write_all_at(&buf[at..at + n], file_offset),
+            None => Ok(()),
+        };
+        let mut runs = FileRuns::default();
+        self.each_run(0, offset, buf.len(), |at, mapping, n| {
+            if let Mapping::Data { file_offset } = mapping {
+                write(runs.add(at, file_offset, n))?;
             }
             Ok(true)
         })?;
-        if let Some((a, f, l)) = pending {
-            storage.write_all_at(&buf[a..a + l], f)?;
-        }
+        write(runs.take())?;
         Ok(true)
     }
 
@@ -272,5 +251,28 @@ impl Disk {
     /// Makes all completed writes durable.
     pub fn flush(&self) -> Result<()> {
         self.layers[0].flush()
+    }
+}
+
+/// Data runs merged while each continues the previous one in the file:
+/// (position in the caller's buffer, file offset, length).
+#[derive(Default)]
+struct FileRuns(Option<(usize, u64, usize)>);
+
+impl FileRuns {
+    /// Adds a run; returns the merged run before it when this one does not
+    /// continue it (that one is then complete).
+    fn add(&mut self, at: usize, file_offset: u64, n: usize) -> Option<(usize, u64, usize)> {
+        match &mut self.0 {
+            Some((_, start, len)) if *start + *len as u64 == file_offset => {
+                *len += n;
+                None
+            }
+            _ => self.0.replace((at, file_offset, n)),
+        }
+    }
+    /// The run not handed out yet.
+    fn take(&mut self) -> Option<(usize, u64, usize)> {
+        self.0.take()
     }
 }
