@@ -38,6 +38,10 @@ pub struct ImageObject {
     /// fork while another thread writes cannot leave `writer` locked in the
     /// child (the child's first write takes the slow path and gets EBUSY).
     writer_pid: AtomicI32,
+    /// The process whose memory holds this disk's state. A forked child has
+    /// a copy, possibly with table updates the parent has not committed yet:
+    /// it must never commit them (see [`ImageObject::flush`] and `Drop`).
+    owner_pid: AtomicI32,
 }
 
 /// Writer locks held on an open file description of our own. After fork the
@@ -60,6 +64,30 @@ impl ImageObject {
     pub fn write_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
         self.io.read().unwrap_or_else(|e| e.into_inner())
     }
+    /// fsync and friends: commits and syncs the disk. A process that only
+    /// holds a forked copy of the disk's state syncs the file and commits
+    /// nothing (the owner commits its own updates).
+    pub fn flush(&self) -> Result<(), vdisk::Error> {
+        self.with_disk(|disk| {
+            if self.owner_pid.load(Ordering::Acquire) == sys::pid() {
+                disk.flush()
+            } else {
+                disk.sync_file()
+            }
+        })
+    }
+
+    /// Commits and gives back reserved space before the process image goes
+    /// (exec, exit): the owner only.
+    pub fn close_disk(&self) {
+        if self.owner_pid.load(Ordering::Acquire) != sys::pid() {
+            return;
+        }
+        if let Err(e) = self.with_disk(|d| d.close()) {
+            log::warn!("{}: {e}", self.path_str());
+        }
+    }
+
     pub fn disk(&self) -> Arc<vdisk::Disk> {
         self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -116,6 +144,20 @@ impl ImageObject {
             );
             return Err(e);
         }
+        if self.owner_pid.load(Ordering::Acquire) != pid {
+            // A forked child becoming the writer: the parent may have changed
+            // the image since the fork, so its metadata is read afresh.
+            let disk = reopen_writable(&self.path, self.id()).map_err(|e| {
+                log::warn!("{}: reopening for writing: {e}", self.path_str());
+                errno::from_vdisk(&e)
+            })?;
+            let old = std::mem::replace(
+                &mut *self.disk.write().unwrap_or_else(|e| e.into_inner()),
+                Arc::new(disk),
+            );
+            old.disown();
+            self.owner_pid.store(pid, Ordering::Release);
+        }
         *w = Some(WriterLock { pid, _held: fd });
         self.writer_pid.store(pid, Ordering::Release);
         Ok(())
@@ -131,6 +173,9 @@ impl ImageObject {
             return Ok(());
         }
         old.flush().map_err(|e| format!("flush: {e}"))?;
+        // Reserved space is given back while the file is still ours: once it
+        // is a parent, nothing writes it.
+        old.close().map_err(|e| format!("close: {e}"))?;
         let path = self.path.to_bytes();
         let parent = parent_name(path);
         let parent_c = CString::new(parent.clone()).map_err(|e| e.to_string())?;
@@ -306,7 +351,14 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         // A read-write open of an image opened read-only so far: every fd of
         // it moves to the writable disk, so all share one metadata cache.
         sys::close(stat_fd);
-        *obj.disk.write().unwrap_or_else(|e| e.into_inner()) = disk;
+        let old = std::mem::replace(
+            &mut *obj.disk.write().unwrap_or_else(|e| e.into_inner()),
+            disk,
+        );
+        if obj.owner_pid.load(Ordering::Acquire) != sys::pid() {
+            old.disown();
+        }
+        obj.owner_pid.store(sys::pid(), Ordering::Release);
         return Ok(Opened::Image(obj));
     }
     let obj = Arc::new(ImageObject {
@@ -318,6 +370,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         stat_fd: InternalFd::new(stat_fd),
         writer: Mutex::new(None),
         writer_pid: AtomicI32::new(0),
+        owner_pid: AtomicI32::new(sys::pid()),
     });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))
@@ -352,17 +405,58 @@ pub fn snapshot_all() {
     }
 }
 
-/// Flushes every open image (sync()).
+/// Flushes every open image (sync()), read-only ones too: they sync their
+/// file, which another process may have written.
 pub fn flush_all() {
     let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
     for obj in objects {
-        let disk = obj.disk();
-        if disk.is_writable()
-            && let Err(e) = disk.flush()
-        {
+        if let Err(e) = obj.flush() {
             log::warn!("sync {}: {e}", obj.path_str());
         }
     }
+}
+
+/// Before exec or exit: every image this process owns commits what it keeps
+/// in memory and gives back reserved space, as a last close would.
+pub fn close_all() {
+    let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
+    for obj in objects {
+        obj.close_disk();
+    }
+}
+
+/// A forked copy of a disk is dropped without committing anything.
+impl Drop for ImageObject {
+    fn drop(&mut self) {
+        if self.owner_pid.load(Ordering::Acquire) != sys::pid() {
+            self.disk.read().unwrap_or_else(|e| e.into_inner()).disown();
+        }
+    }
+}
+
+/// Opens the image at `abs` again, writable, if it is still the file
+/// `(dev, ino)`.
+fn reopen_writable(abs: &CStr, id: (u64, u64)) -> vdisk::Result<vdisk::Disk> {
+    let fd = sys::openat(
+        libc::AT_FDCWD,
+        abs,
+        libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOCTTY,
+        0,
+    )?;
+    let fd = move_high(fd);
+    let storage = FdStorage::new(fd, true);
+    let st = sys::fstat(fd)?;
+    if (st.st_dev, st.st_ino) != id {
+        return Err(vdisk::Error::unsupported(
+            "the image was replaced by another file since it was opened",
+        ));
+    }
+    vdisk::open_disk(
+        Box::new(storage),
+        path_of(abs),
+        vdisk::OpenOptions { writable: true },
+        &RawParentOpener,
+    )
 }
 
 /// Whether the regular file at `abs` is an image (for stat on a path).

@@ -214,3 +214,19 @@ fn adopt_std_fds() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = init;
+
+/// At exit (from .fini_array): images still open commit the table updates
+/// they keep in memory, as their last close would. `_exit` and fatal
+/// signals skip this: then allocations since the last flush are leaked, as
+/// after a power cut (the page cache keeps the data, not our metadata).
+extern "C" fn fini() {
+    if guard::inside() {
+        return;
+    }
+    let _g = guard::Guard::enter();
+    let _ = std::panic::catch_unwind(images::close_all);
+}
+
+#[used]
+#[unsafe(link_section = ".fini_array")]
+static FINI: extern "C" fn() = fini;

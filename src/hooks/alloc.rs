@@ -116,10 +116,7 @@ pub unsafe extern "C" fn readahead(fd: c_int, off: off64_t, count: libc::size_t)
 fn flush_fd(fd: c_int) -> Option<c_int> {
     let of = image_fd(fd)?;
     Some(emulate(-1, || {
-        of.image
-            .disk()
-            .flush()
-            .map_err(|e| disk_error("sync", &of, e))?;
+        of.image.flush().map_err(|e| disk_error("sync", &of, e))?;
         Ok(0)
     }))
 }

@@ -110,13 +110,23 @@ fn refuse_setid(path: *const c_char) -> bool {
     }
 }
 
-/// Runs `f` with the environment to use, under the guard.
-fn with_env<T>(envp: *const *const c_char, f: impl FnOnce(*const *const c_char) -> T) -> T {
+/// Runs `f` with the environment to use, under the guard. Before an exec
+/// (`replacing`), the images this process owns are closed: the program that
+/// follows reopens them from the file, so nothing may stay only in this
+/// process's memory. (posix_spawn's parent goes on: its images stay open.)
+fn with_env<T>(
+    envp: *const *const c_char,
+    replacing: bool,
+    f: impl FnOnce(*const *const c_char) -> T,
+) -> T {
     if guard::inside() {
         return f(envp);
     }
     let env = {
         let _g = guard::Guard::enter();
+        if replacing {
+            let _ = std::panic::catch_unwind(crate::images::close_all);
+        }
         environment(envp)
     };
     f(env.as_ref().map_or(envp, |e| e.ptrs.as_ptr()))
@@ -144,7 +154,7 @@ pub unsafe extern "C" fn execve(
     if setid_check(path) {
         return eperm();
     }
-    with_env(envp, |envp| call!(real::EXECVE, path, argv, envp))
+    with_env(envp, true, |envp| call!(real::EXECVE, path, argv, envp))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -154,7 +164,7 @@ pub unsafe extern "C" fn execv(path: *const c_char, argv: *const *const c_char) 
     }
     // SAFETY: reading the process environment pointer.
     let env = unsafe { environ };
-    with_env(env, |envp| call!(real::EXECVE, path, argv, envp))
+    with_env(env, true, |envp| call!(real::EXECVE, path, argv, envp))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -163,14 +173,14 @@ pub unsafe extern "C" fn execvpe(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    with_env(envp, |envp| call!(real::EXECVPE, file, argv, envp))
+    with_env(envp, true, |envp| call!(real::EXECVPE, file, argv, envp))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn execvp(file: *const c_char, argv: *const *const c_char) -> c_int {
     // SAFETY: reading the process environment pointer.
     let env = unsafe { environ };
-    with_env(env, |envp| call!(real::EXECVPE, file, argv, envp))
+    with_env(env, true, |envp| call!(real::EXECVPE, file, argv, envp))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -179,7 +189,7 @@ pub unsafe extern "C" fn fexecve(
     argv: *const *const c_char,
     envp: *const *const c_char,
 ) -> c_int {
-    with_env(envp, |envp| call!(real::FEXECVE, fd, argv, envp))
+    with_env(envp, true, |envp| call!(real::FEXECVE, fd, argv, envp))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
@@ -194,7 +204,7 @@ pub unsafe extern "C" fn posix_spawn(
     if setid_check(path) {
         return libc::EPERM;
     }
-    with_env(envp.cast(), |envp| match real::POSIX_SPAWN.get() {
+    with_env(envp.cast(), false, |envp| match real::POSIX_SPAWN.get() {
         // SAFETY: forwarding the caller's arguments.
         Some(f) => unsafe { f(pid, path, actions, attr, argv, envp.cast()) },
         None => libc::ENOSYS,
@@ -210,7 +220,7 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    with_env(envp.cast(), |envp| match real::POSIX_SPAWNP.get() {
+    with_env(envp.cast(), false, |envp| match real::POSIX_SPAWNP.get() {
         // SAFETY: forwarding the caller's arguments.
         Some(f) => unsafe { f(pid, file, actions, attr, argv, envp.cast()) },
         None => libc::ENOSYS,

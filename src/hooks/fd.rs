@@ -150,10 +150,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: c_ulong) -> c_int {
 fn flush(fd: c_int) -> Option<c_int> {
     let of = image_fd(fd)?;
     Some(emulate(-1, || {
-        of.image
-            .disk()
-            .flush()
-            .map_err(|e| disk_error("fsync", &of, e))?;
+        of.image.flush().map_err(|e| disk_error("fsync", &of, e))?;
         Ok(0)
     }))
 }

@@ -63,7 +63,7 @@ fn block_ioctl(of: &OpenFile, req: c_ulong, arg: *mut c_void) -> Result<c_int, E
         BLKBSZGET => put(arg, 4096 as c_int),
         BLKBSZSET | BLKROSET | BLKRRPART | BLKPG => Ok(0),
         BLKFLSBUF => {
-            disk.flush().map_err(|e| disk_error("flush", of, e))?;
+            of.image.flush().map_err(|e| disk_error("flush", of, e))?;
             Ok(0)
         }
         BLKDISCARDZEROES => put(arg, 0 as c_uint),

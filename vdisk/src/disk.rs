@@ -23,6 +23,10 @@ pub struct Disk {
     /// Set after the first write: the formats' one-time work before data may
     /// change (new VHDX data GUID, VDI modification UUID...) is done.
     writes_begun: AtomicBool,
+    /// A write completed since the last flush began.
+    dirty: AtomicBool,
+    /// Cleared by [`Disk::disown`]: dropping the disk then writes nothing.
+    owned: AtomicBool,
 }
 
 impl std::fmt::Debug for Disk {
@@ -52,6 +56,8 @@ impl Disk {
             layers,
             write_lock: RwLock::new(()),
             writes_begun: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
+            owned: AtomicBool::new(true),
         })
     }
 
@@ -175,13 +181,16 @@ impl Disk {
         {
             let _shared = self.write_lock.read().unwrap_or_else(|e| e.into_inner());
             if self.overwrite_in_place(buf, offset)? {
+                self.dirty.store(true, Ordering::Release);
                 return Ok(());
             }
         }
         let _serial = self.write_lock.write().unwrap_or_else(|e| e.into_inner());
-        self.write_serial(buf, offset, ss)?;
         self.writes_begun.store(true, Ordering::Release);
-        Ok(())
+        let written = self.write_serial(buf, offset, ss);
+        // Also after a failed write: part of it may have landed.
+        self.dirty.store(true, Ordering::Release);
+        written
     }
 
     /// Overwrites `buf` at `offset` if the top layer already maps all of it to
@@ -248,9 +257,50 @@ impl Disk {
         self.layers[0].write(buf, offset, &parent)
     }
 
-    /// Makes all completed writes durable.
+    /// Makes all completed writes durable: table updates kept in memory are
+    /// committed, then the file is synced (also when opened read-only).
     pub fn flush(&self) -> Result<()> {
-        self.layers[0].flush()
+        let was_dirty = self.dirty.swap(false, Ordering::AcqRel);
+        let flushed = self.layers[0].flush();
+        if flushed.is_err() && was_dirty {
+            self.dirty.store(true, Ordering::Release);
+        }
+        flushed
+    }
+
+    /// Syncs the top layer's file without committing anything: for a process
+    /// that holds a copy of the disk but is not its writer (a forked child).
+    pub fn sync_file(&self) -> Result<()> {
+        Ok(self.layers[0].storage().sync()?)
+    }
+
+    /// This copy of the disk is not the writer's (a forked child's copy of
+    /// the parent's memory): dropping it must not commit or trim anything.
+    pub fn disown(&self) {
+        self.owned.store(false, Ordering::Release);
+    }
+
+    /// What dropping a written disk does: flush if dirty, then give back
+    /// reserved space. Errors are returned here; `Drop` can only log them.
+    pub fn close(&self) -> Result<()> {
+        if !self.owned.load(Ordering::Acquire) || !self.writes_begun.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.dirty.load(Ordering::Acquire) {
+            self.flush()?;
+        }
+        self.writes_begun.store(false, Ordering::Release);
+        self.layers[0].close()
+    }
+}
+
+/// A disk dropped with writes not yet flushed commits them: like the last
+/// close of a block device, which syncs it.
+impl Drop for Disk {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::warn!("closing {} image: {e}", self.format());
+        }
     }
 }
 

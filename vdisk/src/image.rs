@@ -94,11 +94,27 @@ pub trait Image: Send + Sync {
         offset: u64,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()>;
-    /// Makes every completed write durable.
+    /// Makes every completed write durable: metadata still held in memory
+    /// (see [`Image::commit`]) is committed, then the file is synced. A layer
+    /// opened read-only syncs its file too: another process may have written
+    /// it, and on Linux a flush on a read-only fd flushes the file.
     fn flush(&self) -> Result<()> {
         if self.is_writable() {
-            self.storage().sync()?;
+            self.commit()?;
         }
+        Ok(self.storage().sync()?)
+    }
+    /// Writes table updates that allocations keep in memory (group commit)
+    /// into the file, after a barrier that makes the data they point at
+    /// durable. Not itself a flush: the updates may still be in the page
+    /// cache when it returns. Formats that write metadata at once have
+    /// nothing to do.
+    fn commit(&self) -> Result<()> {
+        Ok(())
+    }
+    /// The last user of a layer that was written is done with it, after its
+    /// last flush: space reserved for allocations is given back (VHD).
+    fn close(&self) -> Result<()> {
         Ok(())
     }
     /// Whether this layer was opened for writing.

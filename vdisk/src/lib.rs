@@ -25,6 +25,7 @@ pub mod part;
 mod probe;
 mod raw;
 mod storage;
+mod table;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;

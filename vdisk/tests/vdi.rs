@@ -487,7 +487,8 @@ fn interrupted_allocation_stays_consistent() {
             &StdParentOpener,
         )
         .unwrap();
-        let done = disk.write_at(&[0xAB; 4096], off as u64).is_ok();
+        // Done once flushed: the map entry is committed at the flush.
+        let done = disk.write_at(&[0xAB; 4096], off as u64).is_ok() && disk.flush().is_ok();
         drop(disk);
         let file = tmp.path().join(format!("k{k}.vdi"));
         std::fs::write(&file, mem.contents()).unwrap();

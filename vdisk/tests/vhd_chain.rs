@@ -902,6 +902,7 @@ fn killed_at_any_write_leaves_a_valid_image() {
             .unwrap();
             for (off, d) in &ops {
                 disk.write_at(d, *off).unwrap();
+                disk.flush().unwrap();
             }
             (i64::MAX - budget.load(std::sync::atomic::Ordering::SeqCst)) as usize
         };
@@ -912,7 +913,8 @@ fn killed_at_any_write_leaves_a_valid_image() {
             let mut after = model0.clone();
             for (off, d) in &ops {
                 after[*off as usize..*off as usize + d.len()].copy_from_slice(d);
-                if disk.write_at(d, *off).is_err() {
+                // Acknowledged once flushed: allocations commit at the flush.
+                if disk.write_at(d, *off).is_err() || disk.flush().is_err() {
                     break;
                 }
                 before = after.clone();

@@ -693,7 +693,8 @@ fn workload(image: &[u8], budget: i64, model: &mut Vec<u8>) -> (Vec<u8>, Option<
             let len = 1 + rng.next() as usize % (2 * MIB as usize + MIB as usize / 2);
             let off = rng.next() as usize % (model.len() - len + 1);
             let buf: Vec<u8> = (0..len).map(|i| (i % 247) as u8 ^ rng.0 as u8).collect();
-            if disk.write_at(&buf, off as u64).is_err() {
+            // Acknowledged once flushed: allocations commit at the flush.
+            if disk.write_at(&buf, off as u64).is_err() || disk.flush().is_err() {
                 interrupted = Some((off, buf));
                 break;
             }

@@ -1,9 +1,7 @@
 //! The block map: one little-endian u32 per block at `offBlocks`, the block's
 //! slot in the data area, or FREE (never written) or ZERO (reads as zeros).
 
-use std::sync::atomic::{AtomicU32, Ordering};
-
-use crate::storage::read_table;
+use crate::table::{ByteOrder, EntryTable};
 use crate::{Error, Result, Storage};
 
 /// Never allocated: zeros in a base image, the parent's data in a child.
@@ -37,51 +35,56 @@ impl Entry {
     }
 }
 
-/// The map, held in memory; entries are atomics so readers take no lock.
+/// The map, held in memory; new entries stay pending until committed.
 #[derive(Debug)]
 pub struct BlockMap {
-    offset: u64,
-    entries: Vec<AtomicU32>,
+    table: EntryTable,
 }
 
 impl BlockMap {
     /// Reads `count` entries at `offset`; the caller has checked that they lie
     /// inside the file, which bounds the allocation.
     pub fn load(storage: &dyn Storage, offset: u64, count: u32) -> Result<BlockMap> {
-        let entries = read_table(storage, offset, count as usize, 4, |c| {
-            AtomicU32::new(u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        })
-        .map_err(|e| Error::corrupt("VDI block map", e.to_string()))?;
-        Ok(BlockMap { offset, entries })
+        let table = EntryTable::load(storage, offset, count as usize, ByteOrder::Little)
+            .map_err(|e| Error::corrupt("VDI block map", e.to_string()))?;
+        Ok(BlockMap { table })
     }
 
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.table.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.table.is_empty()
     }
 
     /// Entry of block `b` (FREE past the end of the map).
     pub fn get(&self, b: usize) -> Entry {
-        self.entries
-            .get(b)
-            .map_or(Entry::Free, |e| Entry::from_raw(e.load(Ordering::Acquire)))
+        self.table.get(b).map_or(Entry::Free, Entry::from_raw)
     }
 
     /// Every block with its entry.
     pub fn iter(&self) -> impl Iterator<Item = (usize, Entry)> + '_ {
-        (0..self.entries.len()).map(|b| (b, self.get(b)))
+        (0..self.len()).map(|b| (b, self.get(b)))
     }
 
-    /// Sets block `b` on disk (one 4-byte write), then in memory, so readers
-    /// see a new slot only once its entry is in the file.
-    pub fn set(&self, storage: &dyn Storage, b: usize, entry: Entry) -> Result<()> {
-        let raw = entry.to_raw();
-        storage.write_all_at(&raw.to_le_bytes(), self.offset + b as u64 * 4)?;
-        self.entries[b].store(raw, Ordering::Release);
-        Ok(())
+    /// Sets block `b` in memory; the file follows at the next commit.
+    pub fn stage(&self, b: usize, entry: Entry) {
+        self.table.stage(b, entry.to_raw());
+    }
+
+    /// Entries staged and not committed.
+    pub fn pending(&self) -> usize {
+        self.table.pending()
+    }
+
+    /// Writes the staged entries after `barrier`; see [`EntryTable::commit`].
+    pub fn commit(
+        &self,
+        storage: &dyn Storage,
+        barrier: impl FnOnce() -> Result<()>,
+    ) -> Result<bool> {
+        self.table.commit(storage, barrier)
     }
 }
 
@@ -102,8 +105,10 @@ mod tests {
             (map.get(0), map.get(1), map.get(2), map.get(3)),
             (Entry::Free, Entry::Zero, Entry::Slot(7), Entry::Free)
         );
-        map.set(&s, 0, Entry::Slot(1)).unwrap();
+        map.stage(0, Entry::Slot(1));
         assert_eq!(map.get(0), Entry::Slot(1));
+        assert_eq!(&s.contents()[0..4], &FREE.to_le_bytes());
+        map.commit(&s, || Ok(())).unwrap();
         assert_eq!(&s.contents()[0..4], &1u32.to_le_bytes());
         assert!(BlockMap::load(&s, 8, 3).is_err());
     }

@@ -6,14 +6,17 @@
 //! block_extra`. FREE blocks read zeros in a base image and the parent in a
 //! child; ZERO blocks read zeros in both.
 //!
-//! Writes allocate whole blocks at the next slot (`offData + allocated *
-//! stride`): the block first (the unwritten part zeros, or the parent's data
-//! in a child), then the header's allocated count, then the one map entry. A
-//! crash before the header write leaves an unused tail; a crash between the
-//! header and the map write leaves one leaked slot, which `qemu-img check`
-//! reports as a count mismatch until the next write through this library
-//! reuses the slot and corrects the count. The map never points at unwritten
-//! data.
+//! Writes allocate whole blocks at a free slot (a slot left unused by an
+//! interrupted allocation, else the next one, `offData + allocated *
+//! stride`): the block is written (the unwritten part zeros, or the parent's
+//! data in a child) and its map entry staged in memory (group commit). A
+//! commit writes the header with the allocated count, then after a barrier
+//! the staged map entries; so on the disk the count is never below the
+//! slots the map uses (qemu and VirtualBox allocate at the count: a lower
+//! count would give a used slot to a second block), and the map never points
+//! at unwritten data. A crash leaves at worst unused slots below the count:
+//! `qemu-img check` reports them as a count mismatch, and the next write
+//! through this library reuses them and corrects the count.
 
 pub mod block_map;
 pub mod create;
@@ -36,6 +39,9 @@ pub const SEARCH_PATH_VAR: &str = "LIBVHD_IO_VDI_PATH";
 
 /// New blocks are written in pieces of at most this size.
 const COPY_CHUNK: u64 = 1 << 20;
+
+/// Staged map entries that trigger a commit without waiting for a flush.
+const COMMIT_BOUND: usize = 4096;
 
 pub fn open(storage: Box<dyn Storage>, path: &Path, opts: OpenOptions) -> Result<Box<dyn Image>> {
     Ok(Box::new(VdiImage::open(storage, path, opts)?))
@@ -62,8 +68,11 @@ pub struct VdiImage {
 
 struct State {
     header: Header,
-    /// The slot the next allocated block takes.
+    /// Past every slot in use: the slot a block takes when none is free.
     next_slot: u32,
+    /// Unused slots below `next_slot` (left by interrupted allocations),
+    /// highest first: taken before `next_slot`.
+    free_slots: Vec<u32>,
     /// Whether this open has written (uuidModify is renewed once).
     modified: bool,
 }
@@ -84,7 +93,7 @@ impl VdiImage {
                 header.disk_size
             );
         }
-        let next_slot = check_map(&map, &header, size, len, opts.writable, path)?;
+        let (next_slot, free_slots) = check_map(&map, &header, size, len, opts.writable, path)?;
         let parent = (header.image_type == ImageType::Diff).then(|| ParentLink {
             candidates: Vec::new(),
             id: header.uuid_linkage,
@@ -107,6 +116,7 @@ impl VdiImage {
             state: Mutex::new(State {
                 header,
                 next_slot,
+                free_slots,
                 modified: false,
             }),
             storage,
@@ -178,12 +188,11 @@ impl VdiImage {
         let from_parent = entry == Entry::Free && self.parent.is_some();
         if w0 == 0 && w1 == used && data.iter().all(|&x| x == 0) {
             if from_parent {
-                self.map
-                    .set(self.storage.as_ref(), b as usize, Entry::Zero)?;
+                self.map.stage(b as usize, Entry::Zero);
             }
             return Ok(());
         }
-        let slot = st.next_slot;
+        let slot = st.free_slots.last().copied().unwrap_or(st.next_slot);
         let no_space = || Error::NoSpace(format!("VDI has no free block slot for block {b}"));
         if slot >= self.blocks {
             return Err(no_space());
@@ -218,11 +227,26 @@ impl VdiImage {
         if self.storage.len()? < end {
             self.storage.set_len(end)?;
         }
-        st.header.blocks_allocated = st.header.blocks_allocated.max(slot + 1);
-        self.write_header(&st.header)?;
-        self.map
-            .set(self.storage.as_ref(), b as usize, Entry::Slot(slot))?;
-        st.next_slot = slot + 1;
+        if st.free_slots.last() == Some(&slot) {
+            st.free_slots.pop();
+        }
+        st.next_slot = st.next_slot.max(slot + 1);
+        self.map.stage(b as usize, Entry::Slot(slot));
+        if self.map.pending() >= COMMIT_BOUND {
+            self.commit_state(st)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the staged map entries: first the header with a count above
+    /// every slot in use, then a barrier (their data and that count are
+    /// durable), then the entries.
+    fn commit_state(&self, st: &mut State) -> Result<()> {
+        self.map.commit(self.storage.as_ref(), || {
+            st.header.blocks_allocated = st.next_slot;
+            self.write_header(&st.header)?;
+            Ok(self.storage.sync()?)
+        })?;
         Ok(())
     }
 }
@@ -242,7 +266,7 @@ fn check_map(
     len: u64,
     writable: bool,
     path: &Path,
-) -> Result<u32> {
+) -> Result<(u32, Vec<u32>)> {
     let bs = h.block_size as u64;
     let mut seen = vec![0u64; (h.blocks as usize).div_ceil(64)];
     let mut next = 0u32;
@@ -287,12 +311,23 @@ fn check_map(
         );
     } else if next < h.blocks_allocated {
         log::info!(
-            "{}: VDI slots {next}..{} are unused (an interrupted allocation); they will be reused",
+            "{}: VDI slots {next}..{} are unused (an interrupted allocation); the next write gives them back",
             path.display(),
             h.blocks_allocated
         );
     }
-    Ok(next)
+    let free: Vec<u32> = (0..next)
+        .rev()
+        .filter(|&s| seen[s as usize / 64] & (1 << (s % 64)) == 0)
+        .collect();
+    if !free.is_empty() {
+        log::info!(
+            "{}: {} VDI slots below {next} are unused (interrupted allocations); new blocks take them first",
+            path.display(),
+            free.len()
+        );
+    }
+    Ok((next, free))
 }
 
 /// A random version-4 UUID in RTUUID byte order, from /dev/urandom; if that
@@ -384,6 +419,11 @@ impl Image for VdiImage {
             done += n;
         }
         Ok(())
+    }
+
+    fn commit(&self) -> Result<()> {
+        let mut st = self.state();
+        self.commit_state(&mut st)
     }
 
     fn link_id(&self) -> [u8; 16] {

@@ -28,6 +28,17 @@ use footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 /// Windows and blktap do), so guest pages map to file pages.
 const DATA_ALIGN: u64 = 4096;
 
+/// New blocks go into space reserved at the end of the file, before the
+/// footer; the reservation grows by what this open has allocated so far,
+/// within these bounds. Each growth costs one barrier (the new footer must be
+/// durable before a block overwrites the old one); the unused part is given
+/// back at close, or by the next writable open after a crash.
+const RESERVE_MIN: u64 = 64 << 20;
+const RESERVE_MAX: u64 = 1 << 30;
+
+/// Staged BAT entries that trigger a commit without waiting for a flush.
+const COMMIT_BOUND: usize = 4096;
+
 /// A VHD file.
 pub struct VhdImage {
     storage: Box<dyn Storage>,
@@ -37,8 +48,9 @@ pub struct VhdImage {
     parent: Option<ParentLink>,
     /// Set when a damaged checksum must be rewritten before the first write.
     repair_checksums: AtomicBool,
-    /// Where that rewrite puts the end footer (see `FoundFooter::end_at`).
-    repair_footer_at: u64,
+    /// Where the footer at the end of the file is (see `FoundFooter::end_at`);
+    /// a dynamic disk's reservation moves it.
+    footer_at: AtomicU64,
 }
 
 /// The parts of a dynamic or differencing disk.
@@ -54,6 +66,11 @@ struct Sparse {
     bitmaps: bitmap::BitmapCache,
     /// Where the next block may start: past every structure and block.
     next_free: AtomicU64,
+    /// `zeros_from..footer_at`, above `next_free`, is known to read zeros
+    /// (reserved space the file grew into): new blocks need no zeroing there.
+    zeros_from: AtomicU64,
+    /// Bytes of blocks this open allocated (sizes the next reservation).
+    allocated_here: AtomicU64,
 }
 
 impl Sparse {
@@ -128,7 +145,7 @@ impl VhdImage {
             sparse,
             parent,
             repair_checksums: AtomicBool::new(repair),
-            repair_footer_at: end_at,
+            footer_at: AtomicU64::new(end_at),
         })
     }
 
@@ -151,7 +168,8 @@ impl VhdImage {
             return Ok(());
         }
         let bytes = self.footer().encode();
-        self.storage.write_all_at(&bytes, self.repair_footer_at)?;
+        self.storage
+            .write_all_at(&bytes, self.footer_at.load(Ordering::Acquire))?;
         if let Some(s) = &self.sparse {
             self.storage.write_all_at(&bytes, 0)?;
             self.storage
@@ -194,49 +212,101 @@ impl VhdImage {
         Ok(())
     }
 
-    /// Allocates block `b` at the end of the file and writes the first data.
+    /// Allocates block `b` in the reserved space and writes the first data.
     ///
-    /// Order, so that a process dying between any two writes leaves a valid image:
-    /// the footer past the new block (the file now ends with a footer again), then
-    /// bitmap and data, then the BAT entry. A crash before the last step leaks the
-    /// block; the BAT never points at a block whose bitmap is not written.
+    /// Power-loss order: the footer that ends the file is durable before a
+    /// block may overwrite the old one ([`VhdImage::reserve`]); bitmap and
+    /// data are written, and the BAT entry is only staged: it reaches the
+    /// file at the next commit, after a barrier. A crash before that leaks
+    /// the block; the BAT never points at data that is not on the disk.
     fn allocate(&self, s: &Sparse, b: usize, buf: &[u8], first: u32, count: u32) -> Result<()> {
         let start = s.next_free.load(Ordering::Acquire);
         let data = align_up(start + s.bitmap_size, DATA_ALIGN)
             .ok_or_else(|| Error::NoSpace("file offset".into()))?;
         let bitmap_offset = data - s.bitmap_size;
         let end = data + s.block_size;
-        let len = self.storage.len()?;
-        if end > len - FOOTER_SIZE as u64 {
-            let footer = self.footer().encode();
-            self.storage.write_all_at(&footer, end)?;
-        }
-        // The new block may cover bytes that were already in the file: the old
-        // footer, or a gap Windows leaves before it (formats.md trap 7). Sectors
-        // this write does not cover must read as zeros, also for readers that
-        // ignore bitmaps (qemu), so clear them before the BAT points here.
+        self.reserve(s, end)?;
+        // The new block may cover bytes that held something: an old footer,
+        // leaked blocks, or a gap Windows leaves before the footer (formats.md
+        // trap 7). Sectors this write does not cover must read as zeros, also
+        // for readers that ignore bitmaps (qemu), so clear them before the BAT
+        // points here.
+        let zeros_from = s.zeros_from.load(Ordering::Acquire);
         let written = data + first as u64 * 512..data + (first + count) as u64 * 512;
-        self.zero(data..written.start, len)?;
-        self.zero(written.end..end, len)?;
+        self.zero(data..written.start, zeros_from)?;
+        self.zero(written.end..end, zeros_from)?;
         let mut bits = vec![0u8; s.bitmap_size as usize];
         bitmap::set_range(&mut bits, first, count);
         self.storage.write_all_at(&bits, bitmap_offset)?;
         self.storage.write_all_at(buf, data + first as u64 * 512)?;
-        s.bat.set(self.storage.as_ref(), b, bitmap_offset)?;
+        s.bat.stage(b, bitmap_offset)?;
         s.next_free.store(end, Ordering::Release);
+        s.allocated_here.fetch_add(end - start, Ordering::AcqRel);
         if count == s.sectors_per_block() {
             s.mark_full(b);
         }
+        if s.bat.pending() >= COMMIT_BOUND {
+            self.commit_sparse(s)?;
+        }
+        Ok(())
+    }
+
+    /// Makes room for blocks up to `end`: moves the footer past a new
+    /// reservation and makes it durable, then clears the old footer, whose
+    /// place new blocks take.
+    fn reserve(&self, s: &Sparse, end: u64) -> Result<()> {
+        let old_at = self.footer_at.load(Ordering::Acquire);
+        if end <= old_at {
+            return Ok(());
+        }
+        let unallocated = (s.bat.len() - s.bat.allocated().count()) as u64;
+        let most = unallocated * (s.bitmap_size + s.block_size + DATA_ALIGN);
+        let grow = s
+            .allocated_here
+            .load(Ordering::Acquire)
+            .clamp(RESERVE_MIN, RESERVE_MAX)
+            .min(most);
+        let new_at =
+            align_up(end + grow, 512).ok_or_else(|| Error::NoSpace("file offset".into()))?;
+        let len = self.storage.len()?;
+        self.storage.write_all_at(&self.footer().encode(), new_at)?;
+        self.storage.sync()?;
+        self.footer_at.store(new_at, Ordering::Release);
+        // Everything from the old footer on is now zeros, once it is cleared.
+        self.zero(old_at..len.min(new_at), u64::MAX)?;
+        s.zeros_from.fetch_min(old_at, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes the staged BAT entries, after a barrier for their blocks.
+    fn commit_sparse(&self, s: &Sparse) -> Result<()> {
+        s.bat
+            .commit(self.storage.as_ref(), || Ok(self.storage.sync()?))?;
+        Ok(())
+    }
+
+    /// Gives back the unused reservation: the footer moves to just past the
+    /// last block (durably, in space nothing uses), then the file is cut.
+    fn trim_reservation(&self, s: &Sparse) -> Result<()> {
+        let used = align_up(s.next_free.load(Ordering::Acquire), 512).unwrap_or(u64::MAX);
+        if self.footer_at.load(Ordering::Acquire) <= used {
+            return Ok(());
+        }
+        self.storage.write_all_at(&self.footer().encode(), used)?;
+        self.storage.sync()?;
+        self.storage.set_len(used + FOOTER_SIZE as u64)?;
+        self.footer_at.store(used, Ordering::Release);
+        s.zeros_from.store(used, Ordering::Release);
         Ok(())
     }
 }
 
 impl VhdImage {
-    /// Writes zeros over the part of `range` that lies below `old_len` (the rest
-    /// of the file was just extended and reads as zeros already).
-    fn zero(&self, range: std::ops::Range<u64>, old_len: u64) -> Result<()> {
+    /// Writes zeros over the part of `range` that lies below `zeros_from`
+    /// (the rest reads as zeros already).
+    fn zero(&self, range: std::ops::Range<u64>, zeros_from: u64) -> Result<()> {
         const CHUNK: u64 = 256 * 1024;
-        let end = range.end.min(old_len);
+        let end = range.end.min(zeros_from);
         let mut pos = range.start;
         if pos >= end {
             return Ok(());
@@ -473,6 +543,8 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         block_size,
         bitmap_size,
         next_free: AtomicU64::new(next_free),
+        zeros_from: AtomicU64::new(len),
+        allocated_here: AtomicU64::new(0),
     })
 }
 
@@ -580,6 +652,23 @@ impl Image for VhdImage {
             done += n;
         }
         Ok(())
+    }
+
+    fn commit(&self) -> Result<()> {
+        match &self.sparse {
+            Some(s) => self.commit_sparse(s),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&self) -> Result<()> {
+        match &self.sparse {
+            Some(s) if self.storage.is_writable() => {
+                self.commit_sparse(s)?;
+                self.trim_reservation(s)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn link_id(&self) -> [u8; 16] {

@@ -130,7 +130,8 @@ impl Bat {
         )
     }
 
-    /// Sets an entry in memory (after it is durable on disk).
+    /// Sets an entry in memory (readers see it at once; the file follows at
+    /// the next commit).
     pub fn set(&self, index: u64, value: u64) {
         if let Some(e) = usize::try_from(index)
             .ok()

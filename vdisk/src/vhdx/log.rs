@@ -400,8 +400,9 @@ impl Storage for Overlay {
             "image opened read-only",
         ))
     }
+    /// A flush on a read-only open still flushes the file underneath.
     fn sync(&self) -> io::Result<()> {
-        Ok(())
+        self.base.sync()
     }
     fn is_writable(&self) -> bool {
         false

@@ -6,12 +6,18 @@
 //! * Payload goes straight into allocated blocks; new blocks are appended at
 //!   1 MiB-aligned offsets at the end of the file (the file grows first, so a
 //!   new block reads zeros until written).
-//! * Every BAT change goes through the log: payload flushed, entry written and
-//!   flushed, LogGuid set in the headers, BAT sectors written and flushed,
-//!   LogGuid cleared. The entry is written *before* the headers name its GUID,
-//!   so a crash at any point leaves either no active log or a valid one (never
-//!   a LogGuid without its entry). One `Image::write` call is one log entry
-//!   (more only if the BAT changes would not fit in the log).
+//! * BAT changes are group-committed: a write that allocates changes the BAT
+//!   in memory (readers see it at once) and marks its sector pending; a
+//!   commit (at a flush, when the pending sectors would fill half the log,
+//!   and at close) sends them through the log: log entry written, barrier
+//!   (it and the payload it points at are durable), LogGuid set in a header,
+//!   barrier, BAT sectors written in place, barrier, LogGuid cleared (made
+//!   durable by the next barrier: until then a crash replays the entry
+//!   again, which is idempotent). The entry is durable *before* a header
+//!   names its GUID, so a crash leaves either no active log or a valid one.
+//!   Entries go to the two halves of the log in turn: the entry a header may
+//!   still name is never overwritten by the next one. Three barriers per
+//!   commit, not per allocation.
 //! * A block that is not FULLY_PRESENT becomes FULLY_PRESENT on its first
 //!   write: its unwritten part is what it read before (zeros, or the parent's
 //!   data for NOT_PRESENT and PARTIALLY_PRESENT blocks of a differencing disk,
@@ -57,21 +63,28 @@ struct Headers {
 }
 
 impl Headers {
+    /// Writes the changed header into the non-current slot, where it becomes
+    /// current (higher sequence number) once durable; no barrier.
+    fn write_one(&mut self, storage: &dyn Storage, change: impl Fn(&mut Header)) -> Result<()> {
+        let mut h = self.current.clone();
+        h.sequence = h
+            .sequence
+            .checked_add(1)
+            .ok_or_else(|| Error::corrupt("VHDX header", "sequence overflow"))?;
+        change(&mut h);
+        let slot = 1 - self.slot;
+        storage.write_all_at(&h.encode(), header::SLOTS[slot])?;
+        self.current = h;
+        self.slot = slot;
+        Ok(())
+    }
+
     /// Writes the changed header into the non-current slot, flushes, and does
     /// it again, so both slots end up holding the new state (MS-VHDX 2.2.2.1).
     fn update(&mut self, storage: &dyn Storage, change: impl Fn(&mut Header)) -> Result<()> {
         for _ in 0..2 {
-            let mut h = self.current.clone();
-            h.sequence = h
-                .sequence
-                .checked_add(1)
-                .ok_or_else(|| Error::corrupt("VHDX header", "sequence overflow"))?;
-            change(&mut h);
-            let slot = 1 - self.slot;
-            storage.write_all_at(&h.encode(), header::SLOTS[slot])?;
+            self.write_one(storage, &change)?;
             storage.sync()?;
-            self.current = h;
-            self.slot = slot;
         }
         Ok(())
     }
@@ -84,6 +97,8 @@ struct State {
     /// Whether DataWriteGuid was renewed for this session.
     data_guid_renewed: bool,
     log_sequence: u64,
+    /// File offsets of BAT sectors changed in memory and not yet committed.
+    pending: std::collections::BTreeSet<u64>,
 }
 
 /// A VHDX file.
@@ -198,6 +213,7 @@ impl VhdxImage {
                 session,
                 data_guid_renewed: false,
                 log_sequence: 0,
+                pending: Default::default(),
             }),
         };
         image.check_bat(file_len)?;
@@ -357,14 +373,14 @@ impl VhdxImage {
     }
 
     /// Writes `data` at `in_block` of block `b`; a block that is not fully
-    /// present becomes so, and its new BAT entry is queued in `changes`.
+    /// present becomes so, its new BAT entry staged in memory.
     fn write_block(
         &self,
+        st: &mut State,
         b: u64,
         in_block: u64,
         data: &[u8],
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
-        changes: &mut Vec<(u64, u64)>,
     ) -> Result<()> {
         let l = &self.layout;
         let index = l.payload_index(b);
@@ -412,7 +428,9 @@ impl VhdxImage {
             }
             p = p_end;
         }
-        changes.push((index, bat::entry(bat::FULLY_PRESENT, target)));
+        self.bat.set(index, bat::entry(bat::FULLY_PRESENT, target));
+        st.pending
+            .insert(self.bat.entry_offset(index) & !(log::SECTOR - 1));
         Ok(())
     }
 
@@ -438,50 +456,64 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Makes BAT changes durable through the log (MS-VHDX 2.3), then visible.
-    fn commit(&self, st: &mut State, changes: &[(u64, u64)]) -> Result<()> {
-        // Whole 4 KiB BAT sectors with the new entries merged in.
-        let mut sectors: Vec<(u64, Vec<u8>)> = Vec::new();
-        for &(index, value) in changes {
-            let at = self.bat.entry_offset(index);
-            let sector = at & !(log::SECTOR - 1);
-            let pos = match sectors.iter().position(|(s, _)| *s == sector) {
-                Some(p) => p,
-                None => {
-                    let mut buf = vec![0u8; log::SECTOR as usize];
-                    self.storage.read_exact_at(&mut buf, sector)?;
-                    sectors.push((sector, buf));
-                    sectors.len() - 1
-                }
-            };
-            put_le64(&mut sectors[pos].1, (at - sector) as usize, value);
+    /// The part of the log one entry may use: entries alternate between
+    /// the two halves (see the module comment).
+    fn log_half(&self) -> u64 {
+        self.log_region.length / 2 & !(log::SECTOR - 1)
+    }
+
+    /// Commits the pending BAT sectors through the log (MS-VHDX 2.3).
+    fn commit_pending(&self, st: &mut State) -> Result<()> {
+        if st.pending.is_empty() {
+            return Ok(());
         }
-        let capacity = log::capacity(self.log_region.length);
+        let capacity = log::capacity(self.log_half());
         if capacity == 0 {
             return Err(Error::unsupported(
                 "VHDX file without a log cannot be written",
             ));
         }
+        // Whole 4 KiB BAT sectors: the file's, with the entries in memory
+        // (the truth, staged changes included) merged in.
+        let first_entry = self.bat.region.offset;
+        let mut sectors: Vec<(u64, Vec<u8>)> = Vec::with_capacity(st.pending.len());
+        for &sector in &st.pending {
+            let mut buf = vec![0u8; log::SECTOR as usize];
+            self.storage.read_exact_at(&mut buf, sector)?;
+            for i in 0..log::SECTOR / 8 {
+                let at = sector + i * 8;
+                if let Some(value) = at
+                    .checked_sub(first_entry)
+                    .and_then(|rel| self.bat.get(rel / 8))
+                {
+                    put_le64(&mut buf, (i * 8) as usize, value);
+                }
+            }
+            sectors.push((sector, buf));
+        }
         for group in sectors.chunks(capacity) {
-            // Payload first: the metadata about to point at it must not precede it.
-            self.storage.sync()?;
             let guid = Guid::random()?;
             st.log_sequence += 1;
+            let at = self.log_half() * (st.log_sequence % 2);
             let refs: Vec<(u64, &[u8])> = group.iter().map(|(o, d)| (*o, d.as_slice())).collect();
-            let entry = log::encode_entry(guid, st.log_sequence, 0, self.storage.len()?, &refs);
-            self.storage.write_all_at(&entry, self.log_region.offset)?;
+            let entry = log::encode_entry(guid, st.log_sequence, at, self.storage.len()?, &refs);
+            self.storage
+                .write_all_at(&entry, self.log_region.offset + at)?;
+            // The payload the entry points at, the entry, and the previous
+            // commit's cleared LogGuid are durable before a header names it.
             self.storage.sync()?;
             st.headers
-                .update(self.storage.as_ref(), |h| h.log_guid = guid)?;
+                .write_one(self.storage.as_ref(), |h| h.log_guid = guid)?;
+            self.storage.sync()?;
             for (offset, data) in group {
                 self.storage.write_all_at(data, *offset)?;
             }
             self.storage.sync()?;
             st.headers
-                .update(self.storage.as_ref(), |h| h.log_guid = Guid::ZERO)?;
-        }
-        for &(index, value) in changes {
-            self.bat.set(index, value);
+                .write_one(self.storage.as_ref(), |h| h.log_guid = Guid::ZERO)?;
+            for (offset, _) in group {
+                st.pending.remove(offset);
+            }
         }
         Ok(())
     }
@@ -587,24 +619,22 @@ impl Image for VhdxImage {
         let mut st = self.lock();
         self.begin_session(&mut st)?;
         let bs = self.layout.block_size;
-        let mut changes = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
             let off = offset + done as u64;
             let n = ((bs - off % bs) as usize).min(buf.len() - done);
-            self.write_block(
-                off / bs,
-                off % bs,
-                &buf[done..done + n],
-                parent,
-                &mut changes,
-            )?;
+            self.write_block(&mut st, off / bs, off % bs, &buf[done..done + n], parent)?;
             done += n;
         }
-        if !changes.is_empty() {
-            self.commit(&mut st, &changes)?;
+        if st.pending.len() >= log::capacity(self.log_half()) {
+            self.commit_pending(&mut st)?;
         }
         Ok(())
+    }
+
+    fn commit(&self) -> Result<()> {
+        let mut st = self.lock();
+        self.commit_pending(&mut st)
     }
 
     fn is_writable(&self) -> bool {
