@@ -98,7 +98,11 @@ fn alignment_offset_of_a_partition_window() {
         .create_new(true)
         .open(&path)
         .unwrap();
-    vdisk::vhdx::create(&(file, true), &vdisk::vhdx::CreateOptions::dynamic(16 << 20)).unwrap();
+    vdisk::vhdx::create(
+        &(file, true),
+        &vdisk::vhdx::CreateOptions::dynamic(16 << 20),
+    )
+    .unwrap();
     let mut mbr = [0u8; 512];
     for (i, (start, count)) in [(63u32, 8192u32), (16384, 8192)].iter().enumerate() {
         let e = &mut mbr[0x1BE + 16 * i..0x1BE + 16 * (i + 1)];
@@ -173,5 +177,9 @@ fn losetup_refuses_an_image() {
         "{err}"
     );
     assert!(err.contains("Operation not supported"), "{err}");
-    assert_eq!(our_loops(dir), Vec::<String>::new(), "a loop device is left");
+    assert_eq!(
+        our_loops(dir),
+        Vec::<String>::new(),
+        "a loop device is left"
+    );
 }

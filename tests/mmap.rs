@@ -165,7 +165,10 @@ fn fio_mmap_engine_verifies_a_vhdx() {
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("err= 0") && text.contains("io=8192KiB"), "{text}");
+    assert!(
+        text.contains("err= 0") && text.contains("io=8192KiB"),
+        "{text}"
+    );
     // And plain sequential reads.
     let out = preload::run(
         dir,

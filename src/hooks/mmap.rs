@@ -88,7 +88,7 @@ fn map_copy<O: From<i32>>(
     if kind == libc::MAP_SHARED_VALIDATE && flags & libc::MAP_SYNC != 0 {
         return Err(libc::EOPNOTSUPP);
     }
-    if len == 0 || off < 0 || off as usize % PAGE != 0 {
+    if len == 0 || off < 0 || !(off as u64).is_multiple_of(PAGE as u64) {
         return Err(libc::EINVAL);
     }
     let max = limit();
@@ -100,8 +100,11 @@ fn map_copy<O: From<i32>>(
         );
         return Err(libc::ENOMEM);
     }
-    let memfd = sys::memfd_create(c"libvhdio-mmap", libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-        .map_err(|e| crate::errno::from_io(&e))?;
+    let memfd = sys::memfd_create(
+        c"libvhdio-mmap",
+        libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+    )
+    .map_err(|e| crate::errno::from_io(&e))?;
     let r = fill(of, memfd, len, off as u64).and_then(|()| {
         let flags = (flags & !MAP_TYPE & !HUGETLB_BITS & !libc::MAP_SYNC)
             | if shared {

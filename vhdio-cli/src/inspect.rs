@@ -152,8 +152,7 @@ fn secure_exec(file: &Path, md: &std::fs::Metadata) -> Option<String> {
 /// interpreter but honours LD_PRELOAD for the program it loads.
 fn is_loader(file: &Path) -> bool {
     let name = file.file_name().map_or(&b""[..], OsStr::as_bytes);
-    (name.starts_with(b"ld-") || name.starts_with(b"ld.so"))
-        && name.windows(3).any(|w| w == b".so")
+    (name.starts_with(b"ld-") || name.starts_with(b"ld.so")) && name.windows(3).any(|w| w == b".so")
 }
 
 fn read_up_to(f: &File, buf: &mut [u8], at: u64) -> usize {
@@ -242,7 +241,11 @@ impl Elf {
             // Many sections: the real numbers are in section 0.
             let s0 = elf.section_header(f, 0)?;
             if elf.shnum == 0 {
-                elf.shnum = if wide { elf.word(&s0, 32) } else { elf.half_word(&s0, 20) };
+                elf.shnum = if wide {
+                    elf.word(&s0, 32)
+                } else {
+                    elf.half_word(&s0, 20)
+                };
             }
             if elf.shstrndx == 0xffff {
                 elf.shstrndx = elf.half_word(&s0, if wide { 40 } else { 24 });
@@ -253,15 +256,27 @@ impl Elf {
 
     fn u16(&self, b: &[u8], at: usize) -> u64 {
         let v = [b[at], b[at + 1]];
-        (if self.little { u16::from_le_bytes(v) } else { u16::from_be_bytes(v) }) as u64
+        (if self.little {
+            u16::from_le_bytes(v)
+        } else {
+            u16::from_be_bytes(v)
+        }) as u64
     }
     fn half_word(&self, b: &[u8], at: usize) -> u64 {
         let v: [u8; 4] = b[at..at + 4].try_into().unwrap();
-        (if self.little { u32::from_le_bytes(v) } else { u32::from_be_bytes(v) }) as u64
+        (if self.little {
+            u32::from_le_bytes(v)
+        } else {
+            u32::from_be_bytes(v)
+        }) as u64
     }
     fn word(&self, b: &[u8], at: usize) -> u64 {
         let v: [u8; 8] = b[at..at + 8].try_into().unwrap();
-        if self.little { u64::from_le_bytes(v) } else { u64::from_be_bytes(v) }
+        if self.little {
+            u64::from_le_bytes(v)
+        } else {
+            u64::from_be_bytes(v)
+        }
     }
 
     fn has_interp(&self, f: &File) -> bool {
@@ -320,10 +335,16 @@ mod tests {
 
     #[test]
     fn shebang_interpreter() {
-        assert_eq!(interpreter(b"/bin/sh -e\nx"), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(
+            interpreter(b"/bin/sh -e\nx"),
+            Some(PathBuf::from("/bin/sh"))
+        );
         assert_eq!(interpreter(b" /bin/bash"), Some(PathBuf::from("/bin/bash")));
         // env with an option only: env itself is what we can check.
-        assert_eq!(interpreter(b"/usr/bin/env -i"), Some(PathBuf::from("/usr/bin/env")));
+        assert_eq!(
+            interpreter(b"/usr/bin/env -i"),
+            Some(PathBuf::from("/usr/bin/env"))
+        );
     }
 
     #[test]
@@ -333,7 +354,10 @@ mod tests {
             resolve(OsStr::new("sh"), Some(OsStr::new("/nonexistent::/bin"))),
             Some(PathBuf::from("/bin/sh"))
         );
-        assert_eq!(resolve(OsStr::new("no-such-program-x"), Some(OsStr::new("/bin"))), None);
+        assert_eq!(
+            resolve(OsStr::new("no-such-program-x"), Some(OsStr::new("/bin"))),
+            None
+        );
     }
 
     #[test]

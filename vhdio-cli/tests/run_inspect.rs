@@ -38,7 +38,10 @@ fn refused(o: &Output, what: &str) {
     assert_eq!(o.status.code(), Some(126), "{err}");
     assert!(o.stdout.is_empty(), "the program ran");
     assert!(err.contains(what), "{err}");
-    assert!(err.contains("vhdio serve") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("vhdio serve") && err.contains("--force"),
+        "{err}"
+    );
 }
 
 #[track_caller]
@@ -49,7 +52,11 @@ fn ran(o: &Output) {
 
 fn cc(dir: &Path, out: &str, flags: &[&str]) -> bool {
     let src = dir.join("hi.c");
-    std::fs::write(&src, "#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n").unwrap();
+    std::fs::write(
+        &src,
+        "#include <stdio.h>\nint main(void){puts(\"hi\");return 0;}\n",
+    )
+    .unwrap();
     Command::new("gcc")
         .current_dir(dir)
         .args(flags)
@@ -74,7 +81,10 @@ fn static_binaries_and_their_scripts_are_refused() {
         cc(dir, "static", &["-static"]),
         "gcc -static failed: libc6-dev's libc.a is needed"
     );
-    refused(&run(dir, false, &["./static"]), "static is statically linked");
+    refused(
+        &run(dir, false, &["./static"]),
+        "static is statically linked",
+    );
     // Found through PATH, as exec finds it.
     refused(&run(dir, true, &["static"]), "static is statically linked");
     ran(&run(dir, false, &["--force", "./static"]));
@@ -139,7 +149,13 @@ fn setuid_programs_are_refused() {
     }
     let other = dir.join("other");
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o4755)).unwrap();
-    refused(&run(dir, false, &["./other"]), "other is set-user-ID to uid 65534");
+    refused(
+        &run(dir, false, &["./other"]),
+        "other is set-user-ID to uid 65534",
+    );
     std::fs::set_permissions(&other, std::fs::Permissions::from_mode(0o2755)).unwrap();
-    refused(&run(dir, false, &["./other"]), "other is set-group-ID to gid 65534");
+    refused(
+        &run(dir, false, &["./other"]),
+        "other is set-group-ID to gid 65534",
+    );
 }
