@@ -182,4 +182,28 @@ fn losetup_refuses_an_image() {
         Vec::<String>::new(),
         "a loop device is left"
     );
+    // mount -o loop sets up its loop device the same way (libmount): refused
+    // before anything is attached or mounted.
+    std::fs::create_dir(dir.join("mnt")).unwrap();
+    let out = preload::command(dir, "mount", &["-o", "loop,ro", "d.vhdx", "mnt"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        std::process::Command::new("umount")
+            .arg(dir.join("mnt"))
+            .status()
+            .ok();
+        panic!("mount -o loop mounted the image's dummy");
+    }
+    if err.contains("must be superuser") || err.contains("ermission denied") {
+        println!("SKIPPED mount -o loop: needs root ({err})");
+    } else {
+        assert!(err.contains("vhdio serve"), "mount -o loop: {err}");
+    }
+    assert_eq!(
+        our_loops(dir),
+        Vec::<String>::new(),
+        "a loop device is left"
+    );
 }
