@@ -19,6 +19,9 @@ use crate::sys;
 /// programs expect to get (and dup2 onto).
 const INTERNAL_FD_FLOOR: c_int = 300;
 
+/// The kernel's default read-ahead, 128 KiB, in 512-byte sectors.
+const DEFAULT_READAHEAD: u64 = 256;
+
 pub struct ImageObject {
     /// Device and inode of the container (they change when a snapshot puts a
     /// new file at the path).
@@ -42,6 +45,9 @@ pub struct ImageObject {
     /// a copy, possibly with table updates the parent has not committed yet:
     /// it must never commit them (see [`ImageObject::flush`] and `Drop`).
     owner_pid: AtomicI32,
+    /// Read-ahead in 512-byte sectors (BLKRASET/BLKRAGET): emulated, per
+    /// image object in this process, as the kernel keeps it per disk.
+    pub readahead: AtomicU64,
 }
 
 /// Writer locks held on an open file description of our own. After fork the
@@ -371,6 +377,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         writer: Mutex::new(None),
         writer_pid: AtomicI32::new(0),
         owner_pid: AtomicI32::new(sys::pid()),
+        readahead: AtomicU64::new(DEFAULT_READAHEAD),
     });
     reg.push(Arc::downgrade(&obj));
     Ok(Opened::Image(obj))

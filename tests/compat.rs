@@ -119,6 +119,8 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("fd lifecycle (C)", scenario_fd_lifecycle),
     ("open: lowest fd", scenario_open_lowest),
     ("BLKROGET", scenario_blkroget),
+    ("blockdev --report", scenario_blockdev_report),
+    ("python3 mmap", scenario_python_mmap),
     ("fdisk", scenario_fdisk),
     ("sfdisk", scenario_sfdisk),
     ("sgdisk", scenario_sgdisk),
@@ -532,6 +534,79 @@ fn scenario_blkroget(c: &Cell) {
             "blockdev --getro on a read-only container"
         );
     }
+}
+
+fn scenario_blockdev_report(c: &Cell) {
+    let reference = with_data(c, 21);
+    let n = c.name();
+    let rows: Vec<String> = c
+        .lib("blockdev", &["--report", &n])
+        .text()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "RO RA SSZ BSZ StartSec Size Device".to_string(),
+            format!("rw 256 512 4096 0 {} {n}", reference.len()),
+        ],
+        "blockdev --report"
+    );
+    let args = [
+        "--getra",
+        "--getmaxsect",
+        "--getioopt",
+        "--getalignoff",
+        "--setra",
+        "1024",
+        "--getra",
+        "--getiomin",
+        "--getpbsz",
+        &n,
+    ];
+    let out = c.lib("blockdev", &args).text();
+    let v: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        v[..5],
+        ["256", "2048", "0", "0", "1024"],
+        "blockdev {args:?}"
+    );
+    assert_eq!(v[5], v[6], "BLKIOMIN is the physical sector size");
+    same(&c.raw_bytes(), &reference, "disk after blockdev");
+}
+
+const PY_MMAP: &str = r#"
+import hashlib, mmap, os, sys
+p, off, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+fd = os.open(p, os.O_RDONLY)
+size = os.lseek(fd, 0, os.SEEK_END)
+with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+    print(size, hashlib.sha256(m).hexdigest())
+with mmap.mmap(fd, n, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE, offset=off) as m:
+    print(m[:32].hex())
+    m[:8] = b'PRIVATE!'
+os.close(fd)
+"#;
+
+fn scenario_python_mmap(c: &Cell) {
+    let reference = with_data(c, 22);
+    let (off, n) = (17_000_000usize & !4095, 100_000usize);
+    let out = c
+        .lib(
+            "/usr/bin/python3",
+            &["-c", PY_MMAP, &c.name(), &off.to_string(), &n.to_string()],
+        )
+        .text();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            format!("{} {}", reference.len(), common::sha256_hex(&reference)).as_str(),
+            hex(&reference[off..off + 32]).as_str(),
+        ],
+        "python3 mmap.mmap (read-only whole disk; MAP_PRIVATE at an offset)"
+    );
+    same(&c.raw_bytes(), &reference, "disk after a MAP_PRIVATE write");
 }
 
 fn scenario_hash(c: &Cell) {
@@ -1095,7 +1170,7 @@ fn scenario_fd_lifecycle(c: &Cell) {
         ("dup_end", reference.len().to_string()),
         ("getfl_ro", "0".into()),
         ("getfl_rw", "2".into()),
-        ("mmap", "No such device".into()),
+        ("mmap", r(4096)),
         ("cloexec_flag", "1".into()),
         ("cloexec_child", "closed".into()),
         ("inherit_child", r(4096)),

@@ -1,8 +1,6 @@
-//! close, dup, fcntl, sync, truncate and mmap on dummy fds.
+//! close, dup, fcntl, sync and truncate on dummy fds (mmap: see `mmap`).
 
-use std::ffi::c_void;
-
-use libc::{c_int, c_uint, c_ulong, off_t, off64_t, size_t};
+use libc::{c_int, c_uint, c_ulong, off_t, off64_t};
 
 use super::open::call;
 use super::{Errno, disk_error, emulate, image_fd};
@@ -199,50 +197,4 @@ pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
         return r;
     }
     call!(real::FTRUNCATE64, fd, len)
-}
-
-/// Mapping a dummy would silently map the empty memfd: ENODEV, as for a
-/// device without mmap.
-fn refuse_map(fd: c_int, flags: c_int) -> bool {
-    flags & libc::MAP_ANONYMOUS == 0 && is_mapped(fd) && image_fd(fd).is_some()
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap(
-    addr: *mut c_void,
-    len: size_t,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: off_t,
-) -> *mut c_void {
-    if refuse_map(fd, flags) {
-        crate::logger::set_errno(libc::ENODEV);
-        return libc::MAP_FAILED;
-    }
-    match real::MMAP.get() {
-        // SAFETY: forwarding the caller's arguments.
-        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
-        None => libc::MAP_FAILED,
-    }
-}
-
-#[cfg_attr(not(test), unsafe(no_mangle))]
-pub unsafe extern "C" fn mmap64(
-    addr: *mut c_void,
-    len: size_t,
-    prot: c_int,
-    flags: c_int,
-    fd: c_int,
-    off: off64_t,
-) -> *mut c_void {
-    if refuse_map(fd, flags) {
-        crate::logger::set_errno(libc::ENODEV);
-        return libc::MAP_FAILED;
-    }
-    match real::MMAP64.get() {
-        // SAFETY: forwarding the caller's arguments.
-        Some(f) => unsafe { f(addr, len, prot, flags, fd, off) },
-        None => libc::MAP_FAILED,
-    }
 }

@@ -9,6 +9,7 @@ pub mod copy;
 pub mod exec;
 pub mod fd;
 pub mod ioctl;
+pub mod mmap;
 pub mod open;
 pub mod rw;
 pub mod stat;

@@ -2,7 +2,9 @@
 //! `__xstat` ones that Debian 12's mkfs.fat and mtools still call).
 //!
 //! An image reads as a block device: S_IFBLK with the container's permission
-//! bits, st_rdev 0 (no sysfs node to look up), st_size 0 (tools ask
+//! bits, st_rdev 0 (there is no sysfs node to look up; a made-up number
+//! would send lsblk, libblkid and LVM to one that does not exist, or to
+//! another device's: README, "Design decisions"), st_size 0 (tools ask
 //! BLKGETSIZE64), st_blocks 0. Device, inode, owner and times are the
 //! container's, identical for the path form and the fd form.
 

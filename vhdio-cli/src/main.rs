@@ -9,6 +9,7 @@
 mod chain;
 mod check;
 mod info;
+mod inspect;
 mod run;
 mod units;
 
@@ -72,6 +73,10 @@ enum Command {
         /// Use this library instead of searching for libvhdio.so.
         #[arg(long, value_name = "PATH")]
         library: Option<PathBuf>,
+        /// Run COMMAND even if the library cannot reach it (a static binary,
+        /// a Go program, set-user-ID or set-group-ID to someone else).
+        #[arg(long)]
+        force: bool,
         /// The command and its arguments (put `--` before a command that starts with `-`).
         #[arg(
             required = true,
@@ -164,7 +169,11 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Run { library, command } => run::run(library.as_deref(), &command),
+        Command::Run {
+            library,
+            force,
+            command,
+        } => run::run(library.as_deref(), force, &command),
         Command::Info { image } => info::info(&image),
         Command::Check { image } => check::check(&image),
         Command::Create {

@@ -77,11 +77,14 @@ pub fn preload_value(lib: &Path, existing: Option<&OsStr>) -> OsString {
     out
 }
 
-pub fn run(library: Option<&Path>, command: &[OsString]) -> Result<u8, Failure> {
+pub fn run(library: Option<&Path>, force: bool, command: &[OsString]) -> Result<u8, Failure> {
     let lib = find_library(library)?;
     let (program, args) = command
         .split_first()
         .ok_or_else(|| fail(EXIT_ERROR, "no command given"))?;
+    if !force {
+        crate::inspect::refuse_unreachable(program)?;
+    }
     let preload = preload_value(&lib, std::env::var_os("LD_PRELOAD").as_deref());
     log::debug!("LD_PRELOAD={}", preload.to_string_lossy());
     // exec only returns on failure.
