@@ -10,6 +10,7 @@ pub mod exec;
 pub mod fd;
 pub mod ioctl;
 pub mod open;
+pub mod path;
 pub mod rw;
 pub mod stat;
 pub mod stdio;
