@@ -72,6 +72,11 @@ enum Command {
         /// Use this library instead of searching for libvhdio.so.
         #[arg(long, value_name = "PATH")]
         library: Option<PathBuf>,
+        /// Images read as regular files of their virtual size, not block
+        /// devices (LIBVHD_IO_AS_FILE=1): tar, cp -a and rsync -a then store
+        /// the virtual disk, and ntfs-3g can mount an image.
+        #[arg(long)]
+        as_file: bool,
         /// The command and its arguments (put `--` before a command that starts with `-`).
         #[arg(
             required = true,
@@ -164,7 +169,11 @@ fn main() -> ExitCode {
     };
     init_logging(cli.verbose);
     let result = match cli.command {
-        Command::Run { library, command } => run::run(library.as_deref(), &command),
+        Command::Run {
+            library,
+            as_file,
+            command,
+        } => run::run(library.as_deref(), as_file, &command),
         Command::Info { image } => info::info(&image),
         Command::Check { image } => check::check(&image),
         Command::Create {
