@@ -12,11 +12,11 @@ mod common;
 mod preload;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
 
 use common::{Rng, pattern, qemu_image_from, qemu_raw};
+use preload::fuse::{Mount, no_fuse, or_skip};
 
 const AS_FILE: (&str, &str) = ("LIBVHD_IO_AS_FILE", "1");
 
@@ -59,6 +59,21 @@ fn must(mut c: Command) -> Output {
         String::from_utf8_lossy(&out.stderr)
     );
     out
+}
+
+/// Partitions `image` with sfdisk `script` through the library.
+fn sfdisk(dir: &Path, image: &str, script: &str) {
+    use std::io::Write;
+    let mut c = preload::command(dir, "sfdisk", &["-q", image]);
+    c.stdin(Stdio::piped()).stdout(Stdio::null());
+    let mut child = c.spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(script.as_bytes()).unwrap();
+    drop(stdin);
+    assert!(
+        child.wait().unwrap().success(),
+        "sfdisk through the library"
+    );
 }
 
 fn text(o: &Output) -> String {
@@ -171,20 +186,7 @@ fn regular_file_mode_stat_of_disk_and_partition() {
         "qemu-img",
         &["create", "-q", "-f", "vhdx", "disk.vhdx", "32M"],
     );
-    let mut sfdisk = preload::command(dir, "sfdisk", &["-q", "disk.vhdx"]);
-    sfdisk.stdin(Stdio::piped()).stdout(Stdio::null());
-    let mut child = sfdisk.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\n,8M,83\n,,83\n")
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "sfdisk through the library"
-    );
+    sfdisk(dir, "disk.vhdx", "label: dos\n,8M,83\n,,83\n");
     std::os::unix::fs::symlink("disk.vhdx", dir.join("disk.vhdx2")).unwrap();
     let part = 32 * 1024 * 1024 - 9 * 1024 * 1024; // from sector 2048 + 8 MiB
     fs::write(dir.join("stat.py"), STAT_PY).unwrap();
@@ -272,120 +274,6 @@ fn realpath_keeps_a_partition_links_name() {
 // ---------------------------------------------------------------------------
 // FUSE file systems on images
 
-/// Why this machine cannot mount FUSE file systems, if it cannot.
-fn no_fuse() -> Option<&'static str> {
-    (!Path::new("/dev/fuse").exists()).then_some("/dev/fuse is missing")
-}
-
-/// A FUSE daemon running in the foreground under the library.
-struct Mount {
-    child: Option<Child>,
-    point: PathBuf,
-    log: PathBuf,
-}
-
-impl Mount {
-    /// Starts `program args` (which mounts on `point`) and waits for the
-    /// mount. `Err` is the reason to skip: mounting is not permitted here.
-    fn start(
-        dir: &Path,
-        env: &[(&str, &str)],
-        program: &str,
-        args: &[&str],
-        point: &Path,
-    ) -> Result<Mount, String> {
-        let point = fs::canonicalize(point).unwrap();
-        let log = dir.join(format!("{program}.log"));
-        let mut c = preload::command(dir, program, args);
-        c.env_remove("LIBVHD_IO_AS_FILE")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(fs::File::create(&log).unwrap())
-            .stderr(fs::File::create(dir.join(format!("{program}.err"))).unwrap());
-        let child = c
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {program} (install it): {e}"));
-        let mut m = Mount {
-            child: Some(child),
-            point,
-            log,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !m.mounted() {
-            if let Some(st) = m.child.as_mut().unwrap().try_wait().unwrap() {
-                m.child = None;
-                let err = fs::read_to_string(dir.join(format!("{program}.err"))).unwrap();
-                let log = fs::read_to_string(&m.log).unwrap();
-                if err.contains("Operation not permitted") || err.contains("Permission denied") {
-                    return Err(format!("{program} cannot mount here: {}", err.trim()));
-                }
-                panic!("{program} {args:?} exited ({st}) without mounting:\n{log}{err}");
-            }
-            assert!(Instant::now() < deadline, "{program}: no mount after 30 s");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(m)
-    }
-
-    /// The mount's source field in /proc/self/mountinfo, if mounted.
-    fn source(&self) -> Option<String> {
-        let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let point = self.point.to_str().unwrap();
-        info.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|&x| x == "-")?;
-            (f.get(4) == Some(&point)).then(|| f.get(sep + 2).unwrap_or(&"").to_string())
-        })
-    }
-
-    fn mounted(&self) -> bool {
-        self.source().is_some()
-    }
-
-    /// umount, then the daemon must exit cleanly (it has flushed the image).
-    fn finish(mut self) {
-        let point = self.point.to_str().unwrap().to_string();
-        plain(Path::new("/"), "umount", &[&point]);
-        let mut child = self.child.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let st = loop {
-            if let Some(st) = child.try_wait().unwrap() {
-                break st;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "daemon still running 30 s after umount"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        assert!(st.success(), "FUSE daemon exited with {st}:\n{log}");
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = Command::new("umount")
-                .arg("-l")
-                .arg(&self.point)
-                .stderr(Stdio::null())
-                .status();
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Skips (returns true, printing why) where FUSE mounts cannot work.
-fn skip(r: &Result<Mount, String>) -> bool {
-    if let Err(why) = r {
-        eprintln!("skipping: {why}");
-        return true;
-    }
-    false
-}
-
 /// ntfs-3g on `dev` (the whole disk or a partition link of `disk.vhdx`, NTFS
 /// made by mkntfs through the library, `f.bin` put by ntfscp): `ls` and a
 /// read through the mount see f.bin, a file copied in is read back by
@@ -399,17 +287,9 @@ fn ntfs3g_round_trip(dir: &Path, dev: &str) -> Option<Vec<u8>> {
     lib(dir, &[], "ntfscp", &[dev, "f.bin", "f.bin"]);
     let mnt = dir.join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let m = Mount::start(
-        dir,
-        &[AS_FILE],
-        "ntfs-3g",
-        &["-o", "no_detach", dev, "mnt"],
-        &mnt,
-    );
-    if skip(&m) {
-        return None;
-    }
-    let m = m.unwrap();
+    let mut ntfs3g = preload::command(dir, "ntfs-3g", &["-o", "no_detach", dev, "mnt"]);
+    ntfs3g.env(AS_FILE.0, AS_FILE.1);
+    let m = or_skip(Mount::start(ntfs3g, dir, &mnt))?;
     let source = m.source().unwrap();
     assert_eq!(
         source,
@@ -476,20 +356,7 @@ fn ntfs3g_mounts_a_partition_link() {
         "qemu-img",
         &["create", "-q", "-f", "vhdx", "disk.vhdx", "64M"],
     );
-    let mut sfdisk = preload::command(dir, "sfdisk", &["-q", "disk.vhdx"]);
-    sfdisk.stdin(Stdio::piped()).stdout(Stdio::null());
-    let mut child = sfdisk.spawn().unwrap();
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"label: dos\n,16M,7\n,,7\n")
-        .unwrap();
-    assert!(
-        child.wait().unwrap().success(),
-        "sfdisk through the library"
-    );
+    sfdisk(dir, "disk.vhdx", "label: dos\n,16M,7\n,,7\n");
     std::os::unix::fs::symlink("disk.vhdx", dir.join("disk.vhdx2")).unwrap();
     let Some(g) = ntfs3g_round_trip(dir, "disk.vhdx2") else {
         return;
@@ -558,11 +425,11 @@ fn fuse2fs_mounts_an_image() {
     fs::write(dir.join("h.bin"), &h).unwrap();
     let mnt = dir.join("mnt");
     fs::create_dir(&mnt).unwrap();
-    let m = Mount::start(dir, &[], "fuse2fs", &["-f", "disk.vdi", "mnt"], &mnt);
-    if skip(&m) {
+    let mut fuse2fs = preload::command(dir, "fuse2fs", &["-f", "disk.vdi", "mnt"]);
+    fuse2fs.env_remove(AS_FILE.0);
+    let Some(m) = or_skip(Mount::start(fuse2fs, dir, &mnt)) else {
         return;
-    }
-    let m = m.unwrap();
+    };
     plain(dir, "cp", &["h.bin", "mnt/h.bin"]);
     m.finish();
     lib(dir, &[], "e2fsck", &["-fn", "disk.vdi"]);
