@@ -120,18 +120,22 @@ fn tar_in_regular_file_mode_archives_the_virtual_disk() {
             "{tar}: member bytes differ from qemu-img's raw"
         );
     }
-    // cp -a of the folder: a regular file holding the virtual disk.
-    lib(dir, &[AS_FILE], "cp", &["-a", "d", "copy"]);
-    let copy = dir.join("copy/disk.vhdx");
-    assert!(fs::symlink_metadata(&copy).unwrap().file_type().is_file());
-    assert!(
-        fs::read(&copy).unwrap() == raw,
-        "cp -a copy differs from qemu-img's raw"
-    );
+    // cp -a and rsync -a of the folder: a regular file holding the virtual disk.
+    lib(dir, &[AS_FILE], "cp", &["-a", "d", "cp"]);
+    lib(dir, &[AS_FILE], "rsync", &["-a", "d", "rsync"]);
+    for copy in ["cp/disk.vhdx", "rsync/d/disk.vhdx"] {
+        let copy = dir.join(copy);
+        assert!(fs::symlink_metadata(&copy).unwrap().file_type().is_file());
+        assert!(
+            fs::read(&copy).unwrap() == raw,
+            "{} differs from qemu-img's raw",
+            copy.display()
+        );
+    }
 }
 
 /// The documented trap: in the default mode an image is a block device, and
-/// tar stores a device node 0:0 (no data); LIBVHD_IO_ONLY naming other files
+/// tar stores a device node 0:0 (no data), cp -a makes one; LIBVHD_IO_ONLY naming other files
 /// leaves the container alone, so tar stores the container file itself.
 #[test]
 fn tar_in_default_mode_stores_a_device_node() {
@@ -144,6 +148,13 @@ fn tar_in_default_mode_stores_a_device_node() {
         line.starts_with('b') && line.contains("0,0"),
         "the default mode archives a block device 0:0: {line}"
     );
+    // cp -a makes a device node too (or fails where mknod is not permitted).
+    let mut cp = preload::command(dir, "cp", &["-a", "d", "cp"]);
+    if cp.status().unwrap().success() {
+        let meta = fs::symlink_metadata(dir.join("cp/disk.vhdx")).unwrap();
+        use std::os::unix::fs::FileTypeExt;
+        assert!(meta.file_type().is_block_device(), "cp -a: {meta:?}");
+    }
     let only = dir.join("elsewhere");
     lib(
         dir,
