@@ -448,3 +448,79 @@ fn fuse2fs_mounts_an_image() {
     assert!(back == h, "debugfs cat of h.bin through the library");
     plain(dir, "qemu-img", &["check", "-q", "-f", "vdi", "disk.vdi"]);
 }
+
+const TRUNCATE_PY: &str = r#"
+import errno, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+size = os.fstat(fd).st_size
+os.ftruncate(fd, size)
+try:
+    os.ftruncate(fd, size - 512)
+    print("shrunk")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#;
+
+/// Writing onto an image in regular-file mode: an O_TRUNC open fails loudly
+/// (a regular file opened so is empty, and cp then seeks over the source's
+/// holes, which would keep the old data there); conv=notrunc writes it all;
+/// ftruncate to the same size is a no-op, to another size EINVAL.
+#[test]
+fn regular_file_mode_refuses_to_empty_an_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (old, _) = pattern(21, 4 << 20);
+    let img = qemu_image_from(&old, dir, "disk.vhd", "vpc", "subformat=dynamic");
+    let before = qemu_raw(&img, "vpc");
+    // Data, a hole, data: cp seeks over the hole.
+    let mut new = vec![0u8; before.len()];
+    new[..4096].copy_from_slice(&payload(5, 4096));
+    let end = new.len();
+    new[end - 4096..].copy_from_slice(&payload(6, 4096));
+    let f = fs::File::create(dir.join("new.raw")).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&new[..4096], 0).unwrap();
+    f.write_all_at(&new[end - 4096..], (end - 4096) as u64)
+        .unwrap();
+    drop(f);
+    let mut cp = preload::command(dir, "cp", &["new.raw", "disk.vhd"]);
+    cp.env(AS_FILE.0, AS_FILE.1);
+    let out = cp.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "cp onto the image in regular-file mode succeeded"
+    );
+    assert!(
+        err.contains("libvhdio[") && err.contains("O_TRUNC in regular-file mode"),
+        "no warning: {err}"
+    );
+    assert!(
+        qemu_raw(&img, "vpc") == before,
+        "the failed cp changed the disk"
+    );
+    lib(
+        dir,
+        &[AS_FILE],
+        "dd",
+        &[
+            "if=new.raw",
+            "of=disk.vhd",
+            "bs=64k",
+            "conv=notrunc",
+            "status=none",
+        ],
+    );
+    assert!(
+        qemu_raw(&img, "vpc") == new,
+        "dd conv=notrunc in regular-file mode"
+    );
+    fs::write(dir.join("truncate.py"), TRUNCATE_PY).unwrap();
+    let out = lib(
+        dir,
+        &[AS_FILE],
+        preload::python(),
+        &["truncate.py", "disk.vhd"],
+    );
+    assert_eq!(text(&out).trim(), "EINVAL");
+}

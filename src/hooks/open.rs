@@ -129,6 +129,18 @@ fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, 
         log::warn!("{}: in use by another writer", abs.to_string_lossy());
         return Err(libc::EBUSY);
     }
+    // A regular file opened with O_TRUNC is empty, and writers then skip
+    // holes (cp seeks over them): on a virtual disk that would silently keep
+    // the old data there. A block device ignores O_TRUNC, so only
+    // regular-file mode refuses it.
+    if crate::config::as_file() && writable && flags & libc::O_TRUNC != 0 {
+        log::warn!(
+            "{}: O_TRUNC in regular-file mode (LIBVHD_IO_AS_FILE): a virtual disk cannot be emptied; \
+             write it without LIBVHD_IO_AS_FILE (as a block device) or without truncating (dd conv=notrunc)",
+            abs.to_string_lossy()
+        );
+        return Err(libc::EINVAL);
+    }
     let (partition, start, len) = window(&abs, &obj.disk())?;
     let fd = new_open(&abs, obj, partition, start, len, flags)?;
     log::debug!(
