@@ -380,4 +380,14 @@ fn run_dd_through_the_real_library() {
     assert_eq!(back.len(), 4 << 20);
     assert!(back[..data.len()] == data[..] && back[data.len()..].iter().all(|&b| b == 0));
     assert!(ok(&["check", s(&img)]).contains("No problems found."));
+    // --as-file: the image reads as a regular file of the virtual size.
+    let o = vhdio(&["run", "stat", "-c", "%F %s", s(&img)]);
+    assert_eq!(stdout(&o), "block special file 0\n", "{}", stderr(&o));
+    let o = vhdio(&["run", "--as-file", "stat", "-c", "%F %s", s(&img)]);
+    assert_eq!(
+        stdout(&o),
+        format!("regular file {}\n", 4 << 20),
+        "{}",
+        stderr(&o)
+    );
 }
