@@ -184,6 +184,8 @@ for path, want in zip(sys.argv[1::2], map(int, sys.argv[2::2])):
     assert os.lseek(fd, 0, os.SEEK_END) == want
     assert os.lseek(fd, 4096, os.SEEK_DATA) == 4096
     assert os.lseek(fd, 4096, os.SEEK_HOLE) == want
+    for by_fd in (f'/proc/self/fd/{fd}', f'/dev/fd/{fd}'):
+        assert os.stat(by_fd) == fst, (by_fd, os.stat(by_fd), fst)
     os.close(fd)
 print("ok")
 "#;
@@ -231,6 +233,16 @@ fn regular_file_mode_stat_of_disk_and_partition() {
         "stat",
         &["-c", "%F %s", "disk.vhdx", "-L", "disk.vhdx2"],
     );
+    assert_eq!(text(&out), "block special file 0\nblock special file 0\n");
+    // /dev/stdin and /dev/fd/N naming an image fd (statx by path through the
+    // link to the dummy memfd) read as that fd, in both modes.
+    let script = "stat -L -c '%F %s' /dev/stdin < disk.vhdx; exec 3< disk.vhdx2; stat -L -c '%F %s' /dev/fd/3";
+    let out = lib(dir, &[AS_FILE], "sh", &["-c", script]);
+    assert_eq!(
+        text(&out),
+        format!("regular file {whole}\nregular file {p2}\n")
+    );
+    let out = lib(dir, &[], "sh", &["-c", script]);
     assert_eq!(text(&out), "block special file 0\nblock special file 0\n");
 }
 

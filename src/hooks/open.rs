@@ -218,7 +218,7 @@ pub fn register(
 
 /// `/dev/stdin`, `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N`
 /// and `/proc/<our pid>/fd/N`: the fd number they name.
-fn fd_path(path: &CStr) -> Option<c_int> {
+pub fn fd_path(path: &CStr) -> Option<c_int> {
     let p = std::str::from_utf8(path.to_bytes()).ok()?;
     match p {
         "/dev/stdin" => return Some(0),

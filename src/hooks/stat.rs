@@ -12,7 +12,7 @@ use std::ffi::CStr;
 
 use libc::{c_char, c_int, c_uint, stat as Stat, stat64 as Stat64, statx as Statx};
 
-use super::open::{absolute, call, is_candidate};
+use super::open::{absolute, call, fd_path, is_candidate};
 use super::{emulate, image_fd};
 use crate::fdtable::is_mapped;
 use crate::{guard, images, real};
@@ -97,6 +97,9 @@ fn fix_path_stat(dirfd: c_int, path: *const c_char, flags: c_int, buf: *mut Stat
         return 0;
     }
     crate::config::load();
+    if let Some(fd) = dummy_by_path(p, st.st_dev, st.st_ino) {
+        return fstat_image(fd, buf).map_or(0, |r| r);
+    }
     if !is_candidate(p) {
         return 0;
     }
@@ -107,6 +110,18 @@ fn fix_path_stat(dirfd: c_int, path: *const c_char, flags: c_int, buf: *mut Stat
         }
         Ok(0)
     })
+}
+
+/// The dummy fd that `/dev/stdin`, `/dev/fd/N` or `/proc/self/fd/N` named,
+/// if the kernel followed it to that dummy memfd (device `dev`, inode `ino`:
+/// an empty regular file, which the caller answers as for the fd).
+fn dummy_by_path(p: &CStr, dev: u64, ino: u64) -> Option<c_int> {
+    let fd = fd_path(p)?;
+    if !is_mapped(fd) {
+        return None;
+    }
+    let of = image_fd(fd)?;
+    ((dev, ino) == (of.dummy_dev, of.dummy_ino)).then_some(fd)
 }
 
 macro_rules! path_stat {
@@ -252,12 +267,16 @@ pub unsafe extern "C" fn statx(
         return r;
     }
     crate::config::load();
+    let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
+    if let Some(fd) = dummy_by_path(p, dev, st.stx_ino) {
+        // SAFETY: the caller's arguments, on the fd the path named.
+        return unsafe { statx(fd, c"".as_ptr(), flags | libc::AT_EMPTY_PATH, mask, buf) };
+    }
     if !is_candidate(p) {
         return r;
     }
     emulate(-1, || {
         let abs = absolute(dirfd, p)?;
-        let dev = libc::makedev(st.stx_dev_major, st.stx_dev_minor);
         if let Some(len) = image_window(&abs, dev, st.stx_ino)? {
             present_x(st, len);
         }
