@@ -12,6 +12,7 @@ static DUMP: AtomicBool = AtomicBool::new(false);
 static PROBE_ALL: AtomicBool = AtomicBool::new(false);
 static NO_LOCK: AtomicBool = AtomicBool::new(false);
 static TEST: AtomicBool = AtomicBool::new(false);
+static AS_FILE: AtomicBool = AtomicBool::new(false);
 /// LIBVHD_IO_ONLY: the images and folders to virtualise (null: all).
 static ONLY: AtomicPtr<Vec<Vec<u8>>> = AtomicPtr::new(null_mut());
 /// LIBVHD_IO_VDI_PATH: more folders to search for VDI parents.
@@ -57,6 +58,7 @@ fn load_slow() {
     PROBE_ALL.store(set(c"LIBVHD_IO_PROBE_ALL"), Ordering::Relaxed);
     NO_LOCK.store(set(c"LIBVHD_IO_NO_LOCK"), Ordering::Relaxed);
     TEST.store(set(c"LIBVHD_IO_TEST"), Ordering::Relaxed);
+    AS_FILE.store(set(c"LIBVHD_IO_AS_FILE"), Ordering::Relaxed);
     if let Some(only) = get(c"LIBVHD_IO_ONLY").filter(|v| !v.is_empty()) {
         let list: Vec<Vec<u8>> = only
             .to_bytes()
@@ -115,6 +117,14 @@ pub fn test_mode() -> bool {
 /// corrupt an image).
 pub fn no_lock() -> bool {
     NO_LOCK.load(Ordering::Relaxed)
+}
+
+/// LIBVHD_IO_AS_FILE: an image (or partition) stats as a regular file of its
+/// virtual size instead of a block device, so that archivers and copiers
+/// (tar, cp -a, rsync -a) store its bytes and FUSE file systems (ntfs-3g)
+/// take the plain-file path.
+pub fn as_file() -> bool {
+    AS_FILE.load(Ordering::Relaxed)
 }
 
 /// Whether the image at absolute path `abs` may be virtualised (LIBVHD_IO_ONLY).

@@ -167,6 +167,9 @@ reals! {
     POSIX_SPAWNP = c"posix_spawnp": unsafe extern "C" fn(*mut libc::pid_t, *const c_char, *const libc::posix_spawn_file_actions_t, *const libc::posix_spawnattr_t, *const *mut c_char, *const *mut c_char) -> c_int;
     SIGACTION = c"sigaction": unsafe extern "C" fn(c_int, *const libc::sigaction, *mut libc::sigaction) -> c_int;
     SIGNAL = c"signal": unsafe extern "C" fn(c_int, libc::sighandler_t) -> libc::sighandler_t;
+    REALPATH = c"realpath": unsafe extern "C" fn(*const c_char, *mut c_char) -> *mut c_char;
+    REALPATH_CHK = c"__realpath_chk": unsafe extern "C" fn(*const c_char, *mut c_char, size_t) -> *mut c_char;
+    CANONICALIZE_FILE_NAME = c"canonicalize_file_name": unsafe extern "C" fn(*const c_char) -> *mut c_char;
     FOPEN = c"fopen": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FOPEN64 = c"fopen64": unsafe extern "C" fn(*const c_char, *const c_char) -> *mut FILE;
     FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;

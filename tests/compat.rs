@@ -110,6 +110,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("md5sum/sha256sum", scenario_hash),
     ("od/hexdump/xxd/tail", scenario_dump),
     ("cat/cp/cmp read", scenario_cat_cp_cmp),
+    ("tar (as-file)", scenario_tar_as_file),
     ("dd read", scenario_dd_read),
     ("dd write", scenario_dd_write),
     ("cp/cat > write", scenario_cp_write),
@@ -128,6 +129,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("ext4 whole disk", scenario_ext4_disk),
     ("ext4 partition", scenario_ext4_partition),
     ("ntfs", scenario_ntfs),
+    ("ntfs-3g mount (as-file)", scenario_ntfs3g),
     ("vfat+mtools", scenario_vfat),
     ("mmls/fls", scenario_sleuthkit),
     ("strace readers", scenario_strace_readers),
@@ -739,6 +741,30 @@ fn scenario_cat_cp_cmp(c: &Cell) {
     );
     // The container is unchanged by reading.
     same(&c.raw_bytes(), &reference, "disk after reads");
+}
+
+/// tar of a folder holding the image in regular-file mode (LIBVHD_IO_AS_FILE):
+/// the member is a regular file holding the virtual disk.
+fn scenario_tar_as_file(c: &Cell) {
+    let reference = with_data(c, 15);
+    fs::create_dir(c.file("d")).unwrap();
+    fs::rename(c.path(), c.file("d").join(c.name())).unwrap();
+    let mut tar = c.lib_cmd("tar", &["-cf", "a.tar", "d"]);
+    tar.env("LIBVHD_IO_AS_FILE", "1");
+    let out = exec(tar, None, &c.dir).must();
+    assert!(
+        !out.err().contains("libvhdio["),
+        "the library warned: {}",
+        out.err()
+    );
+    let member = format!("d/{}", c.name());
+    let list = c.plain("tar", &["-tvf", "a.tar", &member]).text();
+    assert!(
+        list.starts_with('-'),
+        "the member is not a regular file: {list}"
+    );
+    let bytes = c.plain("tar", &["-xOf", "a.tar", &member]).stdout;
+    same(&bytes, &reference, "tar member vs qemu-img's raw");
 }
 
 fn scenario_dd_read(c: &Cell) {
@@ -1490,6 +1516,53 @@ fn scenario_ntfs(c: &Cell) {
     c.check();
 }
 
+/// ntfs-3g mounts the image in regular-file mode (root, FUSE; the cell
+/// passes with a note where FUSE cannot mount): ls shows a file put by
+/// ntfscp, a file copied in through the mount reads back with ntfscat through
+/// the library and on qemu-img's raw.
+fn scenario_ntfs3g(c: &Cell) {
+    if let Some(why) = preload::fuse::no_fuse() {
+        eprintln!("compat: ntfs-3g mount: skipped: {why}");
+        return;
+    }
+    c.create_empty();
+    let n = c.name();
+    c.lib("mkntfs", &["-Q", &n]);
+    c.put("payload.bin", &payload());
+    c.lib("ntfscp", &[&n, "payload.bin", "f.bin"]);
+    let g: Vec<u8> = payload().iter().rev().map(|b| b ^ 0x5A).collect();
+    c.put("g.bin", &g);
+    fs::create_dir(c.file("mnt")).unwrap();
+    let mut ntfs3g = c.lib_cmd("ntfs-3g", &["-o", "no_detach", &n, "mnt"]);
+    ntfs3g.env("LIBVHD_IO_AS_FILE", "1");
+    let Some(m) =
+        preload::fuse::or_skip(preload::fuse::Mount::start(ntfs3g, &c.dir, &c.file("mnt")))
+    else {
+        return;
+    };
+    let ls = c.plain("ls", &["mnt"]).text();
+    assert!(ls.lines().any(|l| l == "f.bin"), "ls of the mount: {ls}");
+    same(
+        &fs::read(c.file("mnt/f.bin")).unwrap(),
+        &payload(),
+        "f.bin read through the mount",
+    );
+    c.plain("cp", &["g.bin", "mnt/g.bin"]);
+    m.finish();
+    same(
+        &c.lib("ntfscat", &[&n, "g.bin"]).stdout,
+        &g,
+        "ntfscat of the file written through the mount, through the library",
+    );
+    c.raw();
+    same(
+        &c.plain("ntfscat", &["disk.raw", "g.bin"]).stdout,
+        &g,
+        "ntfscat of the file written through the mount, on the raw",
+    );
+    c.check();
+}
+
 fn scenario_vfat(c: &Cell) {
     c.create_empty();
     let n = c.name();
@@ -1846,7 +1919,11 @@ fn compat_matrix() {
     cells.sort_by_key(|&(si, _)| {
         std::cmp::Reverse(matches!(
             SCENARIOS[si].0,
-            "strace writers" | "strace readers" | "ext4 partition" | "ntfs"
+            "strace writers"
+                | "strace readers"
+                | "ext4 partition"
+                | "ntfs"
+                | "ntfs-3g mount (as-file)"
         ) as u8)
     });
     let results: Mutex<Vec<Option<Result<Duration, String>>>> =

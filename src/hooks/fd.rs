@@ -174,15 +174,23 @@ pub unsafe extern "C" fn fdatasync(fd: c_int) -> c_int {
 }
 
 /// A block device cannot be truncated: EINVAL, and the container is untouched.
-fn no_truncate(fd: c_int) -> Option<c_int> {
-    let _of = image_fd(fd)?;
-    Some(emulate(-1, || Err::<c_int, Errno>(libc::EINVAL)))
+/// In regular-file mode, truncating to the size the file has is a no-op (cp
+/// sets the final size of a copy that ends in a hole).
+fn no_truncate(fd: c_int, len: i64) -> Option<c_int> {
+    let of = image_fd(fd)?;
+    Some(emulate(-1, || {
+        if crate::config::as_file() && u64::try_from(len) == Ok(of.len) {
+            Ok(0)
+        } else {
+            Err::<c_int, Errno>(libc::EINVAL)
+        }
+    }))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
     if is_mapped(fd)
-        && let Some(r) = no_truncate(fd)
+        && let Some(r) = no_truncate(fd, len)
     {
         return r;
     }
@@ -192,7 +200,7 @@ pub unsafe extern "C" fn ftruncate(fd: c_int, len: off_t) -> c_int {
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn ftruncate64(fd: c_int, len: off64_t) -> c_int {
     if is_mapped(fd)
-        && let Some(r) = no_truncate(fd)
+        && let Some(r) = no_truncate(fd, len)
     {
         return r;
     }

@@ -11,6 +11,7 @@ pub mod fd;
 pub mod ioctl;
 pub mod mmap;
 pub mod open;
+pub mod path;
 pub mod rw;
 pub mod stat;
 pub mod stdio;

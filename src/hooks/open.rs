@@ -56,7 +56,7 @@ pub fn absolute(dirfd: c_int, path: &CStr) -> Result<CString, Errno> {
 
 /// The partition a path names: a symlink called `<image name><N>` whose target
 /// is `<image name>` (`disk.vhd2 -> disk.vhd`) opens partition N.
-fn partition_number(abs: &CStr) -> Option<u32> {
+pub fn partition_number(abs: &CStr) -> Option<u32> {
     let bytes = abs.to_bytes();
     let name = bytes.rsplit(|&b| b == b'/').next()?;
     let digits = name.iter().rev().take_while(|b| b.is_ascii_digit()).count();
@@ -82,6 +82,37 @@ fn partition_number(abs: &CStr) -> Option<u32> {
         .filter(|&n| n > 0)
 }
 
+/// The window a path opens on `disk`: (partition number, start, length),
+/// partition 0 being the whole disk.
+pub fn window(abs: &CStr, disk: &vdisk::Disk) -> Result<(u32, u64, u64), Errno> {
+    match partition_number(abs) {
+        None => Ok((0, 0, disk.size())),
+        Some(n) => match vdisk::part::partition(disk, n) {
+            Ok(Some(p)) => Ok((n, p.start, p.device_size())),
+            Ok(None) => {
+                log::warn!("{}: the disk has no partition {n}", abs.to_string_lossy());
+                Err(libc::ENOENT)
+            }
+            Err(e) => {
+                log::warn!(
+                    "{}: cannot read the partition table: {e}",
+                    abs.to_string_lossy()
+                );
+                Err(crate::errno::from_vdisk(&e))
+            }
+        },
+    }
+}
+
+/// The size of the window an open of image path `abs` would get (regular-file
+/// mode's st_size); `None` when `abs` is not an image.
+pub fn window_len(abs: &CStr) -> Result<Option<u64>, Errno> {
+    match images::open(abs, false)? {
+        Opened::Image(obj) => Ok(Some(window(abs, &obj.disk())?.2)),
+        Opened::NotImage => Ok(None),
+    }
+}
+
 /// The common open: `Ok(None)` means "not an image, call libc".
 fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, Errno> {
     let abs = absolute(dirfd, path)?;
@@ -98,24 +129,19 @@ fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, 
         log::warn!("{}: in use by another writer", abs.to_string_lossy());
         return Err(libc::EBUSY);
     }
-    let disk = obj.disk();
-    let (partition, start, len) = match partition_number(&abs) {
-        None => (0, 0, disk.size()),
-        Some(n) => match vdisk::part::partition(&disk, n) {
-            Ok(Some(p)) => (n, p.start, p.device_size()),
-            Ok(None) => {
-                log::warn!("{}: the disk has no partition {n}", abs.to_string_lossy());
-                return Err(libc::ENOENT);
-            }
-            Err(e) => {
-                log::warn!(
-                    "{}: cannot read the partition table: {e}",
-                    abs.to_string_lossy()
-                );
-                return Err(crate::errno::from_vdisk(&e));
-            }
-        },
-    };
+    // A regular file opened with O_TRUNC is empty, and writers then skip
+    // holes (cp seeks over them): on a virtual disk that would silently keep
+    // the old data there. A block device ignores O_TRUNC, so only
+    // regular-file mode refuses it.
+    if crate::config::as_file() && writable && flags & libc::O_TRUNC != 0 {
+        log::warn!(
+            "{}: O_TRUNC in regular-file mode (LIBVHD_IO_AS_FILE): a virtual disk cannot be emptied; \
+             write it without LIBVHD_IO_AS_FILE (as a block device) or without truncating (dd conv=notrunc)",
+            abs.to_string_lossy()
+        );
+        return Err(libc::EINVAL);
+    }
+    let (partition, start, len) = window(&abs, &obj.disk())?;
     let fd = new_open(&abs, obj, partition, start, len, flags)?;
     log::debug!(
         "open {} flags {flags:#o} -> dummy fd {fd}",
@@ -192,7 +218,7 @@ pub fn register(
 
 /// `/dev/stdin`, `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N`
 /// and `/proc/<our pid>/fd/N`: the fd number they name.
-fn fd_path(path: &CStr) -> Option<c_int> {
+pub fn fd_path(path: &CStr) -> Option<c_int> {
     let p = std::str::from_utf8(path.to_bytes()).ok()?;
     match p {
         "/dev/stdin" => return Some(0),

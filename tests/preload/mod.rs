@@ -1,6 +1,8 @@
 //! Running real programs with the library preloaded.
 #![allow(dead_code)]
 
+pub mod fuse;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

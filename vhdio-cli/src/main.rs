@@ -77,6 +77,11 @@ enum Command {
         /// a Go program, set-user-ID or set-group-ID to someone else).
         #[arg(long)]
         force: bool,
+        /// Images read as regular files of their virtual size, not block
+        /// devices (LIBVHD_IO_AS_FILE=1): tar, cp -a and rsync -a then store
+        /// the virtual disk, and ntfs-3g can mount an image.
+        #[arg(long)]
+        as_file: bool,
         /// The command and its arguments (put `--` before a command that starts with `-`).
         #[arg(
             required = true,
@@ -172,8 +177,9 @@ fn main() -> ExitCode {
         Command::Run {
             library,
             force,
+            as_file,
             command,
-        } => run::run(library.as_deref(), force, &command),
+        } => run::run(library.as_deref(), force, as_file, &command),
         Command::Info { image } => info::info(&image),
         Command::Check { image } => check::check(&image),
         Command::Create {

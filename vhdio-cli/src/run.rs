@@ -77,7 +77,12 @@ pub fn preload_value(lib: &Path, existing: Option<&OsStr>) -> OsString {
     out
 }
 
-pub fn run(library: Option<&Path>, force: bool, command: &[OsString]) -> Result<u8, Failure> {
+pub fn run(
+    library: Option<&Path>,
+    force: bool,
+    as_file: bool,
+    command: &[OsString],
+) -> Result<u8, Failure> {
     let lib = find_library(library)?;
     let (program, args) = command
         .split_first()
@@ -87,11 +92,13 @@ pub fn run(library: Option<&Path>, force: bool, command: &[OsString]) -> Result<
     }
     let preload = preload_value(&lib, std::env::var_os("LD_PRELOAD").as_deref());
     log::debug!("LD_PRELOAD={}", preload.to_string_lossy());
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args).env("LD_PRELOAD", &preload);
+    if as_file {
+        cmd.env("LIBVHD_IO_AS_FILE", "1");
+    }
     // exec only returns on failure.
-    let e = std::process::Command::new(program)
-        .args(args)
-        .env("LD_PRELOAD", &preload)
-        .exec();
+    let e = cmd.exec();
     let status = if e.kind() == std::io::ErrorKind::NotFound {
         EXIT_NOT_FOUND
     } else {

@@ -316,6 +316,16 @@ fn run_finds_the_library_and_prepends_it() {
         "printf %s \"$LD_PRELOAD\"",
     ]);
     assert_eq!(stdout(&o), fake.to_str().unwrap());
+    // --as-file sets LIBVHD_IO_AS_FILE=1 for the command, and only with it.
+    let env = "printf %s \"${LIBVHD_IO_AS_FILE-unset}\"";
+    let o = vhdio(&["run", "--library", s(&fake), "--as-file", "sh", "-c", env]);
+    assert_eq!(stdout(&o), "1", "{}", stderr(&o));
+    let o = Command::new(VHDIO)
+        .args(["run", "--library", s(&fake), "sh", "-c", env])
+        .env_remove("LIBVHD_IO_AS_FILE")
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o), "unset", "{}", stderr(&o));
     let o = vhdio(&["run", "--library", s(&fake), "no-such-command-vhdio"]);
     assert_eq!(code(&o), 127);
     assert!(
@@ -370,4 +380,14 @@ fn run_dd_through_the_real_library() {
     assert_eq!(back.len(), 4 << 20);
     assert!(back[..data.len()] == data[..] && back[data.len()..].iter().all(|&b| b == 0));
     assert!(ok(&["check", s(&img)]).contains("No problems found."));
+    // --as-file: the image reads as a regular file of the virtual size.
+    let o = vhdio(&["run", "stat", "-c", "%F %s", s(&img)]);
+    assert_eq!(stdout(&o), "block special file 0\n", "{}", stderr(&o));
+    let o = vhdio(&["run", "--as-file", "stat", "-c", "%F %s", s(&img)]);
+    assert_eq!(
+        stdout(&o),
+        format!("regular file {}\n", 4 << 20),
+        "{}",
+        stderr(&o)
+    );
 }
