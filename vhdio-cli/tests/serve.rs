@@ -1,0 +1,479 @@
+//! `vhdio serve` and the nbdkit plugin, against real NBD clients (qemu-img,
+//! qemu-io, nbdinfo, nbdcopy) over a Unix socket. The images are made by
+//! qemu-img and `vhdio snapshot`, written through the preload library, and
+//! read back through it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
+const MIB: u64 = 1 << 20;
+
+/// The release builds of libvhdio.so and the plugin (cargo test does not
+/// build cdylib-only packages for another package's tests).
+fn built() -> &'static (PathBuf, PathBuf) {
+    static BUILT: OnceLock<(PathBuf, PathBuf)> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let status = Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "--release",
+                "--lib",
+                "-p",
+                "vhdio",
+                "-p",
+                "nbdkit-vhdio",
+            ])
+            .arg("--manifest-path")
+            .arg(root.join("Cargo.toml"))
+            .status()
+            .expect("cannot run cargo");
+        assert!(
+            status.success(),
+            "building libvhdio.so and the plugin failed"
+        );
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"))
+            .join("release");
+        let lib = target.join("libvhdio.so");
+        let plugin = target.join("libnbdkit_vhdio.so");
+        assert!(lib.exists() && plugin.exists());
+        (lib, plugin)
+    })
+}
+
+fn library() -> &'static Path {
+    &built().0
+}
+fn plugin() -> &'static Path {
+    &built().1
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn ok(program: &str, args: &[&str]) -> String {
+    let o = run(program, args);
+    assert!(o.status.success(), "{program} {args:?}: {}", text(&o));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `program args` with libvhdio preloaded.
+fn preloaded(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .env("LD_PRELOAD", library())
+        .output()
+        .unwrap()
+}
+
+/// The whole disk as the library presents it.
+fn library_view(image: &Path, out: &Path) -> Vec<u8> {
+    let o = preloaded(
+        "dd",
+        &[
+            &format!("if={}", s(image)),
+            &format!("of={}", s(out)),
+            "bs=1M",
+        ],
+    );
+    assert!(o.status.success(), "dd through the library: {}", text(&o));
+    fs::read(out).unwrap()
+}
+
+/// Writes `len` bytes of `byte` at `offset` of the image through the library.
+fn library_write(image: &Path, offset: u64, len: u64, byte: u8) -> Output {
+    let src = image.with_extension("pattern");
+    fs::write(&src, vec![byte; len as usize]).unwrap();
+    preloaded(
+        "dd",
+        &[
+            &format!("if={}", s(&src)),
+            &format!("of={}", s(image)),
+            "bs=64k",
+            &format!("seek={offset}"),
+            "oflag=seek_bytes",
+            "conv=notrunc",
+        ],
+    )
+}
+
+/// A server process, killed when dropped (also when a test fails).
+struct Server {
+    child: Child,
+    socket: PathBuf,
+    uri: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// `vhdio serve --socket DIR/s.sock ARGS...`, once its socket accepts.
+    fn vhdio(dir: &Path, args: &[&str]) -> Server {
+        let socket = dir.join("s.sock");
+        let mut c = Command::new(VHDIO);
+        c.arg("serve").arg("--socket").arg(&socket).args(args);
+        Server::start(c, socket)
+    }
+
+    /// nbdkit with the plugin from the build tree, directly.
+    fn nbdkit(dir: &Path, params: &[&str]) -> Server {
+        let socket = dir.join("s.sock");
+        let mut c = Command::new("nbdkit");
+        c.args(["--foreground", "--unix"])
+            .arg(&socket)
+            .arg(plugin())
+            .args(params);
+        Server::start(c, socket)
+    }
+
+    fn start(mut c: Command, socket: PathBuf) -> Server {
+        built();
+        // nbdkit leaves its socket behind when killed.
+        let _ = fs::remove_file(&socket);
+        let child = c
+            .env_remove("LD_PRELOAD")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let uri = format!("nbd+unix:///?socket={}", socket.display());
+        let mut server = Server { child, socket, uri };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let out = self.output();
+                panic!("server exited with {status} before listening: {out}");
+            }
+            assert!(Instant::now() < deadline, "server did not listen in 20 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Stops the server; returns what it printed.
+    fn output(&mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut out = String::new();
+        use std::io::Read;
+        if let Some(mut o) = self.child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut out);
+        }
+        out
+    }
+}
+
+/// A server that must fail to start: its status and output.
+fn failed_start(mut c: Command) -> (i32, String) {
+    let o = c.env_remove("LD_PRELOAD").output().unwrap();
+    assert!(!o.status.success(), "server started: {}", text(&o));
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
+/// The data extents of `nbdinfo --map`, adjacent ones merged: (start, end).
+fn data_extents(uri: &str) -> Vec<(u64, u64)> {
+    let map = ok("nbdinfo", &["--map", uri]);
+    let mut data: Vec<(u64, u64)> = Vec::new();
+    for line in map.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (start, len, kind): (u64, u64, u32) = (
+            f[0].parse().unwrap(),
+            f[1].parse().unwrap(),
+            f[2].parse().unwrap(),
+        );
+        if kind & 1 == 0 {
+            match data.last_mut() {
+                Some(last) if last.1 == start => last.1 = start + len,
+                _ => data.push((start, start + len)),
+            }
+        }
+    }
+    data
+}
+
+/// Parent written by qemu: 0x11 in 0..8M and 0x33 in 16M..20M.
+fn make_chain(dir: &Path, fmt: &str) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{fmt}"));
+    let child = dir.join(format!("child.{fmt}"));
+    let opts = if fmt == "vhdx" {
+        "block_size=1M"
+    } else {
+        "static=off"
+    };
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", fmt, "-o", opts, s(&base), "64M"],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            fmt,
+            "-c",
+            "write -P 0x11 0 8M",
+            "-c",
+            "write -P 0x33 16M 4M",
+            s(&base),
+        ],
+    );
+    ok(VHDIO, &["snapshot", s(&base), s(&child)]);
+    (base, child)
+}
+
+fn served_chain(fmt: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, child) = make_chain(d, fmt);
+    // qemu itself cannot open the child.
+    let o = run("qemu-img", &["info", "-f", fmt, s(&child)]);
+    assert!(
+        !o.status.success(),
+        "qemu opened the {fmt} child: {}",
+        text(&o)
+    );
+    let o = library_write(&child, 10 * MIB, 2 * MIB, 0x44);
+    assert!(o.status.success(), "library write: {}", text(&o));
+    let o = library_write(&child, 2 * MIB, MIB, 0x55);
+    assert!(o.status.success(), "library write: {}", text(&o));
+    let view = library_view(&child, &d.join("view.raw"));
+    assert_eq!(view.len() as u64, 64 * MIB);
+    let base_before = fs::read(&base).unwrap();
+
+    let mut server = Server::vhdio(d, &[s(&child)]);
+    let uri = server.uri.clone();
+    assert_eq!(
+        ok("nbdinfo", &["--size", &uri]).trim(),
+        (64 * MIB).to_string()
+    );
+    let converted = d.join("converted.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, s(&converted)],
+    );
+    assert!(
+        fs::read(&converted).unwrap() == view,
+        "qemu-img convert differs"
+    );
+    assert_eq!(
+        data_extents(&uri),
+        [(0, 8 * MIB), (10 * MIB, 12 * MIB), (16 * MIB, 20 * MIB)],
+        "nbdinfo --map"
+    );
+    let copied = d.join("copied.raw");
+    ok("nbdcopy", &[&uri, s(&copied)]);
+    assert!(fs::read(&copied).unwrap() == view, "nbdcopy differs");
+
+    // A second writer is refused while nbdkit serves the image read-write.
+    let o = library_write(&child, 0, 65536, 0x66);
+    assert!(
+        !o.status.success(),
+        "library wrote while served: {}",
+        text(&o)
+    );
+
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "discard 4M 1M",
+            &uri,
+        ],
+    );
+    assert!(server.alive());
+    drop(server);
+    let mut expect = view;
+    expect[MIB as usize..(MIB + 65536) as usize].fill(0x5a);
+    // discard: advisory, and the plugin does not trim yet (no unmap in the
+    // image layer): the range keeps its data.
+    let after = library_view(&child, &d.join("after.raw"));
+    assert!(after == expect, "child after qemu-io differs");
+    assert!(fs::read(&base).unwrap() == base_before, "parent changed");
+}
+
+#[test]
+fn differencing_vhdx_served_to_real_clients() {
+    served_chain("vhdx");
+}
+
+#[test]
+fn differencing_vdi_served_to_real_clients() {
+    served_chain("vdi");
+}
+
+#[test]
+fn read_only_and_writer_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x77 0 1M", s(&img)],
+    );
+
+    // Read-only: reads work, writes are refused, the image is not locked.
+    let mut server = Server::vhdio(d, &["--read-only", s(&img)]);
+    let uri = server.uri.clone();
+    let o = run("nbdinfo", &["--can", "write", &uri]);
+    assert_eq!(o.status.code(), Some(2), "writable: {}", text(&o));
+    let o = run("qemu-io", &["-f", "raw", "-c", "write 0 64k", &uri]);
+    assert!(
+        !o.status.success(),
+        "write to a read-only export: {}",
+        text(&o)
+    );
+    let o = ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x77 0 1M", &uri],
+    );
+    assert!(!o.contains("failed") && !o.contains("mismatch"), "{o}");
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x78 1M 64k", s(&img)],
+    );
+    drop(server);
+
+    // Read-write: qemu and the library are refused as second writers.
+    let mut server = Server::vhdio(d, &[s(&img)]);
+    let o = run("qemu-io", &["-f", "vhdx", "-c", "write 0 64k", s(&img)]);
+    assert!(!o.status.success(), "qemu wrote while served: {}", text(&o));
+    assert!(text(&o).contains("lock"), "{}", text(&o));
+    let o = library_write(&img, 0, 65536, 0x79);
+    assert!(
+        !o.status.success(),
+        "library wrote while served: {}",
+        text(&o)
+    );
+    // A second read-write server refuses to start, with the reason.
+    let other = d.join("other");
+    fs::create_dir(&other).unwrap();
+    let mut c = Command::new(VHDIO);
+    c.args(["serve", "--socket", s(&other.join("s.sock")), s(&img)]);
+    let (_, out) = failed_start(c);
+    assert!(out.contains("another process is writing"), "{out}");
+    assert!(server.alive());
+    drop(server);
+    // Released at exit.
+    ok("qemu-io", &["-f", "vhdx", "-c", "write 0 64k", s(&img)]);
+}
+
+/// The error text of vdisk for `image`, as `vhdio info` prints it.
+fn library_error(image: &Path) -> String {
+    let o = run(VHDIO, &["info", s(image)]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    let prefix = format!("vhdio: {}: ", s(image));
+    e.trim().strip_prefix(&prefix).unwrap_or(&e).to_string()
+}
+
+#[test]
+fn plugin_errors_reach_nbdkits_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A missing parent.
+    let (base, child) = make_chain(d, "vhdx");
+    fs::rename(&base, d.join("moved.vhdx")).unwrap();
+    // vhdio names the parent it looked for as vdisk does (the paths tried
+    // differ: vhdio also tries the relative path from the current folder).
+    let error = library_error(&child);
+    let at = error.find("not found: ").expect(&error) + 11;
+    let expected = error[at..error.find("; tried").expect(&error)].to_string();
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(&d.join("a.sock"))])
+        .arg(plugin())
+        .arg(format!("file={}", s(&child)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(&expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+    // A corrupt image: the VDI header's block size zeroed.
+    let vdi = d.join("bad.vdi");
+    ok("qemu-img", &["create", "-q", "-f", "vdi", s(&vdi), "8M"]);
+    let mut bytes = fs::read(&vdi).unwrap();
+    bytes[0x178..0x17c].fill(0);
+    fs::write(&vdi, &bytes).unwrap();
+    let expected = library_error(&vdi);
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(&d.join("b.sock"))])
+        .arg(plugin())
+        .arg(format!("file={}", s(&vdi)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(&expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+
+    // A read error (the data cut off the file after the open) is EIO to the
+    // client; nbdkit keeps serving.
+    let img = d.join("cut.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "64M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x12 0 4M", s(&img)],
+    );
+    let mut server = Server::nbdkit(d, &[&format!("file={}", s(&img)), "readonly=true"]);
+    let uri = server.uri.clone();
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x12 0 64k", &uri],
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &uri]);
+    assert!(text(&o).contains("Input/output error"), "{}", text(&o));
+    assert!(server.alive(), "nbdkit died on a read error");
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0 32M 64k", &uri],
+    );
+    let log = server.output();
+    assert!(log.contains("vhdio"), "{log}");
+}
