@@ -37,7 +37,8 @@ const AFTER_HELP: &str = "\
 Exit status: 0 success (check: no problem found), 1 check found problems,
 2 error (bad command line; image unreadable, not an image, cannot be created;
 library not found), 126 the command of 'run' cannot be executed, 127 it was
-not found. Otherwise 'run' exits with the command's status.
+not found. Otherwise 'run' exits with the command's status, and 'serve' with
+nbdkit's (127: nbdkit is not installed).
 
 Examples:
   vhdio create -f vhdx disk.vhdx 1G
