@@ -53,6 +53,9 @@ extern "C" fn block_size(
 /// nbdkit's entry point.
 #[unsafe(no_mangle)]
 pub extern "C" fn plugin_init() -> *const nbdkit::Plugin {
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Debug);
+    }
     let mut b = nbdkit::Builder::new();
     for flag in [
         &mut b.config,
@@ -90,3 +93,37 @@ pub extern "C" fn plugin_init() -> *const nbdkit::Plugin {
     table.base._struct_size = std::mem::size_of::<PluginTable>() as u64;
     Box::into_raw(table) as *const nbdkit::Plugin
 }
+
+unsafe extern "C" {
+    /// nbdkit's error log (stderr, or syslog when nbdkit runs in the background).
+    fn nbdkit_error(fmt: *const std::ffi::c_char, ...);
+}
+
+/// vdisk's log messages into nbdkit's log: warnings (a damaged checksum read
+/// anyway, a VHDX log replayed) always, debug messages with `nbdkit -v`.
+struct NbdkitLogger;
+
+impl log::Log for NbdkitLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        let text = format!(
+            "{}: {}",
+            record.level().as_str().to_lowercase(),
+            record.args()
+        );
+        if record.level() <= log::Level::Warn {
+            let Ok(msg) = std::ffi::CString::new(text.replace('\0', " ")) else {
+                return;
+            };
+            // SAFETY: a printf format taking one NUL-terminated string.
+            unsafe { nbdkit_error(c"%s".as_ptr(), msg.as_ptr()) };
+        } else {
+            nbdkit::debug!("{text}");
+        }
+    }
+    fn flush(&self) {}
+}
+
+static LOGGER: NbdkitLogger = NbdkitLogger;

@@ -183,6 +183,13 @@ pub fn serve(o: ServeOptions) -> Result<u8, Failure> {
             format!("{}: no such file", image.display()),
         ));
     }
+    let mut o = o;
+    if let Listen::Socket(p) = &o.listen {
+        // The URI must work from the client's folder too.
+        let abs = std::path::absolute(p)
+            .map_err(|e| fail(EXIT_ERROR, format!("{}: {e}", p.display())))?;
+        o.listen = Listen::Socket(abs);
+    }
     let args = nbdkit_args(&o, &plugin, &image);
     log::debug!("nbdkit {args:?}");
     println!("{}", uri(&o.listen, o.tls.enabled()));

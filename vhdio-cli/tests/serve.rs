@@ -542,3 +542,42 @@ fn missing_nbdkit_names_the_package() {
     assert_eq!(o.status.code(), Some(127), "{}", text(&o));
     assert!(text(&o).contains("apt-get install nbdkit"), "{}", text(&o));
 }
+
+#[test]
+fn sector_4k_vhdx_block_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk4k.vhdx");
+    ok(
+        VHDIO,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "sector_size=4096",
+            s(&img),
+            "8M",
+        ],
+    );
+    let server = Server::vhdio(d, &[s(&img)]);
+    let uri = server.uri.clone();
+    let info = ok("nbdinfo", &["--json", &uri]);
+    assert!(info.contains("\"block_size_minimum\": 4096"), "{info}");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x4b 12k 8k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    drop(server);
+    let view = library_view(&img, &d.join("view.raw"));
+    assert!(view[12288..20480].iter().all(|&b| b == 0x4b));
+    assert!(view[..12288].iter().chain(&view[20480..]).all(|&b| b == 0));
+}
