@@ -27,6 +27,13 @@ struct Vhdio {
     readonly: bool,
 }
 
+/// An nbdkit error: errno for the client, the message for nbdkit's log. A
+/// NUL in the message (names read from a damaged image) would make the
+/// nbdkit crate panic inside C, so it is replaced.
+fn error(errno: i32, message: impl Into<String>) -> nbdkit::Error {
+    nbdkit::Error::new(errno, message.into().replace('\0', "\\0"))
+}
+
 /// The nbdkit error (errno + message for nbdkit's log) for a vdisk error.
 fn vdisk_error(e: vdisk::Error) -> nbdkit::Error {
     use vdisk::Error::*;
@@ -39,14 +46,14 @@ fn vdisk_error(e: vdisk::Error) -> nbdkit::Error {
         ParentNotFound(_) => libc::ENOENT,
         _ => libc::EIO,
     };
-    nbdkit::Error::new(errno, e.to_string())
+    error(errno, e.to_string())
 }
 
 /// Runs a callback; a panic becomes EIO for the client, never an abort of
 /// nbdkit (a panic may not unwind into C).
 fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
-        Err(nbdkit::Error::new(
+        Err(error(
             libc::EIO,
             format!("internal error in {what} (panic); the request failed"),
         ))
@@ -126,12 +133,12 @@ impl Server for Vhdio {
             "partition" => {
                 let n = value.parse::<u32>().ok().filter(|&n| n > 0);
                 config.partition = Some(n.ok_or_else(|| {
-                    nbdkit::Error::new(libc::EINVAL, format!("partition={value}: not 1, 2, ..."))
+                    error(libc::EINVAL, format!("partition={value}: not 1, 2, ..."))
                 })?);
             }
             "readonly" => config.readonly = Some(nbdkit::parse_bool(value)?),
             _ => {
-                return Err(nbdkit::Error::new(
+                return Err(error(
                     libc::EINVAL,
                     format!("unknown parameter '{key}' (file, partition, readonly)"),
                 ));
@@ -142,24 +149,21 @@ impl Server for Vhdio {
 
     fn config_complete() -> Result<()> {
         if export::config().file.is_none() {
-            return Err(nbdkit::Error::new(
-                libc::EINVAL,
-                "missing parameter file=IMAGE",
-            ));
+            return Err(error(libc::EINVAL, "missing parameter file=IMAGE"));
         }
         Ok(())
     }
 
     fn get_ready() -> Result<()> {
         guarded("get_ready", || {
-            export::open_at_startup().map_err(|e| nbdkit::Error::new(libc::EIO, e))
+            export::open_at_startup().map_err(|e| error(libc::EIO, e))
         })
     }
 
     fn open(readonly: bool) -> Result<Box<dyn Server>> {
         guarded("open", || {
             let readonly = readonly || export::config().readonly == Some(true);
-            let export = export::get(!readonly).map_err(|e| nbdkit::Error::new(libc::EIO, e))?;
+            let export = export::get(!readonly).map_err(|e| error(libc::EIO, e))?;
             Ok(Box::new(Vhdio { export, readonly }) as Box<dyn Server>)
         })
     }
