@@ -581,3 +581,42 @@ fn sector_4k_vhdx_block_sizes() {
     assert!(view[12288..20480].iter().all(|&b| b == 0x4b));
     assert!(view[..12288].iter().chain(&view[20480..]).all(|&b| b == 0));
 }
+
+/// Plain `nbdkit vhdio` learns of `-r` only when a client connects: with
+/// `-r` it reads beside another writer; without, a client's open is refused.
+#[test]
+fn plain_nbdkit_locks_at_first_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x21 0 1M", s(&img)],
+    );
+    let writer_dir = d.join("writer");
+    fs::create_dir(&writer_dir).unwrap();
+    let mut writer = Server::vhdio(&writer_dir, &[s(&img)]);
+
+    let reader_dir = d.join("reader");
+    fs::create_dir(&reader_dir).unwrap();
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "-r", "--unix"])
+        .arg(reader_dir.join("s.sock"))
+        .arg(plugin())
+        .arg(format!("file={}", s(&img)));
+    let reader = Server::start(c, reader_dir.join("s.sock"));
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x21 0 1M", &reader.uri],
+    );
+    drop(reader);
+
+    let mut lazy = Server::nbdkit(d, &[&format!("file={}", s(&img))]);
+    let o = run("nbdinfo", &["--size", &lazy.uri]);
+    assert!(!o.status.success(), "opened beside a writer: {}", text(&o));
+    assert!(lazy.alive());
+    let log = lazy.output();
+    assert!(log.contains("another process is writing"), "{log}");
+    assert!(writer.alive());
+}
