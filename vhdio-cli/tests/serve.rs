@@ -620,3 +620,60 @@ fn plain_nbdkit_locks_at_first_client() {
     assert!(log.contains("another process is writing"), "{log}");
     assert!(writer.alive());
 }
+
+/// A VHDX whose headers name an active log with one entry (as in
+/// tests/permissions.rs): vdisk's template with a log entry that allocates
+/// block 0 and fills its first sector. Returns the disk after replay.
+fn dirty_vhdx(path: &Path) -> Vec<u8> {
+    use vdisk::vhdx::header::{self, SLOTS};
+    let mut file = vdisk::fuzz::vhdx_template();
+    let tlen = file.len() as u64;
+    let (mut h, _) = header::read_current(&vdisk::MemStorage::read_only(file.clone())).unwrap();
+    h.log_guid = vdisk::fuzz::LOG_GUID;
+    for (i, slot) in SLOTS.iter().enumerate() {
+        h.sequence += i as u64;
+        let b = h.encode();
+        file[*slot as usize..*slot as usize + b.len()].copy_from_slice(&b);
+    }
+    let regions =
+        vdisk::vhdx::region::read(&vdisk::MemStorage::read_only(file.clone()), tlen).unwrap();
+    let bat = regions.bat.offset as usize;
+    let mut bat_sector = file[bat..bat + 4096].to_vec();
+    bat_sector[..8].copy_from_slice(&(tlen | 6).to_le_bytes());
+    let sector = vec![0xC3u8; 4096];
+    let mut e =
+        vdisk::fuzz::vhdx_log_entry(1, 0, tlen, &[(bat as u64, &bat_sector), (tlen, &sector)]);
+    e[56..64].copy_from_slice(&(tlen + (1 << 20)).to_le_bytes());
+    e[4..8].fill(0);
+    let crc = vdisk::crc::crc32c(&e);
+    e[4..8].copy_from_slice(&crc.to_le_bytes());
+    let log = h.log_offset as usize;
+    file[log..log + e.len()].copy_from_slice(&e);
+    fs::write(path, &file).unwrap();
+    let mut disk = vec![0u8; 2 << 20];
+    disk[..4096].fill(0xC3);
+    disk
+}
+
+/// qemu cannot open a dirty VHDX read-only; the plugin replays its log in
+/// memory and leaves the file alone.
+#[test]
+fn dirty_vhdx_served_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("dirty.vhdx");
+    let expect = dirty_vhdx(&img);
+    let before = fs::read(&img).unwrap();
+    let server = Server::vhdio(d, &["--read-only", s(&img)]);
+    let out = d.join("out.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &server.uri, s(&out)],
+    );
+    drop(server);
+    assert!(fs::read(&out).unwrap() == expect, "served disk differs");
+    assert!(
+        fs::read(&img).unwrap() == before,
+        "a read-only serve wrote the image"
+    );
+}
