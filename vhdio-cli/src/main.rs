@@ -232,6 +232,7 @@ fn main() -> ExitCode {
                     psk: tls_psk,
                 },
                 plugin: plugin.as_deref(),
+                verbose: cli.verbose,
             })
         }
         Command::Info { image } => info::info(&image),

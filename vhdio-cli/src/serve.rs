@@ -42,6 +42,8 @@ pub struct ServeOptions<'a> {
     pub listen: Listen,
     pub tls: Tls,
     pub plugin: Option<&'a Path>,
+    /// nbdkit -v: debug messages of nbdkit and the plugin.
+    pub verbose: bool,
 }
 
 /// Where to look for the plugin, relative to the folder of the vhdio binary:
@@ -132,6 +134,9 @@ pub fn uri(listen: &Listen, tls: bool) -> String {
 /// nbdkit's arguments, foreground, with the plugin and its parameters.
 pub fn nbdkit_args(o: &ServeOptions, plugin: &Path, image: &Path) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec!["--foreground".into()];
+    if o.verbose {
+        a.push("--verbose".into());
+    }
     match &o.listen {
         Listen::Socket(p) => {
             a.push("--unix".into());
@@ -239,6 +244,7 @@ mod tests {
             listen: Listen::Socket("/s".into()),
             tls: Tls::default(),
             plugin: None,
+            verbose: false,
         };
         let a = nbdkit_args(&o, Path::new("/p.so"), Path::new("/i/d.vhdx"));
         let a: Vec<&str> = a.iter().map(|s| s.to_str().unwrap()).collect();
