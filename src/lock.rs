@@ -1,13 +1,6 @@
-//! Inter-process image locking, compatible with qemu's (block/file-posix.c):
-//! shared OFD locks on byte 100 + i for each permission i a user holds, and on
-//! byte 200 + i for each permission it does not share. Permission bits:
-//! 0 consistent read, 1 write, 2 write-unchanged, 3 resize.
-//!
-//! A writer holds read, write and resize and shares neither write nor resize,
-//! exactly like a qemu writer of a format image, so a running qemu and the
-//! library refuse each other as second writers. Readers take no lock: a
-//! reader does not block a writer (its cached metadata may then be stale);
-//! that is more lenient than qemu, whose readers refuse writers.
+//! Inter-process image locking: the qemu-compatible protocol lives in
+//! `vdisk::lock`; this is its byte-lock primitive over raw `fcntl` OFD locks
+//! (never through the hooks).
 
 use std::ffi::CString;
 
@@ -15,28 +8,20 @@ use libc::c_int;
 
 use crate::sys;
 
-const PERM_BASE: i64 = 100;
-const SHARED_BASE: i64 = 200;
-const CONSISTENT_READ: i64 = 0;
-const WRITE: i64 = 1;
-const RESIZE: i64 = 3;
+/// The OFD locks of one open file description of ours.
+struct FdLocks(c_int);
 
-/// Bytes a writer locks: the permissions it holds and those it denies.
-const WRITER_HOLDS: [i64; 3] = [
-    PERM_BASE + CONSISTENT_READ,
-    PERM_BASE + WRITE,
-    PERM_BASE + RESIZE,
-];
-const WRITER_DENIES: [i64; 2] = [SHARED_BASE + WRITE, SHARED_BASE + RESIZE];
-/// Bytes whose lock by someone else conflicts with a writer: someone denying
-/// what we hold, or holding what we deny.
-const WRITER_CONFLICTS: [i64; 5] = [
-    SHARED_BASE + CONSISTENT_READ,
-    SHARED_BASE + WRITE,
-    SHARED_BASE + RESIZE,
-    PERM_BASE + WRITE,
-    PERM_BASE + RESIZE,
-];
+impl vdisk::lock::ByteLocks for FdLocks {
+    fn lock_shared(&self, byte: u64) -> std::io::Result<()> {
+        set(self.0, libc::F_RDLCK, byte as i64)
+    }
+    fn unlock(&self, byte: u64) {
+        let _ = set(self.0, libc::F_UNLCK, byte as i64);
+    }
+    fn locked_by_other(&self, byte: u64) -> bool {
+        held_by_other(self.0, byte as i64)
+    }
+}
 
 fn flock(kind: c_int, start: i64) -> libc::flock {
     // SAFETY: flock is plain data; zero is a valid value for every field.
@@ -64,7 +49,7 @@ fn held_by_other(fd: c_int, start: i64) -> bool {
 
 /// Whether another process (or qemu) is writing the image open on `fd`.
 pub fn other_writer(fd: c_int) -> bool {
-    !crate::config::no_lock() && WRITER_CONFLICTS.iter().any(|&b| held_by_other(fd, b))
+    !crate::config::no_lock() && vdisk::lock::other_writer(&FdLocks(fd))
 }
 
 /// A new open file description of the container on `fd`, for our locks.
@@ -93,26 +78,8 @@ pub fn lock_writer(fd: c_int) -> Result<(), c_int> {
     if crate::config::no_lock() {
         return Ok(());
     }
-    for &b in WRITER_HOLDS.iter().chain(&WRITER_DENIES) {
-        if let Err(e) = set(fd, libc::F_RDLCK, b) {
-            unlock_writer(fd);
-            // A conflicting exclusive lock (not qemu's scheme) also means busy.
-            return Err(match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EACCES) => libc::EBUSY,
-                Some(n) => n,
-                None => libc::EIO,
-            });
-        }
-    }
-    if other_writer(fd) {
-        unlock_writer(fd);
-        return Err(libc::EBUSY);
-    }
-    Ok(())
-}
-
-pub fn unlock_writer(fd: c_int) {
-    for &b in WRITER_HOLDS.iter().chain(&WRITER_DENIES) {
-        let _ = set(fd, libc::F_UNLCK, b);
-    }
+    vdisk::lock::lock_writer(&FdLocks(fd)).map_err(|e| match e {
+        vdisk::lock::WriterLockError::Busy => libc::EBUSY,
+        vdisk::lock::WriterLockError::Io(e) => crate::errno::from_io(&e),
+    })
 }

@@ -22,6 +22,8 @@ fn make_install_then_vhdio_run() {
             "vhdio-cli",
             "-p",
             "vhdpartx",
+            "-p",
+            "nbdkit-vhdio",
             "--manifest-path",
         ])
         .arg(root.join("Cargo.toml"))
@@ -38,6 +40,11 @@ fn make_install_then_vhdio_run() {
         .args(["-o", "all", "install"])
         .arg(format!("PREFIX={}", prefix.path().display()))
         .arg(format!("TARGET={}", target.join("release").display()))
+        // Not the system's nbdkit plugindir (the default) from a test.
+        .arg(format!(
+            "NBDKIT_PLUGINDIR={}",
+            prefix.path().join("lib/nbdkit/plugins").display()
+        ))
         .output()
         .unwrap();
     assert!(
@@ -52,6 +59,7 @@ fn make_install_then_vhdio_run() {
         "share/man/man7/libvhdio.7",
         "share/man/man8/vhdpartx.8",
         "share/man/man1/vhdio.1",
+        "lib/nbdkit/plugins/nbdkit-vhdio-plugin.so",
     ] {
         assert!(prefix.path().join(f).exists(), "{f} not installed");
     }
@@ -78,6 +86,22 @@ fn make_install_then_vhdio_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(std::fs::read(tmp.path().join("disk.raw")).unwrap() == qemu_raw(&img, "vhdx"));
+    // nbdkit loads the installed plugin.
+    let out = Command::new("nbdkit")
+        .arg(
+            prefix
+                .path()
+                .join("lib/nbdkit/plugins/nbdkit-vhdio-plugin.so"),
+        )
+        .arg("--dump-plugin")
+        .output()
+        .expect("nbdkit is needed (apt-get install -y nbdkit)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("name=vhdio"),
+        "nbdkit --dump-plugin: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // man renders the installed page.
     let man = Command::new("man")
         .args(["-l"])

@@ -16,10 +16,12 @@ pub mod bytes;
 pub mod crc;
 pub mod create;
 mod disk;
+mod disk_map;
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
 mod image;
+pub mod lock;
 mod open;
 pub mod part;
 mod probe;
@@ -32,6 +34,7 @@ pub mod vhdx;
 
 pub use create::{CreateOptions, NewImage, create, snapshot};
 pub use disk::{Disk, MAX_CHAIN_DEPTH};
+pub use disk_map::Allocation;
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};
 pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image};

@@ -11,6 +11,7 @@ mod check;
 mod info;
 mod inspect;
 mod run;
+mod serve;
 mod units;
 
 use std::ffi::OsString;
@@ -37,7 +38,8 @@ const AFTER_HELP: &str = "\
 Exit status: 0 success (check: no problem found), 1 check found problems,
 2 error (bad command line; image unreadable, not an image, cannot be created;
 library not found), 126 the command of 'run' cannot be executed, 127 it was
-not found. Otherwise 'run' exits with the command's status.
+not found. Otherwise 'run' exits with the command's status, and 'serve' with
+nbdkit's (127: nbdkit is not installed).
 
 Examples:
   vhdio create -f vhdx disk.vhdx 1G
@@ -45,6 +47,7 @@ Examples:
   vhdio snapshot disk.vhdx disk-snap.vhdx
   vhdio run dd if=disk-snap.vhdx of=disk.raw bs=1M
   vhdio info disk-snap.vhdx
+  vhdio serve --socket /tmp/disk.sock disk-snap.vhdx
   vhdio check disk.vhdx";
 
 #[derive(Parser, Debug)]
@@ -90,6 +93,45 @@ enum Command {
             value_name = "COMMAND"
         )]
         command: Vec<OsString>,
+    },
+    /// Serve IMAGE over NBD with nbdkit (its vhdio plugin), in the foreground.
+    ///
+    /// For what LD_PRELOAD cannot reach: a VM (qemu -drive
+    /// file=nbd+unix:///?socket=PATH), the kernel (nbd-client), static
+    /// binaries, other hosts. Prints the NBD URI, then runs nbdkit, whose exit
+    /// status is vhdio's. Read-write, the image is locked against other
+    /// writers (the library, qemu) from startup. The plugin is looked for
+    /// beside the vhdio binary, in the cargo target folders, then in nbdkit's
+    /// plugindir.
+    Serve {
+        /// Serve read-only (nbdkit -r): writes fail, no writer lock.
+        #[arg(short = 'r', long)]
+        read_only: bool,
+        /// Listen on this Unix socket (default: vhdio-PID.sock in
+        /// $XDG_RUNTIME_DIR or /tmp).
+        #[arg(long, value_name = "PATH", conflicts_with = "port")]
+        socket: Option<PathBuf>,
+        /// Listen on this TCP port.
+        #[arg(long, value_name = "N")]
+        port: Option<u16>,
+        /// With --port: the address to listen on (default: all).
+        #[arg(long, value_name = "ADDR", requires = "port")]
+        bind: Option<String>,
+        /// Require TLS with X.509 certificates from DIR (ca-cert.pem,
+        /// server-cert.pem, server-key.pem; see nbdkit-tls(1)).
+        #[arg(long, value_name = "DIR")]
+        tls_certificates: Option<PathBuf>,
+        /// Require TLS with the pre-shared keys in FILE (username:hexkey lines).
+        #[arg(long, value_name = "FILE")]
+        tls_psk: Option<PathBuf>,
+        /// Serve partition N of the image (or name a partition link, disk.vhdx2).
+        #[arg(long, value_name = "N")]
+        partition: Option<u32>,
+        /// Use this plugin instead of searching for it.
+        #[arg(long, value_name = "PATH")]
+        plugin: Option<PathBuf>,
+        /// The image file.
+        image: PathBuf,
     },
     /// Show format, virtual size, block size, allocation, the parent chain and partitions.
     Info {
@@ -180,6 +222,34 @@ fn main() -> ExitCode {
             as_file,
             command,
         } => run::run(library.as_deref(), force, as_file, &command),
+        Command::Serve {
+            read_only,
+            socket,
+            port,
+            bind,
+            tls_certificates,
+            tls_psk,
+            partition,
+            plugin,
+            image,
+        } => {
+            let listen = match port {
+                Some(port) => serve::Listen::Tcp { port, bind },
+                None => serve::Listen::Socket(socket.unwrap_or_else(serve::default_socket)),
+            };
+            serve::serve(serve::ServeOptions {
+                image: &image,
+                read_only,
+                partition,
+                listen,
+                tls: serve::Tls {
+                    certificates: tls_certificates,
+                    psk: tls_psk,
+                },
+                plugin: plugin.as_deref(),
+                verbose: cli.verbose,
+            })
+        }
         Command::Info { image } => info::info(&image),
         Command::Check { image } => check::check(&image),
         Command::Create {

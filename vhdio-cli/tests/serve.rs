@@ -1,0 +1,417 @@
+//! `vhdio serve` and the nbdkit plugin, against real NBD clients (qemu-img,
+//! qemu-io, nbdinfo, nbdcopy) over a Unix socket. The images are made by
+//! qemu-img and `vhdio snapshot`, written through the preload library, and
+//! read back through it.
+
+mod nbd;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use nbd::*;
+
+/// Parent written by qemu: 0x11 in 0..8M and 0x33 in 16M..20M.
+fn make_chain(dir: &Path, fmt: &str) -> (PathBuf, PathBuf) {
+    let base = dir.join(format!("base.{fmt}"));
+    let child = dir.join(format!("child.{fmt}"));
+    let opts = if fmt == "vhdx" {
+        "block_size=1M"
+    } else {
+        "static=off"
+    };
+    ok(
+        "qemu-img",
+        &["create", "-q", "-f", fmt, "-o", opts, s(&base), "64M"],
+    );
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            fmt,
+            "-c",
+            "write -P 0x11 0 8M",
+            "-c",
+            "write -P 0x33 16M 4M",
+            s(&base),
+        ],
+    );
+    ok(VHDIO, &["snapshot", s(&base), s(&child)]);
+    (base, child)
+}
+
+fn served_chain(fmt: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (base, child) = make_chain(d, fmt);
+    // qemu itself cannot open the child.
+    let o = run("qemu-img", &["info", "-f", fmt, s(&child)]);
+    assert!(
+        !o.status.success(),
+        "qemu opened the {fmt} child: {}",
+        text(&o)
+    );
+    let o = library_write(&child, 10 * MIB, 2 * MIB, 0x44);
+    assert!(o.status.success(), "library write: {}", text(&o));
+    let o = library_write(&child, 2 * MIB, MIB, 0x55);
+    assert!(o.status.success(), "library write: {}", text(&o));
+    let view = library_view(&child, &d.join("view.raw"));
+    assert_eq!(view.len() as u64, 64 * MIB);
+    let base_before = fs::read(&base).unwrap();
+
+    let mut server = Server::vhdio(d, &[s(&child)]);
+    let uri = server.uri.clone();
+    assert_eq!(
+        ok("nbdinfo", &["--size", &uri]).trim(),
+        (64 * MIB).to_string()
+    );
+    let converted = d.join("converted.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, s(&converted)],
+    );
+    assert!(
+        fs::read(&converted).unwrap() == view,
+        "qemu-img convert differs"
+    );
+    assert_eq!(
+        data_extents(&uri),
+        [(0, 8 * MIB), (10 * MIB, 12 * MIB), (16 * MIB, 20 * MIB)],
+        "nbdinfo --map"
+    );
+    let map = ok("qemu-img", &["map", "--output=json", "-f", "raw", &uri]);
+    let holes = map
+        .lines()
+        .filter(|l| l.contains("\"data\": false"))
+        .count();
+    assert_eq!(holes, 3, "qemu-img map: {map}");
+    let copied = d.join("copied.raw");
+    ok("nbdcopy", &[&uri, s(&copied)]);
+    assert!(fs::read(&copied).unwrap() == view, "nbdcopy differs");
+
+    // A second writer is refused while nbdkit serves the image read-write.
+    let o = library_write(&child, 0, 65536, 0x66);
+    assert!(
+        !o.status.success(),
+        "library wrote while served: {}",
+        text(&o)
+    );
+
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 1M 64k",
+            "-c",
+            "discard 4M 1M",
+            &uri,
+        ],
+    );
+    assert!(server.alive());
+    drop(server);
+    let mut expect = view;
+    expect[MIB as usize..(MIB + 65536) as usize].fill(0x5a);
+    // discard: advisory, and the plugin does not trim yet (no unmap in the
+    // image layer): the range keeps its data.
+    let after = library_view(&child, &d.join("after.raw"));
+    assert!(after == expect, "child after qemu-io differs");
+    assert!(fs::read(&base).unwrap() == base_before, "parent changed");
+}
+
+#[test]
+fn differencing_vhdx_served_to_real_clients() {
+    served_chain("vhdx");
+}
+
+#[test]
+fn differencing_vdi_served_to_real_clients() {
+    served_chain("vdi");
+}
+
+#[test]
+fn read_only_and_writer_locks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x77 0 1M", s(&img)],
+    );
+
+    // Read-only: reads work, writes are refused, the image is not locked.
+    let server = Server::vhdio(d, &["--read-only", s(&img)]);
+    let uri = server.uri.clone();
+    let o = run("nbdinfo", &["--can", "write", &uri]);
+    assert_eq!(o.status.code(), Some(2), "writable: {}", text(&o));
+    let o = run("qemu-io", &["-f", "raw", "-c", "write 0 64k", &uri]);
+    assert!(
+        !o.status.success(),
+        "write to a read-only export: {}",
+        text(&o)
+    );
+    let o = ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x77 0 1M", &uri],
+    );
+    assert!(!o.contains("failed"), "{o}");
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x78 1M 64k", s(&img)],
+    );
+    drop(server);
+
+    // Read-write: qemu and the library are refused as second writers.
+    let mut server = Server::vhdio(d, &[s(&img)]);
+    let o = run("qemu-io", &["-f", "vhdx", "-c", "write 0 64k", s(&img)]);
+    assert!(!o.status.success(), "qemu wrote while served: {}", text(&o));
+    assert!(text(&o).contains("lock"), "{}", text(&o));
+    let o = library_write(&img, 0, 65536, 0x79);
+    assert!(
+        !o.status.success(),
+        "library wrote while served: {}",
+        text(&o)
+    );
+    // A second read-write server refuses to start, with the reason.
+    let other = d.join("other");
+    fs::create_dir(&other).unwrap();
+    let mut c = Command::new(VHDIO);
+    c.args(["serve", "--socket", s(&other.join("s.sock")), s(&img)]);
+    let (_, out) = failed_start(c);
+    assert!(out.contains("another process is writing"), "{out}");
+    assert!(server.alive());
+    drop(server);
+    // Released at exit.
+    ok("qemu-io", &["-f", "vhdx", "-c", "write 0 64k", s(&img)]);
+}
+
+/// The error text of vdisk for `image`, as `vhdio info` prints it.
+fn library_error(image: &Path) -> String {
+    let o = run(VHDIO, &["info", s(image)]);
+    assert!(!o.status.success());
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    let prefix = format!("vhdio: {}: ", s(image));
+    e.trim().strip_prefix(&prefix).unwrap_or(&e).to_string()
+}
+
+#[test]
+fn plugin_errors_reach_nbdkits_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A missing parent.
+    let (base, child) = make_chain(d, "vhdx");
+    fs::rename(&base, d.join("moved.vhdx")).unwrap();
+    // vhdio names the parent it looked for as vdisk does (the paths tried
+    // differ: vhdio also tries the relative path from the current folder).
+    let error = library_error(&child);
+    let at = error.find("not found: ").expect(&error) + 11;
+    let expected = error[at..error.find("; tried").expect(&error)].to_string();
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(&d.join("a.sock"))])
+        .arg(plugin())
+        .arg(format!("file={}", s(&child)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(&expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+    // A corrupt image: the VDI header's block size zeroed.
+    let vdi = d.join("bad.vdi");
+    ok("qemu-img", &["create", "-q", "-f", "vdi", s(&vdi), "8M"]);
+    let mut bytes = fs::read(&vdi).unwrap();
+    bytes[0x178..0x17c].fill(0);
+    fs::write(&vdi, &bytes).unwrap();
+    let expected = library_error(&vdi);
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(&d.join("b.sock"))])
+        .arg(plugin())
+        .arg(format!("file={}", s(&vdi)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(&expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+
+    // A read error (the data cut off the file after the open) is EIO to the
+    // client; nbdkit keeps serving.
+    let img = d.join("cut.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "64M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x12 0 4M", s(&img)],
+    );
+    let mut server = Server::nbdkit(d, &[&format!("file={}", s(&img)), "readonly=true"]);
+    let uri = server.uri.clone();
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x12 0 64k", &uri],
+    );
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&img)
+        .unwrap()
+        .set_len(MIB)
+        .unwrap();
+    let o = run("qemu-io", &["-r", "-f", "raw", "-c", "read 0 64k", &uri]);
+    assert!(text(&o).contains("Input/output error"), "{}", text(&o));
+    assert!(server.alive(), "nbdkit died on a read error");
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0 32M 64k", &uri],
+    );
+    let log = server.output();
+    assert!(log.contains("vhdio"), "{log}");
+}
+
+#[test]
+fn partition_by_number_and_by_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    let mut sfdisk = Command::new("sfdisk")
+        .arg(&img)
+        .env("LD_PRELOAD", library())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    sfdisk
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"label: dos\nstart=2048, size=4096, type=83\n")
+        .unwrap();
+    assert!(sfdisk.wait().unwrap().success());
+    assert!(library_write(&img, MIB, 65536, 0x3c).status.success());
+    let link = d.join("disk.vhdx1");
+    std::os::unix::fs::symlink("disk.vhdx", &link).unwrap();
+    for args in [vec!["--partition", "1", s(&img)], vec![s(&link)]] {
+        let server = Server::vhdio(d, &args);
+        let uri = server.uri.clone();
+        assert_eq!(
+            ok("nbdinfo", &["--size", &uri]).trim(),
+            (2 * MIB).to_string()
+        );
+        let o = ok("qemu-io", &["-f", "raw", "-c", "read -P 0x3c 0 64k", &uri]);
+        assert!(!o.contains("failed"), "{args:?}: {o}");
+    }
+}
+
+#[test]
+fn missing_nbdkit_names_the_package() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.vhdx");
+    ok(VHDIO, &["create", "-f", "vhdx", s(&img), "1M"]);
+    let o = Command::new(VHDIO)
+        .args(["serve", s(&img)])
+        .env("PATH", dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(127), "{}", text(&o));
+    assert!(text(&o).contains("apt-get install nbdkit"), "{}", text(&o));
+}
+
+#[test]
+fn sector_4k_vhdx_block_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk4k.vhdx");
+    ok(
+        VHDIO,
+        &[
+            "create",
+            "-f",
+            "vhdx",
+            "-o",
+            "sector_size=4096",
+            s(&img),
+            "8M",
+        ],
+    );
+    let server = Server::vhdio(d, &[s(&img)]);
+    let uri = server.uri.clone();
+    let info = ok("nbdinfo", &["--json", &uri]);
+    assert!(info.contains("\"block_size_minimum\": 4096"), "{info}");
+    ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x4b 12k 8k",
+            "-c",
+            "flush",
+            &uri,
+        ],
+    );
+    drop(server);
+    let view = library_view(&img, &d.join("view.raw"));
+    assert!(view[12288..20480].iter().all(|&b| b == 0x4b));
+    assert!(view[..12288].iter().chain(&view[20480..]).all(|&b| b == 0));
+}
+
+/// Plain `nbdkit vhdio` learns of `-r` only when a client connects: with
+/// `-r` it reads beside another writer; without, a client's open is refused.
+#[test]
+fn plain_nbdkit_locks_at_first_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    ok(
+        "qemu-io",
+        &["-f", "vhdx", "-c", "write -P 0x21 0 1M", s(&img)],
+    );
+    let writer_dir = d.join("writer");
+    fs::create_dir(&writer_dir).unwrap();
+    let mut writer = Server::vhdio(&writer_dir, &[s(&img)]);
+
+    let reader_dir = d.join("reader");
+    fs::create_dir(&reader_dir).unwrap();
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "-r", "--unix"])
+        .arg(reader_dir.join("s.sock"))
+        .arg(plugin())
+        .arg(format!("file={}", s(&img)));
+    let reader = Server::start(c, reader_dir.join("s.sock"));
+    ok(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x21 0 1M", &reader.uri],
+    );
+    drop(reader);
+
+    let mut lazy = Server::nbdkit(d, &[&format!("file={}", s(&img))]);
+    let o = run("nbdinfo", &["--size", &lazy.uri]);
+    assert!(!o.status.success(), "opened beside a writer: {}", text(&o));
+    assert!(lazy.alive());
+    let log = lazy.output();
+    assert!(log.contains("another process is writing"), "{log}");
+    assert!(writer.alive());
+}
+
+/// qemu cannot open a dirty VHDX read-only; the plugin replays its log in
+/// memory and leaves the file alone.
+#[test]
+fn dirty_vhdx_served_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("dirty.vhdx");
+    let expect = dirty_vhdx(&img);
+    let before = fs::read(&img).unwrap();
+    let server = Server::vhdio(d, &["--read-only", s(&img)]);
+    let out = d.join("out.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &server.uri, s(&out)],
+    );
+    drop(server);
+    assert!(fs::read(&out).unwrap() == expect, "served disk differs");
+    assert!(
+        fs::read(&img).unwrap() == before,
+        "a read-only serve wrote the image"
+    );
+}
