@@ -155,6 +155,16 @@ fn open(config: &Config, writable: bool) -> Result<Export, String> {
     })
 }
 
+/// Closes the current export's disk (see `Disk::close`); errors are logged.
+pub fn close() {
+    let current = CURRENT.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(e) = current
+        && let Err(err) = e.disk.close()
+    {
+        log::warn!("closing the image: {err}");
+    }
+}
+
 /// Opened once at startup (`get_ready`), so that a bad image, a missing
 /// parent or a busy image fails nbdkit before it serves.
 pub fn open_at_startup() -> Result<(), String> {

@@ -16,7 +16,7 @@ struct PluginTable {
     list_exports: Unused,
     default_export: Unused,
     export_description: Unused,
-    cleanup: Unused,
+    cleanup: Option<extern "C" fn()>,
     block_size: Option<BlockSize>,
 }
 
@@ -48,6 +48,13 @@ extern "C" fn block_size(
         *maximum = u32::MAX;
     }
     0
+}
+
+/// After the last connection, before nbdkit exits: the image commits the
+/// table updates it keeps in memory (a client may disconnect without a
+/// flush) and gives back reserved space, as the last close of a disk does.
+extern "C" fn cleanup() {
+    let _ = std::panic::catch_unwind(crate::export::close);
 }
 
 /// nbdkit's entry point.
@@ -87,7 +94,7 @@ pub extern "C" fn plugin_init() -> *const nbdkit::Plugin {
         list_exports: None,
         default_export: None,
         export_description: None,
-        cleanup: None,
+        cleanup: Some(cleanup),
         block_size: Some(block_size),
     });
     table.base._struct_size = std::mem::size_of::<PluginTable>() as u64;
