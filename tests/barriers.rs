@@ -114,7 +114,9 @@ fn reader_flush_syncs(flusher: &str, program: &str, args: &[&str]) {
         let (n, log) = container_syncs(dir, &img, program, &args);
         println!("{flusher} on {name} after the writer exited: {n} container syncs");
         if n == 0 {
-            bad.push(format!("{name}: no fsync/fdatasync on the container; strace:\n{log}"));
+            bad.push(format!(
+                "{name}: no fsync/fdatasync on the container; strace:\n{log}"
+            ));
         }
     }
     assert!(

@@ -32,10 +32,9 @@ pub struct Counts {
 pub struct Report {
     pub name: String,
     pub families: Vec<(Family, Counts)>,
-    /// Full descriptions of the first failures.
-    pub failures: Vec<String>,
-    /// Failure kinds (message with numbers masked) and how often each occurred.
-    pub kinds: Vec<(String, usize)>,
+    /// Failure kinds (message with numbers masked), how often each
+    /// occurred, and its first occurrence in full with the state.
+    pub kinds: Vec<(String, usize, String)>,
     pub checker_runs: usize,
     /// What the checkers noted on passing states (log replays, leaks), by kind.
     pub notes: Vec<(String, usize)>,
@@ -83,11 +82,8 @@ impl Report {
         for (k, n) in &self.notes {
             let _ = write!(s, "\n  note: {n} x {k}");
         }
-        for (k, n) in &self.kinds {
-            let _ = write!(s, "\n  {n} x {k}");
-        }
-        for f in self.failures.iter().take(6) {
-            let _ = write!(s, "\n  - {f}");
+        for (k, n, first) in &self.kinds {
+            let _ = write!(s, "\n  {n} x {k}\n    first: {first}");
         }
         s
     }
@@ -97,11 +93,19 @@ impl Report {
     }
 }
 
-/// Replaces numbers (decimal or 0x hex) with '#', so failures group by kind.
+/// Replaces numbers (decimal, 0x hex, {GUID}) with '#', so failures group by kind.
 fn kind(msg: &str) -> String {
     let mut out = String::new();
     let mut in_num = false;
+    let mut in_guid = false;
     for ch in msg.chars() {
+        if in_guid || ch == '{' {
+            in_guid = ch != '}';
+            if ch == '{' {
+                out.push_str("{#}");
+            }
+            continue;
+        }
         let digit = ch.is_ascii_digit();
         if digit || in_num && (ch.is_ascii_hexdigit() || ch == 'x') {
             if !in_num {
@@ -123,7 +127,9 @@ fn hash(d: &[u8]) -> u64 {
     for c in &mut chunks {
         for (lane, w) in h.iter_mut().zip(c.chunks_exact(8)) {
             let v = u64::from_le_bytes(w.try_into().unwrap());
-            *lane = (*lane ^ v).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(31);
+            *lane = (*lane ^ v)
+                .wrapping_mul(0xFF51_AFD7_ED55_8CCD)
+                .rotate_left(31);
         }
     }
     for (i, &b) in chunks.remainder().iter().enumerate() {
@@ -274,7 +280,12 @@ fn structural(fmt: Fmt, file: &[u8], dir: &Path) -> Result<String, String> {
 
 /// (c) for one crash point: every byte of `actual` is acknowledged content or
 /// a later write's.
-fn check_content(rec: &Recording, shadows: &mut Shadows, actual: &[u8], c: usize) -> Result<(), String> {
+fn check_content(
+    rec: &Recording,
+    shadows: &mut Shadows,
+    actual: &[u8],
+    c: usize,
+) -> Result<(), String> {
     let ack = rec.flushes.iter().rposition(|f| f.op_end <= c);
     let k = ack.map_or(0, |f| rec.flushes[f].writes);
     let m = rec.writes.partition_point(|w| w.op_start < c).max(k);
@@ -325,7 +336,11 @@ fn check_content(rec: &Recording, shadows: &mut Shadows, actual: &[u8], c: usize
                     let ack_name = match ack {
                         Some(f) => format!(
                             "flush #{f}{} (after disk writes 0..{k})",
-                            if rec.flushes[f].read_only { ", read-only" } else { "" }
+                            if rec.flushes[f].read_only {
+                                ", read-only"
+                            } else {
+                                ""
+                            }
                         ),
                         None => "no flush (initial content)".to_string(),
                     };
@@ -373,8 +388,7 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
     let mut actual = Vec::new();
     let mut file = Vec::new();
     let mut seen: HashSet<(u64, Vec<(usize, usize)>)> = HashSet::new();
-    let mut failures = Vec::new();
-    let mut kinds: HashMap<String, usize> = HashMap::new();
+    let mut kinds: HashMap<String, (usize, String)> = HashMap::new();
     let mut checker_runs = 0;
     let mut phases = [0f64; 4];
     for st in &states {
@@ -401,14 +415,14 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
         let shared = Arc::new(std::mem::take(&mut file));
         let t1 = Instant::now();
         phases[0] += (t1 - t0).as_secs_f64();
-        let result = read_only(rec.fmt, &shared, &mut actual).and_then(|()| {
+        let result = read_only(&rec.path, &shared, &mut actual).and_then(|()| {
             let t2 = Instant::now();
             phases[1] += (t2 - t1).as_secs_f64();
             let note = structure
                 .entry(h)
                 .or_insert_with(|| {
                     checker_runs += 1;
-                    writable_and_structural(rec.fmt, &shared, dir.path())
+                    writable_and_structural(rec.fmt, &rec.path, &shared, dir.path())
                 })
                 .clone()?;
             if !note.is_empty() {
@@ -426,15 +440,19 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
         file = Arc::try_unwrap(shared).unwrap_or_default();
         if let Err(e) = result {
             cnt.failed += 1;
-            *kinds.entry(kind(&e)).or_default() += 1;
+            let k = kinds
+                .entry(kind(&e))
+                .or_insert_with(|| (0, format!("{e}\n    state: {}", states::describe(rec, st))));
+            k.0 += 1;
             if let Some(d) = &dump {
-                let name: String = rec.name.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+                let name: String = rec
+                    .name
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric())
+                    .collect();
                 let path = d.join(format!("{name}-{}.{}", cnt.failed, rec.fmt.ext()));
                 std::fs::create_dir_all(d).unwrap();
                 std::fs::write(&path, &file).unwrap();
-            }
-            if failures.len() < 20 {
-                failures.push(format!("{}\n      state: {}", e, states::describe(rec, st)));
             }
         }
     }
@@ -449,12 +467,20 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
             .iter()
             .map(|f| (*f, counts.get(f).copied().unwrap_or_default()))
             .collect(),
-        failures,
-        kinds: sorted(kinds),
+        kinds: {
+            let mut v: Vec<(String, usize, String)> =
+                kinds.into_iter().map(|(k, (n, f))| (k, n, f)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v
+        },
         notes: sorted(notes),
         checker_runs,
         ops: rec.ops.len(),
-        syncs: rec.ops.iter().filter(|o| matches!(o, super::Op::Sync)).count(),
+        syncs: rec
+            .ops
+            .iter()
+            .filter(|o| matches!(o, super::Op::Sync))
+            .count(),
         seconds: t.elapsed().as_secs_f64(),
         phases,
     }
@@ -476,15 +502,20 @@ fn crash_points(rec: &Recording, st: &CrashState) -> Vec<usize> {
 }
 
 /// (a), read-only: the image opens and its whole virtual disk reads (into `actual`).
-fn read_only(fmt: Fmt, file: &Arc<Vec<u8>>, actual: &mut Vec<u8>) -> Result<(), String> {
-    let disk = super::open_shared(fmt, file.clone(), false)
+fn read_only(path: &Path, file: &Arc<Vec<u8>>, actual: &mut Vec<u8>) -> Result<(), String> {
+    let disk = super::open_shared(path, file.clone(), false)
         .map_err(|e| format!("does not open read-only: {e}"))?;
     super::read_disk_into(&disk, actual).map_err(|e| format!("read after open: {e}"))
 }
 
 /// (a), writable (writes go to an overlay, not the state), then (b).
-fn writable_and_structural(fmt: Fmt, file: &Arc<Vec<u8>>, dir: &Path) -> Result<String, String> {
-    super::open_shared(fmt, file.clone(), true)
+fn writable_and_structural(
+    fmt: Fmt,
+    path: &Path,
+    file: &Arc<Vec<u8>>,
+    dir: &Path,
+) -> Result<String, String> {
+    super::open_shared(path, file.clone(), true)
         .map_err(|e| format!("does not open writable: {e}"))?;
     structural(fmt, file, dir)
 }
