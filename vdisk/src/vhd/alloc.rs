@@ -2,9 +2,10 @@
 //! and their group commit, the reservation before the footer.
 //!
 //! Power-loss order: data (and a new block's first bitmap) go to the file at
-//! once; BAT entries and bitmap changes of allocated blocks stay in memory
-//! until a commit writes them after a barrier, so nothing on the disk points
-//! at (or marks present) data that is not durable.
+//! once; BAT entries, and in a differencing disk the bitmap changes of
+//! allocated blocks, stay in memory until a commit writes them after a
+//! barrier, so nothing on the disk points at (or marks present, over the
+//! parent's data) data that is not durable.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -70,7 +71,17 @@ impl VhdImage {
                         let mut bits = bits.to_vec();
                         bitmap::set_range(&mut bits, first, count);
                         let full = bitmap::is_full(&bits, s.sectors_per_block());
-                        s.pending_bitmaps.stage(b, bits.into());
+                        if self.parent.is_some() {
+                            s.pending_bitmaps.stage(b, bits.into());
+                        } else {
+                            // In a base image a sector not present reads
+                            // zeros, and allocation zeroed it in the file: a
+                            // bit that lands before its data shows those
+                            // zeros, the old content. So the bitmap goes to
+                            // the file now, where readers that ignore bitmaps
+                            // (qemu) and this library agree after a kill.
+                            self.storage.write_all_at(&bits, bitmap_offset)?;
+                        }
                         s.bitmaps.written(b);
                         full
                     } else {
