@@ -223,6 +223,10 @@ extern "C" fn fini() {
     if guard::inside() {
         return;
     }
+    // exit() flushes stdio after .fini_array: streams on images (cookie
+    // streams) must write their buffers now, while the disks are open.
+    // SAFETY: fflush(NULL) flushes every output stream.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
     let _g = guard::Guard::enter();
     let _ = std::panic::catch_unwind(images::close_all);
 }
