@@ -1,0 +1,483 @@
+//! libaio for image fds: io_setup, io_submit, io_getevents, io_pgetevents,
+//! io_cancel and io_destroy, libaio.so.1's exported functions (programs such
+//! as fio call them through the PLT; inside, libaio makes raw syscalls that
+//! would carry the dummy fd to the kernel). Without libaio loaded there is
+//! nothing to interpose and these are never called.
+//!
+//! An iocb on an image fd is performed at submit (see `aio`) and its event
+//! queued here, per context; every other iocb goes to the kernel in the same
+//! context, in batch order. io_getevents hands out queued events first (in
+//! submission order), then the kernel's. A thread blocked in the kernel on a
+//! context for which another thread queues events is woken by a no-op kernel
+//! request (a 0-byte read of /dev/null) that io_getevents drops.
+//!
+//! Limit: fio's `userspace_reap=1` reads the kernel's completion ring itself
+//! and never sees queued events; its image I/O then waits forever. The
+//! default (io_getevents) is served.
+
+use std::collections::VecDeque;
+use std::ffi::c_void;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use libc::{c_int, c_long, timespec};
+
+use super::aio::{Op, perform};
+use super::image_fd_io;
+use crate::fdtable::{self, InternalFd, OpenFile, is_mapped};
+use crate::{guard, real, sys};
+
+/// The kernel's `struct iocb` (libaio's has the same layout).
+#[repr(C)]
+pub struct Iocb {
+    aio_data: u64,
+    aio_key: u32,
+    aio_rw_flags: i32,
+    aio_lio_opcode: u16,
+    aio_reqprio: i16,
+    aio_fildes: u32,
+    aio_buf: u64,
+    aio_nbytes: u64,
+    aio_offset: i64,
+    aio_reserved2: u64,
+    aio_flags: u32,
+    aio_resfd: u32,
+}
+
+/// The kernel's `struct io_event`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct IoEvent {
+    data: u64,
+    obj: u64,
+    res: i64,
+    res2: i64,
+}
+
+/// `io_context_t`: the kernel's aio_context_t, a pointer type in libaio.
+pub type Ctx = usize;
+
+const CMD_PREAD: u16 = 0;
+const CMD_PWRITE: u16 = 1;
+const CMD_FSYNC: u16 = 2;
+const CMD_FDSYNC: u16 = 3;
+const CMD_PREADV: u16 = 7;
+const CMD_PWRITEV: u16 = 8;
+const FLAG_RESFD: u32 = 1;
+
+/// `aio_data` of the wake-up requests ("vhdiowak").
+const WAKE_DATA: u64 = 0x7668_6469_6f77_616b;
+
+pub(crate) struct Queue {
+    ctx: Ctx,
+    events: VecDeque<IoEvent>,
+    /// Threads blocked in the kernel's io_getevents on this context.
+    waiters: usize,
+}
+
+/// Contexts that have seen image iocbs. A mutex, not on any non-image path:
+/// io_getevents skips it while `QUEUED` is 0.
+static QUEUES: Mutex<Vec<Queue>> = Mutex::new(Vec::new());
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
+
+pub(crate) fn lock() -> MutexGuard<'static, Vec<Queue>> {
+    QUEUES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn forget(ctx: Ctx) {
+    let mut q = lock();
+    if let Some(i) = q.iter().position(|q| q.ctx == ctx) {
+        q.swap_remove(i);
+        QUEUED.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+fn image_of(iocb: *const Iocb) -> Option<Arc<OpenFile>> {
+    if iocb.is_null() {
+        return None;
+    }
+    // SAFETY: a non-NULL iocb pointer from the caller's batch.
+    let fd = unsafe { (*iocb).aio_fildes } as c_int;
+    if is_mapped(fd) { image_fd_io(fd) } else { None }
+}
+
+fn maybe_image(iocb: *const Iocb) -> bool {
+    // SAFETY: as in image_of.
+    !iocb.is_null() && is_mapped(unsafe { (*iocb).aio_fildes } as c_int)
+}
+
+/// Performs an image iocb: its event, or the errno io_submit fails with
+/// (what the kernel checks at submit: opcode, access mode, offset).
+fn complete(of: &OpenFile, iocb: &Iocb) -> Result<IoEvent, c_int> {
+    let (buf, n, off) = (iocb.aio_buf as *mut c_void, iocb.aio_nbytes, iocb.aio_offset);
+    let vecs = || {
+        c_int::try_from(n)
+            .ok()
+            .filter(|&c| c <= libc::UIO_MAXIOV)
+            .ok_or(libc::EINVAL)
+    };
+    let (op, reads, writes) = match iocb.aio_lio_opcode {
+        CMD_PREAD => (Op::Read(buf, n as usize, off), true, false),
+        CMD_PWRITE => (Op::Write(buf, n as usize, off), false, true),
+        CMD_PREADV => (Op::ReadV(buf.cast(), vecs()?, off), true, false),
+        CMD_PWRITEV => (Op::WriteV(buf.cast(), vecs()?, off), false, true),
+        CMD_FSYNC | CMD_FDSYNC => (Op::Flush, false, false),
+        _ => return Err(libc::EINVAL),
+    };
+    if (reads && !of.readable()) || (writes && !of.writable()) {
+        return Err(libc::EBADF);
+    }
+    if (reads || writes) && off < 0 {
+        return Err(libc::EINVAL);
+    }
+    let res = match perform(of, op) {
+        Ok(n) => n as i64,
+        Err(e) => -(e as i64),
+    };
+    Ok(IoEvent {
+        data: iocb.aio_data,
+        obj: iocb as *const Iocb as u64,
+        res,
+        res2: 0,
+    })
+}
+
+type SubmitFn = unsafe extern "C" fn(Ctx, c_long, *mut *mut Iocb) -> c_int;
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_submit(ctx: Ctx, nr: c_long, ios: *mut *mut Iocb) -> c_int {
+    let Some(kernel) = real::IO_SUBMIT.get() else {
+        return -libc::ENOSYS;
+    };
+    // SAFETY: ios holds nr iocb pointers (io_submit's contract).
+    let batch = || unsafe { std::slice::from_raw_parts(ios, nr as usize) };
+    if nr <= 0
+        || ios.is_null()
+        || !fdtable::any_mapped()
+        || guard::inside()
+        || !batch().iter().any(|&p| maybe_image(p))
+    {
+        // SAFETY: forwarding the caller's arguments.
+        return unsafe { kernel(ctx, nr, ios) };
+    }
+    submit_mixed(ctx, batch(), kernel)
+}
+
+/// A batch with image iocbs: runs of other iocbs go to the kernel, image ones
+/// are performed in between; stops where the kernel or a submit check stops.
+fn submit_mixed(ctx: Ctx, batch: &[*mut Iocb], kernel: SubmitFn) -> c_int {
+    let mut done = 0usize;
+    let mut events = Vec::new();
+    let mut failed = 0;
+    let mut i = 0;
+    while i < batch.len() {
+        if let Some(of) = image_of(batch[i]) {
+            // SAFETY: image_of checked the pointer is not NULL.
+            match complete(&of, unsafe { &*batch[i] }) {
+                Ok(ev) => events.push(ev),
+                Err(e) => {
+                    failed = -e;
+                    break;
+                }
+            }
+            done += 1;
+            i += 1;
+            continue;
+        }
+        let run = 1 + batch[i + 1..]
+            .iter()
+            .take_while(|&&p| !maybe_image(p))
+            .count();
+        // SAFETY: a sub-slice of the caller's batch; the kernel reads it.
+        let r = unsafe { kernel(ctx, run as c_long, batch[i..].as_ptr().cast_mut()) };
+        if r < 0 {
+            failed = r;
+            break;
+        }
+        done += r as usize;
+        if (r as usize) < run {
+            break;
+        }
+        i += run;
+    }
+    if !events.is_empty() {
+        queue(ctx, &events);
+        for ev in &events {
+            // SAFETY: obj is the caller's iocb, performed above.
+            let iocb = unsafe { &*(ev.obj as *const Iocb) };
+            if iocb.aio_flags & FLAG_RESFD != 0 {
+                let _ = sys::write(iocb.aio_resfd as c_int, &1u64.to_ne_bytes());
+            }
+        }
+    }
+    if done == 0 { failed } else { done as c_int }
+}
+
+fn queue(ctx: Ctx, events: &[IoEvent]) {
+    let waiters = {
+        let mut qs = lock();
+        let i = match qs.iter().position(|q| q.ctx == ctx) {
+            Some(i) => i,
+            None => {
+                qs.push(Queue {
+                    ctx,
+                    events: VecDeque::new(),
+                    waiters: 0,
+                });
+                QUEUED.fetch_add(1, Ordering::Relaxed);
+                qs.len() - 1
+            }
+        };
+        qs[i].events.extend(events.iter().copied());
+        qs[i].waiters
+    };
+    if waiters > 0 {
+        wake(ctx);
+    }
+}
+
+/// Submits a request that completes at once (read 0 bytes of /dev/null), so
+/// a thread blocked in the kernel on `ctx` returns and finds the queue.
+fn wake(ctx: Ctx) {
+    static NULL: OnceLock<Option<InternalFd>> = OnceLock::new();
+    let _g = guard::Guard::enter();
+    let fd = NULL.get_or_init(|| {
+        sys::openat(libc::AT_FDCWD, c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC, 0)
+            .ok()
+            .map(InternalFd::new)
+    });
+    let (Some(fd), Some(kernel)) = (fd, real::IO_SUBMIT.get()) else {
+        return;
+    };
+    let mut byte = 0u8;
+    let mut iocb = Iocb {
+        aio_data: WAKE_DATA,
+        aio_key: 0,
+        aio_rw_flags: 0,
+        aio_lio_opcode: CMD_PREAD,
+        aio_reqprio: 0,
+        aio_fildes: fd.get() as u32,
+        aio_buf: &mut byte as *mut u8 as u64,
+        aio_nbytes: 0,
+        aio_offset: 0,
+        aio_reserved2: 0,
+        aio_flags: 0,
+        aio_resfd: 0,
+    };
+    let mut p: *mut Iocb = &mut iocb;
+    // SAFETY: one valid iocb; the kernel copies it at submit.
+    let _ = unsafe { kernel(ctx, 1, &mut p) };
+}
+
+/// Moves up to `room` queued events of `ctx` to `out`; `None` if the context
+/// has no queue.
+fn take(qs: &mut [Queue], ctx: Ctx, out: *mut IoEvent, room: usize) -> Option<usize> {
+    let q = qs.iter_mut().find(|q| q.ctx == ctx)?;
+    let n = room.min(q.events.len());
+    for (k, ev) in q.events.drain(..n).enumerate() {
+        // SAFETY: out has room for `room` events (io_getevents' contract).
+        unsafe { out.add(k).write(ev) };
+    }
+    Some(n)
+}
+
+fn set_waiting(ctx: Ctx, delta: isize) {
+    if let Some(q) = lock().iter_mut().find(|q| q.ctx == ctx) {
+        q.waiters = q.waiters.saturating_add_signed(delta);
+    }
+}
+
+/// Drops the wake-up events among `n` at `evs`; how many remain.
+fn drop_wakes(evs: *mut IoEvent, n: usize) -> usize {
+    // SAFETY: the kernel wrote n events there.
+    let evs = unsafe { std::slice::from_raw_parts_mut(evs, n) };
+    let mut kept = 0;
+    for k in 0..n {
+        if evs[k].data != WAKE_DATA {
+            evs[kept] = evs[k];
+            kept += 1;
+        }
+    }
+    kept
+}
+
+fn now() -> timespec {
+    let mut t = timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer (vDSO clock, no hook).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t
+}
+
+fn nanos(t: &timespec) -> i128 {
+    t.tv_sec as i128 * 1_000_000_000 + t.tv_nsec as i128
+}
+
+fn from_nanos(n: i128) -> timespec {
+    let n = n.max(0);
+    timespec {
+        tv_sec: (n / 1_000_000_000) as libc::time_t,
+        tv_nsec: (n % 1_000_000_000) as libc::c_long,
+    }
+}
+
+/// io_getevents/io_pgetevents on a context with queued image events.
+/// `kernel(min, nr, events, timeout)` is the real call.
+fn getevents(
+    ctx: Ctx,
+    min_nr: c_long,
+    nr: c_long,
+    events: *mut IoEvent,
+    timeout: *mut timespec,
+    kernel: impl Fn(c_long, c_long, *mut IoEvent, *mut timespec) -> c_int,
+) -> c_int {
+    // SAFETY: a non-NULL timeout is the caller's timespec.
+    let limit = (!timeout.is_null()).then(|| unsafe { *timeout });
+    if nr <= 0
+        || min_nr > nr
+        || events.is_null()
+        || limit.is_some_and(|t| t.tv_sec < 0 || !(0..1_000_000_000).contains(&t.tv_nsec))
+    {
+        return kernel(min_nr, nr, events, timeout);
+    }
+    let deadline = limit.map(|t| nanos(&now()) + nanos(&t));
+    let nr = nr as usize;
+    let min = min_nr.max(0) as usize;
+    let mut got = 0usize;
+    loop {
+        let want = {
+            let mut qs = lock();
+            // SAFETY: within the caller's array of nr events.
+            match take(&mut qs, ctx, unsafe { events.add(got) }, nr - got) {
+                None if got == 0 => {
+                    drop(qs);
+                    return kernel(min_nr, nr as c_long, events, timeout);
+                }
+                None => return got as c_int,
+                Some(n) => got += n,
+            }
+            if got == nr {
+                return got as c_int;
+            }
+            let want = min.saturating_sub(got);
+            if want > 0 {
+                qs.iter_mut().find(|q| q.ctx == ctx).unwrap().waiters += 1;
+            }
+            want
+        };
+        // Not enough queued: wait in the kernel for the rest (or only collect
+        // what it has ready, without blocking, when the queue sufficed).
+        let mut left = match (want, deadline) {
+            (0, _) => Some(from_nanos(0)),
+            (_, Some(d)) => Some(from_nanos(d - nanos(&now()))),
+            (_, None) => None,
+        };
+        let ts = left.as_mut().map_or(std::ptr::null_mut(), |t| t as *mut timespec);
+        // SAFETY: within the caller's array.
+        let r = kernel(want as c_long, (nr - got) as c_long, unsafe { events.add(got) }, ts);
+        if want > 0 {
+            set_waiting(ctx, -1);
+        }
+        if r < 0 {
+            return if got > 0 { got as c_int } else { r };
+        }
+        // SAFETY: the kernel wrote r events there.
+        let kept = drop_wakes(unsafe { events.add(got) }, r as usize);
+        got += kept;
+        let woken = kept < r as usize;
+        let expired = deadline.is_some_and(|d| nanos(&now()) >= d);
+        if got >= min || !woken || expired {
+            // Whatever was queued meanwhile, then done.
+            let mut qs = lock();
+            // SAFETY: within the caller's array.
+            got += take(&mut qs, ctx, unsafe { events.add(got) }, nr - got).unwrap_or(0);
+            return got as c_int;
+        }
+    }
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_getevents(
+    ctx: Ctx,
+    min_nr: c_long,
+    nr: c_long,
+    events: *mut IoEvent,
+    timeout: *mut timespec,
+) -> c_int {
+    let Some(kernel) = real::IO_GETEVENTS.get() else {
+        return -libc::ENOSYS;
+    };
+    let call = |min, nr, evs, ts| {
+        // SAFETY: the caller's context and buffers, or parts of them.
+        unsafe { kernel(ctx, min, nr, evs, ts) }
+    };
+    if QUEUED.load(Ordering::Relaxed) == 0 || guard::inside() {
+        return call(min_nr, nr, events, timeout);
+    }
+    getevents(ctx, min_nr, nr, events, timeout, call)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_pgetevents(
+    ctx: Ctx,
+    min_nr: c_long,
+    nr: c_long,
+    events: *mut IoEvent,
+    timeout: *mut timespec,
+    sigmask: *mut libc::sigset_t,
+) -> c_int {
+    let Some(kernel) = real::IO_PGETEVENTS.get() else {
+        return -libc::ENOSYS;
+    };
+    let call = |min, nr, evs, ts| {
+        // SAFETY: the caller's context, buffers and signal mask.
+        unsafe { kernel(ctx, min, nr, evs, ts, sigmask) }
+    };
+    if QUEUED.load(Ordering::Relaxed) == 0 || guard::inside() {
+        return call(min_nr, nr, events, timeout);
+    }
+    getevents(ctx, min_nr, nr, events, timeout, call)
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_setup(maxevents: c_int, ctxp: *mut Ctx) -> c_int {
+    let Some(kernel) = real::IO_SETUP.get() else {
+        return -libc::ENOSYS;
+    };
+    // SAFETY: forwarding the caller's arguments.
+    let r = unsafe { kernel(maxevents, ctxp) };
+    if r == 0 && QUEUED.load(Ordering::Relaxed) != 0 {
+        // A new context at the address of a destroyed one starts empty.
+        // SAFETY: the kernel filled *ctxp.
+        forget(unsafe { *ctxp });
+    }
+    r
+}
+
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_destroy(ctx: Ctx) -> c_int {
+    let Some(kernel) = real::IO_DESTROY.get() else {
+        return -libc::ENOSYS;
+    };
+    if QUEUED.load(Ordering::Relaxed) != 0 {
+        forget(ctx);
+    }
+    // SAFETY: forwarding the caller's argument.
+    unsafe { kernel(ctx) }
+}
+
+/// An image iocb completed at submit: nothing is left to cancel (EINVAL, as
+/// the kernel says of a request that completed); its event stays queued.
+#[cfg_attr(not(test), unsafe(no_mangle))]
+pub unsafe extern "C" fn io_cancel(ctx: Ctx, iocb: *mut Iocb, result: *mut IoEvent) -> c_int {
+    let Some(kernel) = real::IO_CANCEL.get() else {
+        return -libc::ENOSYS;
+    };
+    if maybe_image(iocb) && image_of(iocb).is_some() {
+        return -libc::EINVAL;
+    }
+    // SAFETY: forwarding the caller's arguments.
+    unsafe { kernel(ctx, iocb, result) }
+}
