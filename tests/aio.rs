@@ -120,7 +120,13 @@ fn fio_async_engines_write_and_verify_on_every_format() {
             // The same verification without the library, on qemu-img's view.
             fs::write(dir.join("qemu.raw"), &raw).unwrap();
             must(
-                fio(dir, "qemu.raw", &["--ioengine=psync"], &["--verify_only"], false),
+                fio(
+                    dir,
+                    "qemu.raw",
+                    &["--ioengine=psync"],
+                    &["--verify_only"],
+                    false,
+                ),
                 &format!("{what}: verify of qemu-img's raw conversion"),
             );
         }

@@ -109,7 +109,11 @@ fn maybe_image(iocb: *const Iocb) -> bool {
 /// Performs an image iocb: its event, or the errno io_submit fails with
 /// (what the kernel checks at submit: opcode, access mode, offset).
 fn complete(of: &OpenFile, iocb: &Iocb) -> Result<IoEvent, c_int> {
-    let (buf, n, off) = (iocb.aio_buf as *mut c_void, iocb.aio_nbytes, iocb.aio_offset);
+    let (buf, n, off) = (
+        iocb.aio_buf as *mut c_void,
+        iocb.aio_nbytes,
+        iocb.aio_offset,
+    );
     let vecs = || {
         c_int::try_from(n)
             .ok()
@@ -242,9 +246,14 @@ fn wake(ctx: Ctx) {
     static NULL: OnceLock<Option<InternalFd>> = OnceLock::new();
     let _g = guard::Guard::enter();
     let fd = NULL.get_or_init(|| {
-        sys::openat(libc::AT_FDCWD, c"/dev/null", libc::O_RDONLY | libc::O_CLOEXEC, 0)
-            .ok()
-            .map(InternalFd::new)
+        sys::openat(
+            libc::AT_FDCWD,
+            c"/dev/null",
+            libc::O_RDONLY | libc::O_CLOEXEC,
+            0,
+        )
+        .ok()
+        .map(InternalFd::new)
     });
     let (Some(fd), Some(kernel)) = (fd, real::IO_SUBMIT.get()) else {
         return;
@@ -362,8 +371,10 @@ fn getevents(
                 return got as c_int;
             }
             let want = min.saturating_sub(got);
-            if want > 0 {
-                qs.iter_mut().find(|q| q.ctx == ctx).unwrap().waiters += 1;
+            if want > 0
+                && let Some(q) = qs.iter_mut().find(|q| q.ctx == ctx)
+            {
+                q.waiters += 1;
             }
             want
         };
@@ -374,9 +385,16 @@ fn getevents(
             (_, Some(d)) => Some(from_nanos(d - nanos(&now()))),
             (_, None) => None,
         };
-        let ts = left.as_mut().map_or(std::ptr::null_mut(), |t| t as *mut timespec);
+        let ts = left
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |t| t as *mut timespec);
         // SAFETY: within the caller's array.
-        let r = kernel(want as c_long, (nr - got) as c_long, unsafe { events.add(got) }, ts);
+        let r = kernel(
+            want as c_long,
+            (nr - got) as c_long,
+            unsafe { events.add(got) },
+            ts,
+        );
         if want > 0 {
             set_waiting(ctx, -1);
         }

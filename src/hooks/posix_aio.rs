@@ -178,7 +178,8 @@ fn spawn_notifier(
     // created gets its argument back.
     unsafe {
         let mut own = std::mem::zeroed::<libc::pthread_attr_t>();
-        let attr = if attr.is_null() {
+        let default = attr.is_null();
+        let attr = if default {
             libc::pthread_attr_init(&mut own);
             libc::pthread_attr_setdetachstate(&mut own, libc::PTHREAD_CREATE_DETACHED);
             &own as *const libc::pthread_attr_t
@@ -189,7 +190,7 @@ fn spawn_notifier(
             drop(Box::from_raw(arg.cast::<Notifier>()));
             log::warn!("aio: cannot start the SIGEV_THREAD notification thread");
         }
-        if attr == &own as *const _ {
+        if default {
             libc::pthread_attr_destroy(&mut own);
         }
     }
