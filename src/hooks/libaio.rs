@@ -75,8 +75,8 @@ pub(crate) struct Queue {
     waiters: usize,
 }
 
-/// Contexts that have seen image iocbs. A mutex, not on any non-image path:
-/// io_getevents skips it while `QUEUED` is 0.
+/// Contexts that may see image iocbs. A mutex, but off the path of processes
+/// without images: io_getevents skips it while no queue and no image exist.
 static QUEUES: Mutex<Vec<Queue>> = Mutex::new(Vec::new());
 static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
@@ -217,23 +217,31 @@ fn submit_mixed(ctx: Ctx, batch: &[*mut Iocb], kernel: SubmitFn) -> c_int {
     if done == 0 { failed } else { done as c_int }
 }
 
+/// The queue of `ctx`, created if `create`.
+fn queue_of(qs: &mut Vec<Queue>, ctx: Ctx, create: bool) -> Option<&mut Queue> {
+    match qs.iter().position(|q| q.ctx == ctx) {
+        Some(i) => Some(&mut qs[i]),
+        None if create => {
+            qs.push(Queue {
+                ctx,
+                events: VecDeque::new(),
+                waiters: 0,
+            });
+            QUEUED.fetch_add(1, Ordering::Relaxed);
+            qs.last_mut()
+        }
+        None => None,
+    }
+}
+
 fn queue(ctx: Ctx, events: &[IoEvent]) {
     let waiters = {
         let mut qs = lock();
-        let i = match qs.iter().position(|q| q.ctx == ctx) {
-            Some(i) => i,
-            None => {
-                qs.push(Queue {
-                    ctx,
-                    events: VecDeque::new(),
-                    waiters: 0,
-                });
-                QUEUED.fetch_add(1, Ordering::Relaxed);
-                qs.len() - 1
-            }
+        let Some(q) = queue_of(&mut qs, ctx, true) else {
+            return;
         };
-        qs[i].events.extend(events.iter().copied());
-        qs[i].waiters
+        q.events.extend(events.iter().copied());
+        q.waiters
     };
     if waiters > 0 {
         wake(ctx);
@@ -278,16 +286,14 @@ fn wake(ctx: Ctx) {
     let _ = unsafe { kernel(ctx, 1, &mut p) };
 }
 
-/// Moves up to `room` queued events of `ctx` to `out`; `None` if the context
-/// has no queue.
-fn take(qs: &mut [Queue], ctx: Ctx, out: *mut IoEvent, room: usize) -> Option<usize> {
-    let q = qs.iter_mut().find(|q| q.ctx == ctx)?;
+/// Moves up to `room` queued events of `q` to `out`.
+fn take(q: &mut Queue, out: *mut IoEvent, room: usize) -> usize {
     let n = room.min(q.events.len());
     for (k, ev) in q.events.drain(..n).enumerate() {
         // SAFETY: out has room for `room` events (io_getevents' contract).
         unsafe { out.add(k).write(ev) };
     }
-    Some(n)
+    n
 }
 
 fn set_waiting(ctx: Ctx, delta: isize) {
@@ -358,22 +364,23 @@ fn getevents(
     loop {
         let want = {
             let mut qs = lock();
-            // SAFETY: within the caller's array of nr events.
-            match take(&mut qs, ctx, unsafe { events.add(got) }, nr - got) {
-                None if got == 0 => {
-                    drop(qs);
-                    return kernel(min_nr, nr as c_long, events, timeout);
+            // While an image is open, a context without a queue gets one: a
+            // thread blocked on it must be woken by image iocbs to come.
+            let create = got == 0 && fdtable::any_mapped();
+            let Some(q) = queue_of(&mut qs, ctx, create) else {
+                drop(qs);
+                if got > 0 {
+                    return got as c_int;
                 }
-                None => return got as c_int,
-                Some(n) => got += n,
-            }
+                return kernel(min_nr, nr as c_long, events, timeout);
+            };
+            // SAFETY: within the caller's array of nr events.
+            got += take(q, unsafe { events.add(got) }, nr - got);
             if got == nr {
                 return got as c_int;
             }
             let want = min.saturating_sub(got);
-            if want > 0
-                && let Some(q) = qs.iter_mut().find(|q| q.ctx == ctx)
-            {
+            if want > 0 {
                 q.waiters += 1;
             }
             want
@@ -408,9 +415,10 @@ fn getevents(
         let expired = deadline.is_some_and(|d| nanos(&now()) >= d);
         if got >= min || !woken || expired {
             // Whatever was queued meanwhile, then done.
-            let mut qs = lock();
-            // SAFETY: within the caller's array.
-            got += take(&mut qs, ctx, unsafe { events.add(got) }, nr - got).unwrap_or(0);
+            if let Some(q) = queue_of(&mut lock(), ctx, false) {
+                // SAFETY: within the caller's array.
+                got += take(q, unsafe { events.add(got) }, nr - got);
+            }
             return got as c_int;
         }
     }
@@ -431,7 +439,7 @@ pub unsafe extern "C" fn io_getevents(
         // SAFETY: the caller's context and buffers, or parts of them.
         unsafe { kernel(ctx, min, nr, evs, ts) }
     };
-    if QUEUED.load(Ordering::Relaxed) == 0 || guard::inside() {
+    if (QUEUED.load(Ordering::Relaxed) == 0 && !fdtable::any_mapped()) || guard::inside() {
         return call(min_nr, nr, events, timeout);
     }
     getevents(ctx, min_nr, nr, events, timeout, call)
@@ -453,7 +461,7 @@ pub unsafe extern "C" fn io_pgetevents(
         // SAFETY: the caller's context, buffers and signal mask.
         unsafe { kernel(ctx, min, nr, evs, ts, sigmask) }
     };
-    if QUEUED.load(Ordering::Relaxed) == 0 || guard::inside() {
+    if (QUEUED.load(Ordering::Relaxed) == 0 && !fdtable::any_mapped()) || guard::inside() {
         return call(min_nr, nr, events, timeout);
     }
     getevents(ctx, min_nr, nr, events, timeout, call)

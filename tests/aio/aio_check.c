@@ -166,17 +166,19 @@ static void libaio_checks(int img, int reg, int img_ro) {
     CHECK(io_getevents(ctx, 1, 1, ev, &ts) == 0);
     CHECK(now() - t0 >= 0.04);
 
-    /* A thread blocked in io_getevents wakes for another thread's image iocb. */
-    wake_ctx = ctx;
+    /* A thread blocked in io_getevents wakes for another thread's image iocb,
+     * on a new context that has not seen one before. */
+    CHECK(io_setup(8, &wake_ctx) == 0);
     pthread_t th;
     CHECK(pthread_create(&th, NULL, waiter, NULL) == 0);
-    usleep(100 * 1000);
+    usleep(200 * 1000);
     char *t = buf('T', 4 * K);
     io_prep_pwrite(&cb[0], img, t, 4 * K, 5 * M);
     t0 = now();
-    CHECK(io_submit(ctx, 1, list) == 1);
+    CHECK(io_submit(wake_ctx, 1, list) == 1);
     pthread_join(th, NULL);
     CHECK(waited == 1 && now() - t0 < 2.0);
+    CHECK(io_destroy(wake_ctx) == 0);
 
     /* io_cancel: an image iocb is already done (EINVAL); its event stays. */
     char *x = buf('X', 4 * K);
