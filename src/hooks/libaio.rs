@@ -4,16 +4,16 @@
 //! would carry the dummy fd to the kernel). Without libaio loaded there is
 //! nothing to interpose and these are never called.
 //!
-//! An iocb on an image fd is performed at submit (see `aio`) and its event
-//! queued here, per context; every other iocb goes to the kernel in the same
-//! context, in batch order. io_getevents hands out queued events first (in
-//! submission order), then the kernel's. A thread blocked in the kernel on a
-//! context for which another thread queues events is woken by a no-op kernel
-//! request (a 0-byte read of /dev/null) that io_getevents drops.
-//!
-//! Limit: fio's `userspace_reap=1` reads the kernel's completion ring itself
-//! and never sees queued events; its image I/O then waits forever. The
-//! default (io_getevents) is served.
+//! An iocb on an image fd is performed at submit (see `aio`); every other
+//! iocb goes to the kernel in the same context, in batch order. The kernel
+//! then delivers the image iocb's event itself (see `deliver`): it is in the
+//! context's completion ring like any other, so io_getevents, waiting
+//! threads, eventfds and programs that read the ring themselves (fio's
+//! `userspace_reap`) all see it. The events the kernel cannot carry (errors,
+//! or a full ring) wait in a per-context queue here, which io_getevents hands
+//! out before the kernel's; a thread blocked in the kernel on that context is
+//! woken by a no-op kernel request (a 0-byte write to /dev/null) that
+//! io_getevents drops.
 
 use std::collections::VecDeque;
 use std::ffi::c_void;
@@ -171,11 +171,33 @@ pub unsafe extern "C" fn io_submit(ctx: Ctx, nr: c_long, ios: *mut *mut Iocb) ->
 /// are performed in between; stops where the kernel or a submit check stops.
 fn submit_mixed(ctx: Ctx, batch: &[*mut Iocb], kernel: SubmitFn) -> c_int {
     let mut done = 0usize;
-    let mut events = Vec::new();
+    let mut queued = Vec::new();
     let mut failed = 0;
     let mut i = 0;
     while i < batch.len() {
-        if let Some(of) = image_of(batch[i]) {
+        if image_of(batch[i]).is_none() {
+            let run = 1 + batch[i + 1..]
+                .iter()
+                .take_while(|&&p| !maybe_image(p))
+                .count();
+            // SAFETY: a sub-slice of the caller's batch; the kernel reads it.
+            let r = unsafe { kernel(ctx, run as c_long, batch[i..].as_ptr().cast_mut()) };
+            if r < 0 {
+                failed = r;
+                break;
+            }
+            done += r as usize;
+            if (r as usize) < run {
+                break;
+            }
+            i += run;
+            continue;
+        }
+        // A run of image iocbs, performed in order.
+        let mut events = Vec::new();
+        while i < batch.len()
+            && let Some(of) = image_of(batch[i])
+        {
             // SAFETY: image_of checked the pointer is not NULL.
             match complete(&of, unsafe { &*batch[i] }) {
                 Ok(ev) => events.push(ev),
@@ -186,27 +208,15 @@ fn submit_mixed(ctx: Ctx, batch: &[*mut Iocb], kernel: SubmitFn) -> c_int {
             }
             done += 1;
             i += 1;
-            continue;
         }
-        let run = 1 + batch[i + 1..]
-            .iter()
-            .take_while(|&&p| !maybe_image(p))
-            .count();
-        // SAFETY: a sub-slice of the caller's batch; the kernel reads it.
-        let r = unsafe { kernel(ctx, run as c_long, batch[i..].as_ptr().cast_mut()) };
-        if r < 0 {
-            failed = r;
+        queued.extend(deliver(ctx, &events, kernel));
+        if failed != 0 {
             break;
         }
-        done += r as usize;
-        if (r as usize) < run {
-            break;
-        }
-        i += run;
     }
-    if !events.is_empty() {
-        queue(ctx, &events);
-        for ev in &events {
+    if !queued.is_empty() {
+        queue(ctx, &queued);
+        for ev in &queued {
             // SAFETY: obj is the caller's iocb, performed above.
             let iocb = unsafe { &*(ev.obj as *const Iocb) };
             if iocb.aio_flags & FLAG_RESFD != 0 {
@@ -215,6 +225,77 @@ fn submit_mixed(ctx: Ctx, batch: &[*mut Iocb], kernel: SubmitFn) -> c_int {
         }
     }
     if done == 0 { failed } else { done as c_int }
+}
+
+/// Has the kernel deliver the events of performed image iocbs: each iocb is
+/// resubmitted, for the length of the call, as a write of `res` bytes to
+/// /dev/null, which completes at once with `res`, the iocb's own `obj` and
+/// `data` (and signals its eventfd). So the events sit in the kernel's ring
+/// like any other (fio's `userspace_reap` reads them there) and wake its
+/// waiters. What the kernel cannot say that way (an error, a full ring) is
+/// returned, for the library's queue.
+fn deliver(ctx: Ctx, events: &[IoEvent], kernel: SubmitFn) -> Vec<IoEvent> {
+    let Some(null) = null_fd() else {
+        return events.to_vec();
+    };
+    let (proxied, mut rest): (Vec<IoEvent>, Vec<IoEvent>) =
+        events.iter().partition(|ev| ev.res >= 0);
+    if proxied.is_empty() {
+        return rest;
+    }
+    // (iocb, fd, opcode, nbytes, offset, rw_flags) as the caller left them.
+    let mut saved = Vec::with_capacity(proxied.len());
+    let mut ptrs = Vec::with_capacity(proxied.len());
+    for ev in &proxied {
+        let p = ev.obj as *mut Iocb;
+        // SAFETY: the caller's iocb, which it may not touch while io_submit
+        // runs; restored below before returning.
+        let iocb = unsafe { &mut *p };
+        saved.push((
+            iocb.aio_fildes,
+            iocb.aio_lio_opcode,
+            iocb.aio_nbytes,
+            iocb.aio_offset,
+            iocb.aio_rw_flags,
+        ));
+        iocb.aio_fildes = null as u32;
+        iocb.aio_lio_opcode = CMD_PWRITE;
+        iocb.aio_nbytes = ev.res as u64;
+        iocb.aio_offset = 0;
+        iocb.aio_rw_flags = 0;
+        ptrs.push(p);
+    }
+    // SAFETY: valid iocbs; the kernel copies them at submit.
+    let r = unsafe { kernel(ctx, ptrs.len() as c_long, ptrs.as_mut_ptr()) };
+    for (&p, &(fd, op, n, off, flags)) in ptrs.iter().zip(&saved) {
+        // SAFETY: as above.
+        let iocb = unsafe { &mut *p };
+        iocb.aio_fildes = fd;
+        iocb.aio_lio_opcode = op;
+        iocb.aio_nbytes = n;
+        iocb.aio_offset = off;
+        iocb.aio_rw_flags = flags;
+    }
+    let accepted = r.max(0) as usize;
+    rest.extend_from_slice(&proxied[accepted..]);
+    rest
+}
+
+/// /dev/null for writing, the library's own (opened once).
+fn null_fd() -> Option<c_int> {
+    static NULL: OnceLock<Option<InternalFd>> = OnceLock::new();
+    let _g = guard::Guard::enter();
+    let fd = NULL.get_or_init(|| {
+        sys::openat(
+            libc::AT_FDCWD,
+            c"/dev/null",
+            libc::O_WRONLY | libc::O_CLOEXEC,
+            0,
+        )
+        .ok()
+        .map(InternalFd::new)
+    });
+    fd.as_ref().map(InternalFd::get)
 }
 
 /// The queue of `ctx`, created if `create`.
@@ -248,33 +329,21 @@ fn queue(ctx: Ctx, events: &[IoEvent]) {
     }
 }
 
-/// Submits a request that completes at once (read 0 bytes of /dev/null), so
-/// a thread blocked in the kernel on `ctx` returns and finds the queue.
+/// Submits a request that completes at once (a 0-byte write to /dev/null),
+/// so a thread blocked in the kernel on `ctx` returns and finds the queue.
 fn wake(ctx: Ctx) {
-    static NULL: OnceLock<Option<InternalFd>> = OnceLock::new();
-    let _g = guard::Guard::enter();
-    let fd = NULL.get_or_init(|| {
-        sys::openat(
-            libc::AT_FDCWD,
-            c"/dev/null",
-            libc::O_RDONLY | libc::O_CLOEXEC,
-            0,
-        )
-        .ok()
-        .map(InternalFd::new)
-    });
-    let (Some(fd), Some(kernel)) = (fd, real::IO_SUBMIT.get()) else {
+    let (Some(fd), Some(kernel)) = (null_fd(), real::IO_SUBMIT.get()) else {
         return;
     };
-    let mut byte = 0u8;
+    let byte = 0u8;
     let mut iocb = Iocb {
         aio_data: WAKE_DATA,
         aio_key: 0,
         aio_rw_flags: 0,
-        aio_lio_opcode: CMD_PREAD,
+        aio_lio_opcode: CMD_PWRITE,
         aio_reqprio: 0,
-        aio_fildes: fd.get() as u32,
-        aio_buf: &mut byte as *mut u8 as u64,
+        aio_fildes: fd as u32,
+        aio_buf: &byte as *const u8 as u64,
         aio_nbytes: 0,
         aio_offset: 0,
         aio_reserved2: 0,
