@@ -5,17 +5,14 @@
 //! calling thread (see `aio`), recorded as complete, and its notification
 //! delivered as glibc would.
 //!
-//! Completed image requests are kept in a table by aiocb address until
-//! aio_return (or until the aiocb is submitted again); aio_error, aio_return
-//! and aio_suspend answer from it and pass every other aiocb to libc. The
-//! result is also stored in glibc's own fields of the aiocb (`__error_code`,
-//! `__return_value`), so libc's functions agree if they get to see it.
+//! The result goes into glibc's own fields of the aiocb (`__error_code`,
+//! `__return_value`), which is all glibc's aio_error and aio_return read and
+//! what its aio_suspend checks: the hooks answer from there for image fds,
+//! without a lock, and every other aiocb goes to libc.
 
-use std::collections::BTreeMap;
 use std::ffi::c_void;
 use std::ptr::null_mut;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use libc::{c_int, size_t, ssize_t, timespec};
 
@@ -65,34 +62,6 @@ const LIO_NOWAIT: c_int = 1;
 const AIO_ALLDONE: c_int = 2;
 const SI_ASYNCIO: c_int = -4;
 
-/// Completed image requests: aiocb address -> (error, return value).
-static DONE: Mutex<BTreeMap<usize, (c_int, ssize_t)>> = Mutex::new(BTreeMap::new());
-/// DONE's length: libc's aiocbs skip the lock while it is 0.
-static COUNT: AtomicUsize = AtomicUsize::new(0);
-
-pub(crate) fn lock() -> MutexGuard<'static, BTreeMap<usize, (c_int, ssize_t)>> {
-    DONE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn done_result(cb: *const Aiocb, remove: bool) -> Option<(c_int, ssize_t)> {
-    if COUNT.load(Ordering::Relaxed) == 0 {
-        return None;
-    }
-    let mut t = lock();
-    let r = if remove {
-        t.remove(&(cb as usize))
-    } else {
-        t.get(&(cb as usize)).copied()
-    };
-    COUNT.store(t.len(), Ordering::Relaxed);
-    r
-}
-
-/// An aiocb handed to libc is no longer one of ours.
-fn forget(cb: *const Aiocb) {
-    let _ = done_result(cb, true);
-}
-
 fn image_of(cb: *const Aiocb) -> Option<Arc<OpenFile>> {
     if cb.is_null() || guard::inside() {
         return None;
@@ -102,6 +71,7 @@ fn image_of(cb: *const Aiocb) -> Option<Arc<OpenFile>> {
     if is_mapped(fd) { image_fd_io(fd) } else { None }
 }
 
+/// Stores the result where glibc's aio_error and aio_return read it.
 fn record(cb: *mut Aiocb, r: Result<usize, Errno>) {
     let (err, ret) = match r {
         Ok(n) => (0, n as ssize_t),
@@ -109,12 +79,15 @@ fn record(cb: *mut Aiocb, r: Result<usize, Errno>) {
     };
     // SAFETY: the caller's aiocb, which it must not touch until completion.
     unsafe {
-        (*cb).error_code = err;
         (*cb).return_value = ret;
+        std::ptr::write_volatile(&mut (*cb).error_code, err);
     }
-    let mut t = lock();
-    t.insert(cb as usize, (err, ret));
-    COUNT.store(t.len(), Ordering::Relaxed);
+}
+
+/// An aiocb of an image fd: its result fields are ours to answer from.
+fn on_image(cb: *const Aiocb) -> bool {
+    // SAFETY: the caller's aiocb.
+    !cb.is_null() && is_mapped(unsafe { (*cb).fildes })
 }
 
 /// Performs `cb` on `of` and notifies as the aiocb asks; whether it succeeded.
@@ -213,7 +186,6 @@ fn request(cb: *mut Aiocb, op: fn(&Aiocb) -> Op, real: Option<RequestFn>) -> c_i
         serve(&of, cb, op(unsafe { &*cb }));
         return 0;
     }
-    forget(cb);
     match real {
         // SAFETY: forwarding the caller's aiocb.
         Some(f) => unsafe { f(cb) },
@@ -233,7 +205,6 @@ fn fsync_request(op: c_int, cb: *mut Aiocb, real: Option<FsyncFn>) -> c_int {
         serve(&of, cb, Op::Flush);
         return 0;
     }
-    forget(cb);
     match real {
         // SAFETY: forwarding the caller's arguments.
         Some(f) => unsafe { f(op, cb) },
@@ -244,17 +215,22 @@ fn fsync_request(op: c_int, cb: *mut Aiocb, real: Option<FsyncFn>) -> c_int {
     }
 }
 
+// aio_error and aio_return read the aiocb, as glibc's do: no lock, so they
+// stay async-signal-safe (a SIGEV_SIGNAL handler calls them).
+
 fn error_of(cb: *const Aiocb, real: Option<unsafe extern "C" fn(*const Aiocb) -> c_int>) -> c_int {
-    if let Some((err, _)) = done_result(cb, false) {
-        return err;
+    if on_image(cb) {
+        // SAFETY: the caller's aiocb.
+        return unsafe { std::ptr::read_volatile(&(*cb).error_code) };
     }
     // SAFETY: forwarding the caller's aiocb.
     real.map_or(libc::ENOSYS, |f| unsafe { f(cb) })
 }
 
 fn return_of(cb: *mut Aiocb, real: Option<unsafe extern "C" fn(*mut Aiocb) -> ssize_t>) -> ssize_t {
-    if let Some((_, ret)) = done_result(cb, true) {
-        return ret;
+    if on_image(cb) {
+        // SAFETY: the caller's aiocb.
+        return unsafe { (*cb).return_value };
     }
     // SAFETY: forwarding the caller's aiocb.
     real.map_or(-1, |f| unsafe { f(cb) })
@@ -270,14 +246,14 @@ fn suspend(
     timeout: *const timespec,
     real: Option<SuspendFn>,
 ) -> c_int {
-    if COUNT.load(Ordering::Relaxed) != 0 && !list.is_null() && nent > 0 {
+    if !list.is_null() && nent > 0 {
         // SAFETY: the caller's list of nent entries.
         let entries = unsafe { std::slice::from_raw_parts(list, nent as usize) };
-        let t = lock();
-        if entries
-            .iter()
-            .any(|&cb| !cb.is_null() && t.contains_key(&(cb as usize)))
-        {
+        if entries.iter().any(|&cb| {
+            // SAFETY: as in error_of.
+            on_image(cb)
+                && unsafe { std::ptr::read_volatile(&(*cb).error_code) } != libc::EINPROGRESS
+        }) {
             return 0;
         }
     }
@@ -340,7 +316,6 @@ fn listio(
     let entries = unsafe { std::slice::from_raw_parts(list, nent as usize) };
     let images: Vec<Option<Arc<OpenFile>>> = entries.iter().map(|&cb| image_of(cb)).collect();
     if images.iter().all(Option::is_none) {
-        entries.iter().for_each(|&cb| forget(cb));
         return call(list);
     }
     let mut others = entries.to_vec();
@@ -350,7 +325,6 @@ fn listio(
         let Some(of) = &images[k] else {
             // SAFETY: non-NULL entries are the caller's aiocbs.
             if !cb.is_null() && unsafe { (*cb).lio_opcode } != LIO_NOP {
-                forget(cb);
                 any_other = true;
             }
             continue;

@@ -158,6 +158,19 @@ static void libaio_checks(int img, int reg, int img_ro) {
     CHECK(ev[at0].obj == &cb[0] && ev[at0].res == 0);
     CHECK(ev[1 - at0].obj == &cb[1] && (long)ev[1 - at0].res == -ENOSPC);
     CHECK(ev[0].res2 == 0 && ev[1].res2 == 0);
+    /* The same through io_pgetevents, with a signal mask. */
+    sigset_t mask;
+    sigemptyset(&mask);
+    CHECK(io_submit(ctx, 2, list) == 2);
+    got = 0;
+    while (got < 2) {
+        int n = io_pgetevents(ctx, 1, 2 - got, ev + got, NULL, &mask);
+        CHECK(n > 0);
+        got += n;
+    }
+    at0 = ev[0].obj == &cb[0] ? 0 : 1;
+    CHECK(ev[at0].obj == &cb[0] && ev[at0].res == 0);
+    CHECK(ev[1 - at0].obj == &cb[1] && (long)ev[1 - at0].res == -ENOSPC);
     /* Submit checks: a write on a read-only fd, a negative offset. */
     io_prep_pwrite(&cb[0], img_ro, a, 4 * K, 0);
     CHECK(io_submit(ctx, 1, list) == -EBADF);
@@ -211,6 +224,9 @@ static void libaio_checks(int img, int reg, int img_ro) {
 
 static volatile sig_atomic_t signals, bad_signals;
 static void *signal_value;
+/* An aiocb whose aio_error the handler reads (async-signal-safe). */
+static struct aiocb *signal_cb;
+static volatile int handler_error = -1;
 
 static void on_signal(int sig, siginfo_t *si, void *uc) {
     (void)sig;
@@ -219,6 +235,8 @@ static void on_signal(int sig, siginfo_t *si, void *uc) {
         signals++;
     else
         bad_signals++;
+    if (signal_cb)
+        handler_error = aio_error(signal_cb);
 }
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -269,8 +287,11 @@ static void posix_checks(int img, int reg, int img_wo) {
     w.aio_sigevent.sigev_notify = SIGEV_SIGNAL;
     w.aio_sigevent.sigev_signo = sig;
     w.aio_sigevent.sigev_value.sival_ptr = signal_value = &w;
+    signal_cb = &w;
     CHECK(aio_write(&w) == 0);
     wait_signals(1);
+    CHECK(handler_error == 0);
+    signal_cb = NULL;
     CHECK(aio_error(&w) == 0);
     CHECK(aio_return(&w) == 8 * K);
 
