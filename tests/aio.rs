@@ -171,62 +171,72 @@ fn fio_io_uring_fails_loudly_and_leaves_the_image_unchanged() {
     }
 }
 
-/// tests/aio/aio_check.c, compiled once per test binary.
-fn aio_check(dir: &Path) -> PathBuf {
+/// tests/aio/aio_check.c, linked with libaio, or without it (`-DVIA_DLSYM`:
+/// the program finds the library's io_* functions with dlsym).
+fn aio_check(dir: &Path, with_libaio: bool) -> PathBuf {
     let exe = dir.join("aio_check");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/aio/aio_check.c");
-    tool(
-        "cc",
-        &[
-            "-O1",
-            "-Wall",
-            "-Werror",
-            "-o",
-            exe.to_str().unwrap(),
-            src.to_str().unwrap(),
-            "-laio",
-            "-lpthread",
-        ],
-    );
+    let mut args = vec!["-O1", "-Wall", "-Werror", "-o", exe.to_str().unwrap()];
+    args.push(src.to_str().unwrap());
+    if with_libaio {
+        args.push("-laio");
+    } else {
+        args.extend(["-DVIA_DLSYM", "-ldl"]);
+    }
+    args.push("-lpthread");
+    tool("cc", &args);
     exe
+}
+
+/// Runs aio_check on a new image of `fmt` and checks what it left there.
+fn run_aio_check(fmt: &str, ext: &str, opts: &str, with_libaio: bool) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let exe = aio_check(dir, with_libaio);
+    let img = create(dir, fmt, ext, opts);
+    let name = img.file_name().unwrap().to_str().unwrap();
+    let out = preload::run(dir, exe.to_str().unwrap(), &[name, "regular.bin"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+    check_image(&img, fmt);
+    let raw = raw_agrees(dir, &img, fmt);
+    const K: usize = 1024;
+    const M: usize = 1024 * K;
+    let expect: &[(usize, usize, u8)] = &[
+        (0, 64 * K, b'A'),
+        (64 * K, 64 * K, 0),
+        (M, 4 * K, b'C'),
+        (2 * M, 4 * K, b'E'),
+        (2 * M + 4 * K, 4 * K, b'e'),
+        (3 * M, 8 * K, b'P'),
+        (4 * M, 16 * K, b'L'),
+        (5 * M, 4 * K, b'T'),
+        (6 * M, 4 * K, b'X'),
+        (7 * M, M, 0),
+    ];
+    for &(at, n, b) in expect {
+        assert!(
+            raw[at..at + n].iter().all(|&x| x == b),
+            "{name}: bytes {at}..{} are not {b:#x}",
+            at + n
+        );
+    }
+    let reg = fs::read(dir.join("regular.bin")).unwrap();
+    assert!(reg[..4 * K].iter().all(|&x| x == b'B'));
+    assert!(reg[64 * K..72 * K].iter().all(|&x| x == b'R'));
+    assert!(reg[128 * K..132 * K].iter().all(|&x| x == b'W'));
 }
 
 #[test]
 fn c_program_mixes_image_and_regular_fds_in_libaio_and_posix_aio() {
     for &(fmt, ext, opts) in FORMATS {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path();
-        let exe = aio_check(dir);
-        let img = create(dir, fmt, ext, opts);
-        let name = img.file_name().unwrap().to_str().unwrap();
-        let out = preload::run(dir, exe.to_str().unwrap(), &[name, "regular.bin"]);
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
-        check_image(&img, fmt);
-        let raw = raw_agrees(dir, &img, fmt);
-        const K: usize = 1024;
-        const M: usize = 1024 * K;
-        let expect: &[(usize, usize, u8)] = &[
-            (0, 64 * K, b'A'),
-            (64 * K, 64 * K, 0),
-            (M, 4 * K, b'C'),
-            (2 * M, 4 * K, b'E'),
-            (2 * M + 4 * K, 4 * K, b'e'),
-            (3 * M, 8 * K, b'P'),
-            (4 * M, 16 * K, b'L'),
-            (5 * M, 4 * K, b'T'),
-            (6 * M, 4 * K, b'X'),
-            (7 * M, M, 0),
-        ];
-        for &(at, n, b) in expect {
-            assert!(
-                raw[at..at + n].iter().all(|&x| x == b),
-                "{name}: bytes {at}..{} are not {b:#x}",
-                at + n
-            );
-        }
-        let reg = fs::read(dir.join("regular.bin")).unwrap();
-        assert!(reg[..4 * K].iter().all(|&x| x == b'B'));
-        assert!(reg[64 * K..72 * K].iter().all(|&x| x == b'R'));
-        assert!(reg[128 * K..132 * K].iter().all(|&x| x == b'W'));
+        run_aio_check(fmt, ext, opts, true);
     }
+}
+
+/// A program that never loads libaio and calls the library's io_* functions
+/// (found with dlsym): they make libaio's system calls themselves.
+#[test]
+fn c_program_without_libaio_loaded() {
+    let (fmt, ext, opts) = FORMATS[1];
+    run_aio_check(fmt, ext, opts, false);
 }

@@ -1,8 +1,8 @@
 //! libaio for image fds: io_setup, io_submit, io_getevents, io_pgetevents,
 //! io_cancel and io_destroy, libaio.so.1's exported functions (programs such
 //! as fio call them through the PLT; inside, libaio makes raw syscalls that
-//! would carry the dummy fd to the kernel). Without libaio loaded there is
-//! nothing to interpose and these are never called.
+//! would carry the dummy fd to the kernel). Without libaio loaded, the hooks
+//! make libaio's system calls themselves (see `direct`).
 //!
 //! An iocb on an image fd is performed at submit (see `aio`); every other
 //! iocb goes to the kernel in the same context, in batch order. The kernel
@@ -150,9 +150,7 @@ type SubmitFn = unsafe extern "C" fn(Ctx, c_long, *mut *mut Iocb) -> c_int;
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn io_submit(ctx: Ctx, nr: c_long, ios: *mut *mut Iocb) -> c_int {
-    let Some(kernel) = real::IO_SUBMIT.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_SUBMIT.get().unwrap_or(direct::io_submit);
     // SAFETY: ios holds nr iocb pointers (io_submit's contract).
     let batch = || unsafe { std::slice::from_raw_parts(ios, nr as usize) };
     if nr <= 0
@@ -332,9 +330,10 @@ fn queue(ctx: Ctx, events: &[IoEvent]) {
 /// Submits a request that completes at once (a 0-byte write to /dev/null),
 /// so a thread blocked in the kernel on `ctx` returns and finds the queue.
 fn wake(ctx: Ctx) {
-    let (Some(fd), Some(kernel)) = (null_fd(), real::IO_SUBMIT.get()) else {
+    let Some(fd) = null_fd() else {
         return;
     };
+    let kernel = real::IO_SUBMIT.get().unwrap_or(direct::io_submit);
     let byte = 0u8;
     let mut iocb = Iocb {
         aio_data: WAKE_DATA,
@@ -501,9 +500,7 @@ pub unsafe extern "C" fn io_getevents(
     events: *mut IoEvent,
     timeout: *mut timespec,
 ) -> c_int {
-    let Some(kernel) = real::IO_GETEVENTS.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_GETEVENTS.get().unwrap_or(direct::io_getevents);
     let call = |min, nr, evs, ts| {
         // SAFETY: the caller's context and buffers, or parts of them.
         unsafe { kernel(ctx, min, nr, evs, ts) }
@@ -523,9 +520,7 @@ pub unsafe extern "C" fn io_pgetevents(
     timeout: *mut timespec,
     sigmask: *mut libc::sigset_t,
 ) -> c_int {
-    let Some(kernel) = real::IO_PGETEVENTS.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_PGETEVENTS.get().unwrap_or(direct::io_pgetevents);
     let call = |min, nr, evs, ts| {
         // SAFETY: the caller's context, buffers and signal mask.
         unsafe { kernel(ctx, min, nr, evs, ts, sigmask) }
@@ -538,9 +533,7 @@ pub unsafe extern "C" fn io_pgetevents(
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn io_setup(maxevents: c_int, ctxp: *mut Ctx) -> c_int {
-    let Some(kernel) = real::IO_SETUP.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_SETUP.get().unwrap_or(direct::io_setup);
     // SAFETY: forwarding the caller's arguments.
     let r = unsafe { kernel(maxevents, ctxp) };
     if r == 0 && QUEUED.load(Ordering::Relaxed) != 0 {
@@ -553,9 +546,7 @@ pub unsafe extern "C" fn io_setup(maxevents: c_int, ctxp: *mut Ctx) -> c_int {
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn io_destroy(ctx: Ctx) -> c_int {
-    let Some(kernel) = real::IO_DESTROY.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_DESTROY.get().unwrap_or(direct::io_destroy);
     if QUEUED.load(Ordering::Relaxed) != 0 {
         forget(ctx);
     }
@@ -567,12 +558,84 @@ pub unsafe extern "C" fn io_destroy(ctx: Ctx) -> c_int {
 /// the kernel says of a request that completed); its event stays queued.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn io_cancel(ctx: Ctx, iocb: *mut Iocb, result: *mut IoEvent) -> c_int {
-    let Some(kernel) = real::IO_CANCEL.get() else {
-        return -libc::ENOSYS;
-    };
+    let kernel = real::IO_CANCEL.get().unwrap_or(direct::io_cancel);
     if maybe_image(iocb) && image_of(iocb).is_some() {
         return -libc::EINVAL;
     }
     // SAFETY: forwarding the caller's arguments.
     unsafe { kernel(ctx, iocb, result) }
+}
+
+/// libaio's functions are thin wrappers of the system calls that return
+/// -errno. Without libaio loaded (a program found ours with dlsym), the same
+/// calls are made here.
+mod direct {
+    use libc::{c_int, c_long, timespec};
+
+    use super::{Ctx, IoEvent, Iocb};
+    use crate::logger::{errno, set_errno};
+
+    // Not in the libc crate.
+    #[cfg(target_arch = "x86_64")]
+    const SYS_IO_PGETEVENTS: c_long = 333;
+    #[cfg(not(target_arch = "x86_64"))]
+    const SYS_IO_PGETEVENTS: c_long = 292;
+
+    fn ret(f: impl FnOnce() -> c_long) -> c_int {
+        let saved = errno();
+        let r = f();
+        let r = if r < 0 { -errno() } else { r as c_int };
+        set_errno(saved);
+        r
+    }
+
+    pub unsafe extern "C" fn io_setup(n: c_int, ctxp: *mut Ctx) -> c_int {
+        // SAFETY: the caller's arguments, as libaio passes them.
+        ret(|| unsafe { libc::syscall(libc::SYS_io_setup, n, ctxp) })
+    }
+
+    pub unsafe extern "C" fn io_destroy(ctx: Ctx) -> c_int {
+        // SAFETY: as above.
+        ret(|| unsafe { libc::syscall(libc::SYS_io_destroy, ctx) })
+    }
+
+    pub unsafe extern "C" fn io_submit(ctx: Ctx, nr: c_long, ios: *mut *mut Iocb) -> c_int {
+        // SAFETY: as above.
+        ret(|| unsafe { libc::syscall(libc::SYS_io_submit, ctx, nr, ios) })
+    }
+
+    pub unsafe extern "C" fn io_cancel(ctx: Ctx, iocb: *mut Iocb, ev: *mut IoEvent) -> c_int {
+        // SAFETY: as above.
+        ret(|| unsafe { libc::syscall(libc::SYS_io_cancel, ctx, iocb, ev) })
+    }
+
+    pub unsafe extern "C" fn io_getevents(
+        ctx: Ctx,
+        min: c_long,
+        nr: c_long,
+        evs: *mut IoEvent,
+        ts: *mut timespec,
+    ) -> c_int {
+        // SAFETY: as above.
+        ret(|| unsafe { libc::syscall(libc::SYS_io_getevents, ctx, min, nr, evs, ts) })
+    }
+
+    pub unsafe extern "C" fn io_pgetevents(
+        ctx: Ctx,
+        min: c_long,
+        nr: c_long,
+        evs: *mut IoEvent,
+        ts: *mut timespec,
+        mask: *mut libc::sigset_t,
+    ) -> c_int {
+        // The kernel takes the mask with its size (_NSIG / 8), as libaio passes it.
+        let data: [usize; 2] = [mask as usize, 8];
+        let arg = if mask.is_null() {
+            std::ptr::null()
+        } else {
+            data.as_ptr()
+        };
+        // SAFETY: as above.
+        ret(|| unsafe { libc::syscall(SYS_IO_PGETEVENTS, ctx, min, nr, evs, ts, arg) })
+    }
 }

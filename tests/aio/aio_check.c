@@ -21,6 +21,43 @@
 #include <time.h>
 #include <unistd.h>
 
+/* Built with -DVIA_DLSYM and without -laio: the libaio functions are the
+ * library's own, found with dlsym, as for a program that never loads libaio. */
+#ifdef VIA_DLSYM
+#include <dlfcn.h>
+static int (*p_io_setup)(int, io_context_t *);
+static int (*p_io_destroy)(io_context_t);
+static int (*p_io_submit)(io_context_t, long, struct iocb **);
+static int (*p_io_cancel)(io_context_t, struct iocb *, struct io_event *);
+static int (*p_io_getevents)(io_context_t, long, long, struct io_event *, struct timespec *);
+static int (*p_io_pgetevents)(io_context_t, long, long, struct io_event *, struct timespec *,
+                              sigset_t *);
+#define io_setup p_io_setup
+#define io_destroy p_io_destroy
+#define io_submit p_io_submit
+#define io_cancel p_io_cancel
+#define io_getevents p_io_getevents
+#define io_pgetevents p_io_pgetevents
+#define RESOLVE(f)                                                             \
+    do {                                                                       \
+        *(void **)&p_##f = dlsym(RTLD_DEFAULT, #f);                            \
+        if (!p_##f) {                                                          \
+            fprintf(stderr, "no %s\n", #f);                                    \
+            exit(1);                                                           \
+        }                                                                      \
+    } while (0)
+static void resolve(void) {
+    RESOLVE(io_setup);
+    RESOLVE(io_destroy);
+    RESOLVE(io_submit);
+    RESOLVE(io_cancel);
+    RESOLVE(io_getevents);
+    RESOLVE(io_pgetevents);
+}
+#else
+static void resolve(void) {}
+#endif
+
 #define CHECK(c)                                                               \
     do {                                                                       \
         if (!(c)) {                                                            \
@@ -394,6 +431,7 @@ static void posix_checks(int img, int reg, int img_wo) {
 
 int main(int argc, char **argv) {
     CHECK(argc == 3);
+    resolve();
     int img = open(argv[1], O_RDWR);
     CHECK(img >= 0);
     int img_ro = open(argv[1], O_RDONLY);
