@@ -11,6 +11,7 @@ pub mod exec;
 pub mod fd;
 pub mod ioctl;
 pub mod libaio;
+mod libaio_direct;
 pub mod open;
 pub mod posix_aio;
 pub mod rw;
