@@ -95,8 +95,10 @@ fn serve(of: &OpenFile, cb: *mut Aiocb, op: Op) -> bool {
     let r = perform(of, op);
     let ok = r.is_ok();
     record(cb, r);
+    let saved = crate::logger::errno();
     // SAFETY: the caller's aiocb.
     notify(unsafe { &(*cb).sigevent });
+    set_errno(saved);
     ok
 }
 
@@ -350,8 +352,10 @@ fn listio(
             return r;
         }
     } else if mode == LIO_NOWAIT && !sig.is_null() {
+        let saved = crate::logger::errno();
         // SAFETY: the caller's sigevent.
         notify(unsafe { &*sig });
+        set_errno(saved);
     }
     if failed && mode == LIO_WAIT {
         set_errno(libc::EIO);
