@@ -41,6 +41,7 @@ type Held = (
     std::sync::MutexGuard<'static, Vec<std::sync::Weak<images::ImageObject>>>,
     std::sync::MutexGuard<'static, Vec<std::sync::Arc<std::sync::atomic::AtomicI32>>>,
     std::sync::MutexGuard<'static, ()>,
+    std::sync::MutexGuard<'static, Vec<crate::hooks::libaio::Queue>>,
 );
 
 thread_local! {
@@ -50,9 +51,15 @@ thread_local! {
 
 /// fork in a multi-threaded program: no other thread may hold one of the
 /// library's global locks at the moment of fork, or the child would wait for
-/// it forever. Taken in the one global order: registry, internal fds, fd table.
+/// it forever. Taken in the one global order: registry, internal fds, fd
+/// table, libaio queues.
 extern "C" fn fork_prepare() {
-    let held = (images::registry(), fdtable::lock_owners(), fdtable::lock());
+    let held = (
+        images::registry(),
+        fdtable::lock_owners(),
+        fdtable::lock(),
+        crate::hooks::libaio::lock(),
+    );
     HELD.with(|h| *h.borrow_mut() = Some(held));
 }
 
