@@ -102,7 +102,10 @@ impl SparseHeader {
         if h.gtes_per_gt == 0 || h.gtes_per_gt > COWD_GTES {
             return Err(bad(format!("{} entries per grain table", h.gtes_per_gt)));
         }
-        if !h.cowd && (h.compress > COMPRESSION_DEFLATE || (h.flags & FLAG_COMPRESSED != 0 && h.compress == 0)) {
+        if !h.cowd
+            && (h.compress > COMPRESSION_DEFLATE
+                || (h.flags & FLAG_COMPRESSED != 0 && h.compress == 0))
+        {
             return Err(Error::unsupported(format!(
                 "VMDK compression algorithm {}",
                 h.compress
@@ -117,10 +120,7 @@ impl SparseHeader {
             )));
         }
         if h.gd_entries() > MAX_GD_ENTRIES {
-            return Err(bad(format!(
-                "{} grain directory entries",
-                h.gd_entries()
-            )));
+            return Err(bad(format!("{} grain directory entries", h.gd_entries())));
         }
         Ok(h)
     }

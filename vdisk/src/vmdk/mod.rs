@@ -142,7 +142,10 @@ impl VmdkImage {
                     extents.push(Extent {
                         start: 0,
                         len: checked_bytes(h.capacity)?,
-                        body: Body::Sparse { file: 0, sparse: sp },
+                        body: Body::Sparse {
+                            file: 0,
+                            sparse: sp,
+                        },
                         writable,
                         name: path.display().to_string(),
                     });
@@ -163,8 +166,12 @@ impl VmdkImage {
                                 version: 1,
                                 cid: DEFAULT_CID,
                                 parent_cid: NO_PARENT,
-                                create_type: if h.cowd { "vmfsSparse" } else { "monolithicSparse" }
-                                    .into(),
+                                create_type: if h.cowd {
+                                    "vmfsSparse"
+                                } else {
+                                    "monolithicSparse"
+                                }
+                                .into(),
                                 ..Descriptor::default()
                             },
                             None,
@@ -234,7 +241,10 @@ impl VmdkImage {
         let e = self.extents.get(i);
         match e.and_then(|e| Some((e, self.file_of(e)?))) {
             Some((e, f)) => Ok((e, self.files[f].as_ref(), addr & OFFSET_MASK)),
-            None => Err(Error::corrupt("mapping", format!("bad VMDK address {addr:#x}"))),
+            None => Err(Error::corrupt(
+                "mapping",
+                format!("bad VMDK address {addr:#x}"),
+            )),
         }
     }
 
@@ -262,7 +272,9 @@ impl VmdkImage {
         let end = line as u64 + tail.len() as u64;
         if !self.text_descriptor {
             if end > room {
-                return Err(Error::NoSpace("the VMDK descriptor has no room for the new CID".into()));
+                return Err(Error::NoSpace(
+                    "the VMDK descriptor has no room for the new CID".into(),
+                ));
             }
             let text_end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
             tail.resize(tail.len() + text_end.saturating_sub(end as usize), 0);
@@ -371,7 +383,9 @@ fn open_extents(
         let want_write = opts.writable && line.access == Access::ReadWrite;
         let open_file = |files: &mut Vec<Box<dyn Storage>>| -> Result<usize> {
             let p = resolve(path, line.file.as_deref().unwrap_or_default());
-            let s = opener.open_extent(&p, want_write).map_err(|e| open_err(&p, e))?;
+            let s = opener
+                .open_extent(&p, want_write)
+                .map_err(|e| open_err(&p, e))?;
             files.push(s);
             Ok(files.len() - 1)
         };
@@ -526,9 +540,13 @@ impl Image for VmdkImage {
                 "VMDK extent {} is NOACCESS",
                 e.name
             ))),
-            Body::Sparse { file, sparse } => {
-                sparse.map(self.files[*file].as_ref(), local, len, base, COMPRESSED | base)
-            }
+            Body::Sparse { file, sparse } => sparse.map(
+                self.files[*file].as_ref(),
+                local,
+                len,
+                base,
+                COMPRESSED | base,
+            ),
         }
     }
 
@@ -578,13 +596,19 @@ impl Image for VmdkImage {
                     Body::Zero | Body::NoAccess => Error::unsupported(format!(
                         "VMDK extent {} ({}) cannot be written",
                         e.name,
-                        if matches!(e.body, Body::Zero) { "ZERO" } else { "NOACCESS" }
+                        if matches!(e.body, Body::Zero) {
+                            "ZERO"
+                        } else {
+                            "NOACCESS"
+                        }
                     )),
                     _ => Error::ReadOnly,
                 });
             }
             match &e.body {
-                Body::Flat { file, start } => self.files[*file].write_all_at(data, start + local)?,
+                Body::Flat { file, start } => {
+                    self.files[*file].write_all_at(data, start + local)?
+                }
                 Body::Sparse { file, sparse } => {
                     self.write_sparse(e, self.files[*file].as_ref(), sparse, local, data, parent)?
                 }
@@ -638,7 +662,11 @@ impl Image for VmdkImage {
                     "SPARSE {} ({} KiB grains{})",
                     e.name,
                     sparse.grain_bytes() >> 10,
-                    if sparse.compressed() { ", compressed" } else { "" }
+                    if sparse.compressed() {
+                        ", compressed"
+                    } else {
+                        ""
+                    }
                 ),
                 Body::Zero => "ZERO".to_string(),
                 Body::NoAccess => format!("NOACCESS {}", e.name),

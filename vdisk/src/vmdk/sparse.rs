@@ -206,7 +206,12 @@ impl SparseExtent {
 
     /// Reads compressed grains: `offset` is the extent offset a
     /// [`SparseExtent::map`] of compressed grains gave.
-    pub fn read_compressed(&self, storage: &dyn Storage, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub fn read_compressed(
+        &self,
+        storage: &dyn Storage,
+        buf: &mut [u8],
+        offset: u64,
+    ) -> Result<()> {
         let gb = self.grain_bytes;
         let mut done = 0usize;
         while done < buf.len() {
@@ -391,7 +396,9 @@ fn read_footer(storage: &dyn Storage, len: u64) -> Result<SparseHeader> {
     if marker(&f[..512]).map(|m| m.1) != Some(MARKER_FOOTER)
         || marker(&f[1024..]) != Some((0, MARKER_EOS))
     {
-        return Err(bad("no footer and end-of-stream markers at the end of the file"));
+        return Err(bad(
+            "no footer and end-of-stream markers at the end of the file",
+        ));
     }
     let h = SparseHeader::parse(&f[512..1024])?;
     if h.gd_offset == GD_AT_END {
