@@ -170,7 +170,7 @@ pub fn snapshot(
         Format::Vdi => vdi::create::snapshot(parent, child),
         Format::Vhdx => snapshot_vhdx(parent, child, &links),
         Format::Raw => Err(Error::unsupported("differencing children of raw disks")),
-        Format::Vmdk => crate::vmdk::create::snapshot(parent, child, &links),
+        Format::Vmdk => crate::vmdk::create::snapshot(parent, child, &links, child_path),
     }
 }
 

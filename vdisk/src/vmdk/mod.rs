@@ -702,6 +702,14 @@ impl VmdkImage {
         Ok(out)
     }
 
+    /// The grain size of the first sparse extent, if any.
+    pub fn grain_bytes(&self) -> Option<u64> {
+        self.extents.iter().find_map(|e| match &e.body {
+            Body::Sparse { sparse, .. } => Some(sparse.grain_bytes()),
+            _ => None,
+        })
+    }
+
     /// Where the image was opened (for messages).
     pub fn path(&self) -> &Path {
         &self.path
