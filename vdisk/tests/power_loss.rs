@@ -139,7 +139,12 @@ fn mkfs_trace(size: u64, opts: &[&str]) -> (Vec<Option<(u64, u64)>>, Vec<u8>) {
             continue;
         }
         let (args, result) = line.rsplit_once(") = ").unwrap_or((line, "-1"));
-        let result: i64 = result.split_whitespace().next().unwrap().parse().unwrap_or(-1);
+        let result: i64 = result
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or(-1);
         let nums: Vec<u64> = args
             .rsplit(", ")
             .take(2)
@@ -180,7 +185,10 @@ fn read_only_flush(fmt: Fmt) {
     // (A killed writer's unflushed *allocations* are leaked by design: group
     // commit keeps their table entries in the writer's memory.)
     for i in 0..4u64 {
-        s.write(i * 3 * MIB + 4096, &fill(i + 100, i * 3 * MIB + 4096, 32 << 10));
+        s.write(
+            i * 3 * MIB + 4096,
+            &fill(i + 100, i * 3 * MIB + 4096, 32 << 10),
+        );
     }
     s.kill_and_reopen_read_only();
     let before = s.rec.op_count();
@@ -247,4 +255,14 @@ workload_tests!(
     vdi_mkfs_ext4,
     vdi_mkfs_ext4_default,
     vdi_read_only_flush
+);
+// Issue 20: VMDK grains at the end of the file, table entries (both
+// copies) after a barrier.
+workload_tests!(
+    Fmt::Vmdk,
+    vmdk_dd,
+    vmdk_random_pwrite,
+    vmdk_mkfs_ext4,
+    vmdk_mkfs_ext4_default,
+    vmdk_read_only_flush
 );

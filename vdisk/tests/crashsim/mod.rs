@@ -10,8 +10,8 @@
 //! `common` and `vhd_util`, which the including test declares too).
 #![allow(dead_code)]
 
-pub mod states;
 pub mod oracle;
+pub mod states;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -162,6 +162,8 @@ pub enum Fmt {
     Vhd,
     Vhdx,
     Vdi,
+    /// monolithicSparse.
+    Vmdk,
 }
 
 impl Fmt {
@@ -170,6 +172,7 @@ impl Fmt {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
         }
     }
     pub fn ext(self) -> &'static str {
@@ -177,6 +180,7 @@ impl Fmt {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
         }
     }
 }
@@ -190,6 +194,7 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhd => "subformat=dynamic,force_size=on",
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
+        Fmt::Vmdk => "subformat=monolithicSparse",
     };
     let o = if opts.is_empty() {
         base.to_string()
@@ -319,13 +324,18 @@ impl vdisk::Storage for Overlay {
         let w = self.writes.lock().unwrap();
         let n = (w.0.saturating_sub(offset)).min(buf.len() as u64) as usize;
         let buf = &mut buf[..n];
-        let inside = (self.base.len() as u64).saturating_sub(offset).min(n as u64) as usize;
+        let inside = (self.base.len() as u64)
+            .saturating_sub(offset)
+            .min(n as u64) as usize;
         if inside > 0 {
             buf[..inside].copy_from_slice(&self.base[offset as usize..offset as usize + inside]);
         }
         buf[inside..].fill(0);
         for (o, d) in &w.1 {
-            let (s, e) = ((*o).max(offset), (*o + d.len() as u64).min(offset + n as u64));
+            let (s, e) = (
+                (*o).max(offset),
+                (*o + d.len() as u64).min(offset + n as u64),
+            );
             if s < e {
                 buf[(s - offset) as usize..(e - offset) as usize]
                     .copy_from_slice(&d[(s - o) as usize..(e - o) as usize]);
