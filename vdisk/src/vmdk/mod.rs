@@ -715,3 +715,6 @@ impl VmdkImage {
         &self.path
     }
 }
+
+#[cfg(test)]
+mod tests;
