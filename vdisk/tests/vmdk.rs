@@ -4,7 +4,6 @@
 //! the read-only kinds (issue 20).
 
 mod common;
-#[allow(dead_code)]
 mod vhd_util;
 
 use std::path::Path;

@@ -98,7 +98,7 @@ impl Descriptor {
                     format!("line {}: {what}: {line:?}", n + 1),
                 )
             };
-            if let Some(ext) = parse_extent(line).map_err(|e| bad(e))? {
+            if let Some(ext) = parse_extent(line).map_err(&bad)? {
                 d.extents.push(ext);
                 continue;
             }

@@ -58,8 +58,14 @@ pub fn probe(head: &[u8], len: u64) -> bool {
 }
 
 enum Body {
-    Flat { file: usize, start: u64 },
-    Sparse { file: usize, sparse: SparseExtent },
+    Flat {
+        file: usize,
+        start: u64,
+    },
+    Sparse {
+        file: usize,
+        sparse: Box<SparseExtent>,
+    },
     Zero,
     NoAccess,
 }
@@ -144,7 +150,7 @@ impl VmdkImage {
                         len: checked_bytes(h.capacity)?,
                         body: Body::Sparse {
                             file: 0,
-                            sparse: sp,
+                            sparse: Box::new(sp),
                         },
                         writable,
                         name: path.display().to_string(),
@@ -425,7 +431,13 @@ fn open_extents(
                     );
                 }
                 let w = want_write && sparse_writable(&sparse, read_only);
-                (Body::Sparse { file, sparse }, w)
+                (
+                    Body::Sparse {
+                        file,
+                        sparse: Box::new(sparse),
+                    },
+                    w,
+                )
             }
         };
         out.push(Extent {
