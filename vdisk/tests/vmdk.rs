@@ -342,3 +342,68 @@ fn missing_extent_and_corrupt_tables_are_errors() {
     let e = disk.read_at(&mut [0u8; 512], 0).unwrap_err().to_string();
     assert!(e.contains("outside the file"), "{e}");
 }
+
+/// A seSparse extent built from the layout qemu reads (ESXi writes them;
+/// qemu-img cannot): qemu and vdisk must read the same disk.
+#[test]
+fn se_sparse_reads_like_qemu() {
+    let tmp = tempfile::tempdir().unwrap();
+    let put = |f: &mut Vec<u8>, at: usize, v: u64| f[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    let sectors = 81920u64; // 40 MiB: 3 directory entries of 16 MiB
+    let (tables, grains) = (3u64, 3 + 3 * 64);
+    let mut f = vec![0u8; (grains as usize + 4098 * 8) * 512];
+    for (at, v) in [
+        (0, 0xcafe_babe),
+        (8, 0x0000_0002_0000_0001),
+        (16, sectors),
+        (24, 8),
+        (32, 64),
+        (80, 1),
+        (88, 1),
+        (128, 2),
+        (136, 1),
+        (144, tables),
+        (152, 3 * 64),
+        (192, grains),
+        (200, 4098 * 8),
+    ] {
+        put(&mut f, at, v);
+    }
+    put(&mut f, 512, 0xcafe_cafe);
+    // Directory: table 0 for grains 0..4096, table 1 for grains 8192..
+    put(&mut f, 1024, 0x1000_0000_0000_0000);
+    put(&mut f, 1024 + 16, 0x1000_0000_0000_0001);
+    let enc = |index: u64| 0x3000_0000_0000_0000 | ((index & 0xfff) << 48) | (index >> 12);
+    let table = |t: u64, g: u64| ((tables + t * 64) * 512 + g * 8) as usize;
+    put(&mut f, table(0, 0), enc(0));
+    put(&mut f, table(0, 1), 0x2000_0000_0000_0000);
+    put(&mut f, table(0, 3), enc(1));
+    put(&mut f, table(1, 7), enc(4097));
+    let grain = |i: u64| (grains * 512 + i * 4096) as usize;
+    for (i, b) in [(0u64, 0x10u8), (1, 0x31), (4097, 0x47)] {
+        f[grain(i)..grain(i) + 4096].fill(b);
+    }
+    std::fs::write(tmp.path().join("s-sesparse.vmdk"), &f).unwrap();
+    let desc = tmp.path().join("s.vmdk");
+    std::fs::write(
+        &desc,
+        format!(
+            "# Disk DescriptorFile\nversion=1\nCID=11111111\nparentCID=ffffffff\n\
+             createType=\"seSparse\"\n\n# Extent description\nRW {sectors} SESPARSE \"s-sesparse.vmdk\"\n\n\
+             # The Disk Data Base\n#DDB\n\nddb.virtualHWVersion = \"4\"\n"
+        ),
+    )
+    .unwrap();
+    let want = qemu_raw(&desc, "vmdk");
+    assert_eq!(want.len() as u64, sectors * 512);
+    assert!(
+        want[..4096].iter().all(|&b| b == 0x10),
+        "qemu reads the layout otherwise"
+    );
+    assert!(want[3 * 4096..4 * 4096].iter().all(|&b| b == 0x31));
+    let at = (8192 + 7) * 4096;
+    assert!(want[at..at + 4096].iter().all(|&b| b == 0x47));
+    let disk = open(&desc, true).unwrap();
+    assert!(!disk.is_writable(), "seSparse is read-only here");
+    assert!(read_all(&disk) == want);
+}

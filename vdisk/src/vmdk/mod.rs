@@ -22,6 +22,7 @@
 pub mod create;
 pub mod descriptor;
 pub mod header;
+pub mod sesparse;
 pub mod sparse;
 
 use std::path::{Path, PathBuf};
@@ -65,6 +66,10 @@ enum Body {
     Sparse {
         file: usize,
         sparse: Box<SparseExtent>,
+    },
+    SeSparse {
+        file: usize,
+        extent: Box<sesparse::SeSparseExtent>,
     },
     Zero,
     NoAccess,
@@ -236,7 +241,9 @@ impl VmdkImage {
 
     fn file_of(&self, e: &Extent) -> Option<usize> {
         match e.body {
-            Body::Flat { file, .. } | Body::Sparse { file, .. } => Some(file),
+            Body::Flat { file, .. } | Body::Sparse { file, .. } | Body::SeSparse { file, .. } => {
+                Some(file)
+            }
             _ => None,
         }
     }
@@ -399,9 +406,28 @@ fn open_extents(
             (Access::NoAccess, _) => (Body::NoAccess, false),
             (_, ExtentKind::Zero) => (Body::Zero, false),
             (_, ExtentKind::SeSparse) => {
-                return Err(Error::unsupported(format!(
-                    "seSparse VMDK extent {name}: not implemented (qemu-img convert it to monolithicSparse)"
-                )));
+                let file = open_file(files)?;
+                let extent = sesparse::SeSparseExtent::open(files[file].as_ref())?;
+                if extent.capacity < line.sectors {
+                    log::warn!(
+                        "{}: seSparse extent {name} holds {} sectors of {}; the rest reads as unallocated",
+                        path.display(),
+                        extent.capacity,
+                        line.sectors
+                    );
+                }
+                if want_write {
+                    read_only.get_or_insert_with(|| {
+                        "seSparse extents are read-only here (as in qemu)".to_string()
+                    });
+                }
+                (
+                    Body::SeSparse {
+                        file,
+                        extent: Box::new(extent),
+                    },
+                    false,
+                )
             }
             (_, ExtentKind::Flat) => {
                 let file = open_file(files)?;
@@ -547,6 +573,9 @@ impl Image for VmdkImage {
                 },
                 len,
             )),
+            Body::SeSparse { file, extent } => {
+                extent.map(self.files[*file].as_ref(), local, len, base)
+            }
             Body::Zero => Ok((Mapping::Zero, len)),
             Body::NoAccess => Err(Error::unsupported(format!(
                 "VMDK extent {} is NOACCESS",
@@ -624,7 +653,9 @@ impl Image for VmdkImage {
                 Body::Sparse { file, sparse } => {
                     self.write_sparse(e, self.files[*file].as_ref(), sparse, local, data, parent)?
                 }
-                Body::Zero | Body::NoAccess => return Err(Error::ReadOnly),
+                Body::Zero | Body::NoAccess | Body::SeSparse { .. } => {
+                    return Err(Error::ReadOnly);
+                }
             }
             done += n;
         }
@@ -680,6 +711,7 @@ impl Image for VmdkImage {
                         ""
                     }
                 ),
+                Body::SeSparse { .. } => format!("SESPARSE {} (4 KiB grains)", e.name),
                 Body::Zero => "ZERO".to_string(),
                 Body::NoAccess => format!("NOACCESS {}", e.name),
             })
