@@ -407,3 +407,45 @@ fn se_sparse_reads_like_qemu() {
     assert!(!disk.is_writable(), "seSparse is read-only here");
     assert!(read_all(&disk) == want);
 }
+
+/// With qemu's zeroed_grain=on, zeros written over a whole unallocated grain
+/// of a child become a zeroed-grain entry: no grain is stored, the parent is
+/// hidden, qemu reads zeros.
+#[test]
+fn zeros_over_a_parent_grain_use_a_zeroed_grain_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (model, _) = pattern(120, 4 * MIB as usize);
+    qemu_image_from(&model, dir, "base.vmdk", "vmdk", "");
+    let child = dir.join("child.vmdk");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "zeroed_grain=on",
+            "-b",
+            "base.vmdk",
+            "-F",
+            "vmdk",
+            s(&child),
+        ],
+    );
+    let before = std::fs::metadata(&child).unwrap().len();
+    {
+        let disk = open(&child, true).unwrap();
+        disk.write_at(&vec![0u8; 3 * 65536], MIB).unwrap();
+    }
+    assert_eq!(
+        std::fs::metadata(&child).unwrap().len(),
+        before,
+        "grains were stored"
+    );
+    let mut want = model.clone();
+    want[MIB as usize..MIB as usize + 3 * 65536].fill(0);
+    assert!(qemu_raw(&child, "vmdk") == want);
+    check_clean(&child);
+}

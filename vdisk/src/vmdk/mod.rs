@@ -320,8 +320,16 @@ impl VmdkImage {
                 Grain::At(s) => sp.overwrite(file, s, in_g, piece)?,
                 was => {
                     let shows_parent = was == Grain::Unallocated && self.parent.is_some();
-                    if !shows_parent && piece.iter().all(|&b| b == 0) {
+                    let zeros = piece.iter().all(|&b| b == 0);
+                    if !shows_parent && zeros {
                         // Reads zeros already.
+                        done += n;
+                        continue;
+                    }
+                    let whole = in_g == 0 && n as u64 == gb.min(e.len - g * gb);
+                    if zeros && whole && sp.has_zero_grains() {
+                        // A zeroed-grain entry hides the parent without a grain.
+                        sp.mark_zero(file, g)?;
                         done += n;
                         continue;
                     }

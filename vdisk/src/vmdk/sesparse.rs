@@ -114,12 +114,7 @@ impl SeSparseExtent {
         if e == 0 {
             return Ok(None);
         }
-        let bad = || {
-            Error::corrupt(
-                "VMDK seSparse directory",
-                format!("entry {i}: {e:#018x}"),
-            )
-        };
+        let bad = || Error::corrupt("VMDK seSparse directory", format!("entry {i}: {e:#018x}"));
         if e & 0xffff_ffff_0000_0000 != 0x1000_0000_0000_0000 {
             return Err(bad());
         }
@@ -138,12 +133,7 @@ impl SeSparseExtent {
             return Ok(Mapping::Unallocated);
         };
         let e = t[(g % ENTRIES) as usize];
-        let bad = || {
-            Error::corrupt(
-                "VMDK seSparse grain table",
-                format!("grain {g}: {e:#018x}"),
-            )
-        };
+        let bad = || Error::corrupt("VMDK seSparse grain table", format!("grain {g}: {e:#018x}"));
         Ok(match e >> 60 {
             0 if e == 0 => Mapping::Unallocated,
             1 | 2 => Mapping::Zero,

@@ -271,6 +271,27 @@ impl SparseExtent {
         Ok(storage.write_all_at(data, s * 512 + in_g)?)
     }
 
+    /// Whether the extent may use zeroed-grain entries (GTE 1): the
+    /// header's flag (qemu's `zeroed_grain=on`; VMware's hosted files).
+    pub fn has_zero_grains(&self) -> bool {
+        self.header.flags & super::header::FLAG_ZERO_GRAIN != 0
+    }
+
+    /// Stages a zeroed-grain entry for grain `g` (unallocated until now).
+    pub fn mark_zero(&self, storage: &dyn Storage, g: u64) -> Result<()> {
+        let per = self.header.gtes_per_gt as u64;
+        let (i, k) = ((g / per) as usize, (g % per) as usize);
+        let Some(t) = self.table(storage, i)? else {
+            return Err(Error::unsupported(format!(
+                "VMDK grain {g} has no grain table (directory entry {i} is 0)"
+            )));
+        };
+        let mut pending = self.lock();
+        t[k].store(1, Ordering::Release);
+        pending.push(g);
+        Ok(())
+    }
+
     /// Allocates grain `g` at the end of the file with `grain` (a whole
     /// grain) as its data, and stages its entry.
     pub fn allocate(&self, storage: &dyn Storage, g: u64, grain: &[u8]) -> Result<()> {
