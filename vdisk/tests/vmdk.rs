@@ -234,7 +234,10 @@ fn child_of_a_changed_parent_is_a_clear_error() {
         disk.write_at(&[1u8; 512], 0).unwrap();
     }
     let e = open(&child, false).unwrap_err().to_string();
-    assert!(e.contains("CID") && e.contains("identity differs"), "{e}");
+    assert!(
+        e.contains("parentCID is") && e.contains("base.vmdk has CID"),
+        "{e}"
+    );
     std::fs::remove_file(&base).unwrap();
     let e = open(&child, false).unwrap_err().to_string();
     assert!(e.contains("base.vmdk"), "{e}");

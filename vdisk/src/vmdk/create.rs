@@ -287,7 +287,7 @@ pub fn create_files(
 
 /// The CID and size in sectors of the VMDK whose descriptor (text, or
 /// embedded in a sparse file) is in `storage`.
-fn identity(storage: &dyn Storage) -> Result<(u32, u64)> {
+pub(super) fn identity(storage: &dyn Storage) -> Result<(u32, u64)> {
     let len = storage.len()?;
     let mut head = vec![0u8; len.min(512) as usize];
     storage.read_exact_at(&mut head, 0)?;

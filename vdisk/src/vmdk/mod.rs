@@ -702,6 +702,33 @@ impl Image for VmdkImage {
     fn parent_link(&self) -> Option<&ParentLink> {
         self.parent.as_ref()
     }
+    /// The link, after a look at the candidates' CIDs: a parent found only
+    /// with another CID (written after the child was made) is a clear
+    /// mismatch, naming both CIDs, rather than "not found".
+    fn find_parent(&self, _path: &Path, opener: &dyn ParentOpener) -> Result<Option<ParentLink>> {
+        let Some(link) = &self.parent else {
+            return Ok(None);
+        };
+        let mut others = Vec::new();
+        for c in &link.candidates {
+            let Ok(s) = opener.open_parent(c) else {
+                continue;
+            };
+            match create::identity(s.as_ref()) {
+                Ok((cid, _)) if cid == self.descriptor.parent_cid => return Ok(Some(link.clone())),
+                Ok((cid, _)) => others.push(format!("{} has CID {cid:08x}", c.display())),
+                Err(_) => {}
+            }
+        }
+        if others.is_empty() {
+            return Ok(Some(link.clone()));
+        }
+        Err(Error::ParentMismatch(format!(
+            "parentCID is {:08x}, but {} (the parent was written after this child was made; the child's data no longer fits it)",
+            self.descriptor.parent_cid,
+            others.join(", ")
+        )))
+    }
 
     fn describe(&self) -> String {
         let kinds: Vec<String> = self
