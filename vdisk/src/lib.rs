@@ -24,6 +24,7 @@ mod image;
 pub mod lock;
 mod open;
 pub mod part;
+pub mod qcow2;
 mod probe;
 mod raw;
 mod storage;

@@ -64,7 +64,7 @@ pub fn id_text(format: Format, id: &[u8; 16]) -> String {
     match format {
         Format::Vhdx => vdisk::vhdx::guid::Guid(*id).to_string(),
         Format::Vdi => vdisk::vdi::header::uuid_text(id),
-        Format::Raw => String::from("-"),
+        Format::Raw | Format::Qcow2 => String::from("-"),
         // VHD ids are opaque bytes; QEMU and libvhdi print them in byte order.
         Format::Vhd => {
             let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -121,6 +121,15 @@ pub fn open_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenE
                 Some(img.block_size()),
                 Box::new(img),
             )
+        }
+        Format::Qcow2 => {
+            let img = vdisk::qcow2::Qcow2Image::open(storage, path, opts).map_err(err)?;
+            let kind = if img.header().backing_file.is_some() {
+                "overlay"
+            } else {
+                "base"
+            };
+            (kind.into(), Some(img.cluster_size()), Box::new(img))
         }
         // probe() never reports raw.
         Format::Raw => {

@@ -87,6 +87,7 @@ fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usi
         Format::Vhdx => check_vhdx(storage, &mut r).map_err(io)?,
         Format::Vdi => check_vdi(storage, &mut r).map_err(io)?,
         Format::Raw => {}
+        Format::Qcow2 => {}
     }
     // vdisk's validation of the layer (the library refuses what fails here).
     let summary = match chain::open_layer(chain::open_file(path)?, path) {
@@ -482,3 +483,4 @@ fn check_vdi(s: &dyn Storage, r: &mut Report) -> std::io::Result<()> {
     }
     Ok(())
 }
+

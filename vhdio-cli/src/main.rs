@@ -181,7 +181,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vhd" | "vpc" => Ok(Format::Vhd),
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx or vdi)")),
+        "qcow2" => Ok(Format::Qcow2),
+        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi or qcow2)")),
     }
 }
 

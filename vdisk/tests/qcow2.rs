@@ -1,0 +1,232 @@
+//! qcow2: images made by qemu-img (every variant it writes), chains over
+//! qcow2, raw and VHDX, read through vdisk and compared with what qemu-img
+//! reads; writes through vdisk checked with qemu-img check and read back by
+//! qemu-img.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Rng, open, pattern, qemu_image_from, qemu_raw, read_all, run};
+
+const MIB: usize = 1 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Runs qemu-io commands (`-c` each) on `img` of format `fmt`.
+fn qemu_io(img: &Path, fmt: &str, cmds: &[String]) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(s(img));
+    run("qemu-io", &args);
+}
+
+/// Random qemu-io writes: data, zeros (`write -z`), discards, some unaligned.
+fn scribble(img: &Path, fmt: &str, size: usize, seed: u64, count: usize) {
+    let mut rng = Rng(seed | 1);
+    let mut cmds = Vec::new();
+    for _ in 0..count {
+        let len = 512 * (1 + rng.next() as usize % 300);
+        let off = (rng.next() as usize % (size - len)) / 512 * 512;
+        let pat = rng.next() % 250 + 1;
+        cmds.push(match rng.next() % 6 {
+            0 => format!("write -z {off} {len}"),
+            1 => format!("discard {off} {len}"),
+            _ => format!("write -P {pat} {off} {len}"),
+        });
+    }
+    qemu_io(img, fmt, &cmds);
+}
+
+fn assert_reads_like_qemu(img: &Path, what: &str) {
+    let want = qemu_raw(img, "qcow2");
+    let disk = open(img, false).unwrap_or_else(|e| panic!("{what}: open: {e}"));
+    assert_eq!(disk.size() as usize, want.len(), "{what}: size");
+    let got = read_all(&disk);
+    assert!(got == want, "{what}: contents differ from qemu-img's");
+}
+
+fn qemu_check(img: &Path) {
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", "qcow2", s(img)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned()
+        + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {}: {text}",
+        img.display()
+    );
+}
+
+#[test]
+fn qemu_variants_read_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 9 * MIB + 4096;
+    let variants = [
+        "",
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "extended_l2=on",
+        "extended_l2=on,cluster_size=16k",
+        "lazy_refcounts=on",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "preallocation=metadata",
+        "compat=0.10,cluster_size=4k",
+    ];
+    for (i, opts) in variants.iter().enumerate() {
+        let (data, _) = pattern(i as u64 + 1, size);
+        let img = qemu_image_from(&data, tmp.path(), &format!("v{i}.qcow2"), "qcow2", opts);
+        assert_reads_like_qemu(&img, opts);
+        // Zero clusters (v3 flag or subcluster bits), discards, partial writes.
+        scribble(&img, "qcow2", size, i as u64 + 7, 40);
+        assert_reads_like_qemu(&img, &format!("{opts} after qemu-io writes"));
+    }
+}
+
+#[test]
+fn compressed_images_read_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 6 * MIB;
+    let (mut data, _) = pattern(11, size);
+    // Compressible stretches too.
+    for (i, b) in data[MIB..2 * MIB].iter_mut().enumerate() {
+        *b = (i / 1000) as u8;
+    }
+    let raw = tmp.path().join("c.raw");
+    std::fs::write(&raw, &data).unwrap();
+    for (i, opts) in [
+        "compression_type=zlib",
+        "compression_type=zstd",
+        "compression_type=zlib,cluster_size=512",
+        "compression_type=zstd,cluster_size=2M",
+        "compat=0.10",
+        "compression_type=zstd,extended_l2=on",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let img = tmp.path().join(format!("c{i}.qcow2"));
+        run(
+            "qemu-img",
+            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, s(&raw), s(&img)],
+        );
+        assert_reads_like_qemu(&img, opts);
+        assert_eq!(qemu_raw(&img, "qcow2"), data, "{opts}: qemu-img itself");
+        // Partial overwrites of compressed clusters, by qemu.
+        scribble(&img, "qcow2", size, i as u64 + 3, 20);
+        assert_reads_like_qemu(&img, &format!("{opts} after qemu-io writes"));
+    }
+}
+
+/// qcow2 over qcow2 over raw, with a larger top; qcow2 over VHDX; extended
+/// L2 over a backing file (partly allocated clusters).
+#[test]
+fn chains_read_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let size = 8 * MIB;
+    let (data, _) = pattern(5, size);
+    let base = d.join("base.raw");
+    std::fs::write(&base, &data).unwrap();
+    let mid = d.join("mid.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid)],
+    );
+    scribble(&mid, "qcow2", size, 21, 30);
+    let top = d.join("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2",
+            s(&top), "12M",
+        ],
+    );
+    scribble(&top, "qcow2", 12 * MIB, 22, 30);
+    assert_reads_like_qemu(&top, "qcow2/qcow2/raw");
+    let disk = open(&top, false).unwrap();
+    assert_eq!(disk.layers().len(), 3);
+
+    let vhdx = d.join("base.vhdx");
+    run("qemu-img", &["create", "-f", "vhdx", s(&vhdx), "8M"]);
+    scribble(&vhdx, "vhdx", size, 23, 20);
+    let over = d.join("over vhdx.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", s(&over)],
+    );
+    scribble(&over, "qcow2", size, 24, 20);
+    assert_reads_like_qemu(&over, "qcow2 over vhdx");
+
+    // No backing format recorded: probed (vhdx), or raw if not an image.
+    let probed = d.join("probed.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&probed)],
+    );
+    // qemu-img no longer writes images without one: hide the extension.
+    let mut bytes = std::fs::read(&probed).unwrap();
+    let at = bytes.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).unwrap();
+    bytes[at] = 0x12;
+    std::fs::write(&probed, &bytes).unwrap();
+    let disk = open(&probed, false).unwrap();
+    assert!(read_all(&disk) == data, "raw backing without a format");
+}
+
+#[test]
+fn data_file_and_internal_snapshots_read_equal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let size = 4 * MIB;
+    let img = d.join("df.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-o", &format!("data_file={}", s(&d.join("df.data"))), s(&img), "4M"],
+    );
+    scribble(&img, "qcow2", size, 31, 30);
+    assert_reads_like_qemu(&img, "external data file");
+
+    let (data, _) = pattern(9, size);
+    let snap = qemu_image_from(&data, d, "snap.qcow2", "qcow2", "");
+    run("qemu-img", &["snapshot", "-c", "s1", s(&snap)]);
+    scribble(&snap, "qcow2", size, 32, 30);
+    run("qemu-img", &["snapshot", "-c", "s2", s(&snap)]);
+    scribble(&snap, "qcow2", size, 33, 30);
+    assert_reads_like_qemu(&snap, "internal snapshots");
+}
+
+#[test]
+fn encrypted_and_unknown_features_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let luks = d.join("luks.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create", "--object", "secret,id=sec0,data=pw", "-f", "qcow2", "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0", s(&luks), "4M",
+        ],
+    );
+    let e = open(&luks, false).unwrap_err().to_string();
+    assert!(e.contains("encryption") && e.contains("LUKS"), "{e}");
+
+    let img = qemu_image_from(&vec![1u8; MIB], d, "f.qcow2", "qcow2", "");
+    let mut bytes = std::fs::read(&img).unwrap();
+    bytes[72 + 7] |= 1 << 6; // incompatible bit 6: unknown
+    std::fs::write(&img, &bytes).unwrap();
+    let e = open(&img, false).unwrap_err().to_string();
+    assert!(e.contains("incompatible") && e.contains("bit 6"), "{e}");
+}
+
+pub fn dir_of(p: &Path) -> PathBuf {
+    p.parent().unwrap().to_path_buf()
+}
