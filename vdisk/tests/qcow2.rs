@@ -230,3 +230,156 @@ fn encrypted_and_unknown_features_are_refused_by_name() {
 pub fn dir_of(p: &Path) -> PathBuf {
     p.parent().unwrap().to_path_buf()
 }
+
+/// Random unaligned writes through vdisk, mirrored in `model`; flushes now
+/// and then.
+fn random_writes(disk: &vdisk::Disk, model: &mut [u8], seed: u64, count: usize) {
+    let mut rng = Rng(seed | 1);
+    let size = model.len();
+    for k in 0..count {
+        let len = match rng.next() % 4 {
+            0 => 1 + rng.next() as usize % 700,
+            1 => 1 + rng.next() as usize % 70_000,
+            2 => 4096,
+            _ => 1 + rng.next() as usize % 300_000,
+        }
+        .min(size);
+        let off = rng.next() as usize % (size - len + 1);
+        let zero = rng.next() % 5 == 0;
+        let data: Vec<u8> = (0..len)
+            .map(|i| if zero { 0 } else { (rng.next() as u8) | (i as u8 & 1) })
+            .collect();
+        disk.write_at(&data, off as u64).unwrap();
+        model[off..off + len].copy_from_slice(&data);
+        if k % 17 == 16 {
+            disk.flush().unwrap();
+        }
+    }
+}
+
+fn write_and_verify(img: &Path, what: &str, seed: u64) {
+    let mut model = qemu_raw(img, "qcow2");
+    {
+        let disk = open(img, true).unwrap_or_else(|e| panic!("{what}: open rw: {e}"));
+        random_writes(&disk, &mut model, seed, 60);
+        assert!(read_all(&disk) == model, "{what}: vdisk reads back differently");
+    }
+    qemu_check(img);
+    assert!(qemu_raw(img, "qcow2") == model, "{what}: qemu-img reads differently");
+}
+
+#[test]
+fn random_writes_match_qemu_in_every_variant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 7 * MIB + 512;
+    for (i, opts) in [
+        "",
+        "compat=0.10",
+        "cluster_size=512",
+        "cluster_size=2M",
+        "extended_l2=on",
+        "lazy_refcounts=on",
+        "refcount_bits=1",
+        "refcount_bits=64",
+        "preallocation=metadata",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (data, _) = pattern(i as u64 + 40, size);
+        let img = qemu_image_from(&data, tmp.path(), &format!("w{i}.qcow2"), "qcow2", opts);
+        scribble(&img, "qcow2", size, i as u64 + 50, 20);
+        write_and_verify(&img, opts, i as u64 + 60);
+    }
+    // Compressed clusters rewritten partly and wholly.
+    let (data, _) = pattern(77, 5 * MIB);
+    let raw = tmp.path().join("c.raw");
+    std::fs::write(&raw, &data).unwrap();
+    for (i, opts) in ["compression_type=zlib", "compression_type=zstd,cluster_size=16k"]
+        .iter()
+        .enumerate()
+    {
+        let img = tmp.path().join(format!("wc{i}.qcow2"));
+        run(
+            "qemu-img",
+            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, s(&raw), s(&img)],
+        );
+        write_and_verify(&img, opts, i as u64 + 70);
+    }
+}
+
+fn digest(p: &Path) -> String {
+    common::sha256_hex(&std::fs::read(p).unwrap())
+}
+
+#[test]
+fn chain_writes_leave_backing_files_and_snapshots_intact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let size = 6 * MIB;
+    let (data, _) = pattern(3, size);
+    let base = d.join("base.raw");
+    std::fs::write(&base, &data).unwrap();
+    let mid = d.join("mid.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid)],
+    );
+    scribble(&mid, "qcow2", size, 81, 30);
+    let top = d.join("top.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2",
+            s(&top), "8M",
+        ],
+    );
+    scribble(&top, "qcow2", 8 * MIB, 82, 30);
+    let before = (digest(&base), digest(&mid));
+    write_and_verify(&top, "qcow2/qcow2/raw", 83);
+    assert_eq!((digest(&base), digest(&mid)), before, "a backing file changed");
+
+    let vhdx = d.join("base.vhdx");
+    run("qemu-img", &["create", "-f", "vhdx", s(&vhdx), "6M"]);
+    scribble(&vhdx, "vhdx", size, 84, 20);
+    let over = d.join("over.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", s(&over)],
+    );
+    let before = digest(&vhdx);
+    write_and_verify(&over, "qcow2 over vhdx", 85);
+    assert_eq!(digest(&vhdx), before, "the VHDX base changed");
+
+    // Internal snapshot: writes beside it leave it as it was.
+    let (data, _) = pattern(4, size);
+    let snap = qemu_image_from(&data, d, "snap.qcow2", "qcow2", "cluster_size=4k");
+    run("qemu-img", &["snapshot", "-c", "s1", s(&snap)]);
+    write_and_verify(&snap, "beside a snapshot", 86);
+    let out = d.join("s1.raw");
+    run(
+        "qemu-img",
+        &["convert", "-l", "snapshot.name=s1", "-f", "qcow2", "-O", "raw", s(&snap), s(&out)],
+    );
+    assert!(std::fs::read(&out).unwrap() == data, "snapshot s1 changed");
+}
+
+#[test]
+fn created_images_pass_qemu_check_and_grow_refcounts() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (i, (cs, size)) in [(65536u32, 20 * MIB), (512, 3 * MIB), (2 << 20, 9 * MIB)]
+        .iter()
+        .enumerate()
+    {
+        let img = tmp.path().join(format!("n{i}.qcow2"));
+        {
+            let f = std::fs::File::create_new(&img).unwrap();
+            vdisk::qcow2::create::create(&(f, true), *size as u64, *cs, &Default::default())
+                .unwrap();
+        }
+        qemu_check(&img);
+        assert_eq!(qemu_raw(&img, "qcow2"), vec![0u8; *size]);
+        // 512-byte clusters: the refcount table (one cluster) must grow.
+        write_and_verify(&img, &format!("created, {cs}-byte clusters"), i as u64 + 90);
+    }
+}
