@@ -266,6 +266,9 @@ fn write_and_verify(img: &Path, what: &str, seed: u64) {
     }
     qemu_check(img);
     assert!(qemu_raw(img, "qcow2") == model, "{what}: qemu-img reads differently");
+    let f = std::fs::File::open(img).unwrap();
+    let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
+    assert!(report.errors.is_empty() && report.leaks == 0, "{what}: {report:?}");
 }
 
 #[test]
@@ -382,4 +385,34 @@ fn created_images_pass_qemu_check_and_grow_refcounts() {
         // 512-byte clusters: the refcount table (one cluster) must grow.
         write_and_verify(&img, &format!("created, {cs}-byte clusters"), i as u64 + 90);
     }
+}
+
+/// qemu killed while writing with lazy refcounts leaves the dirty bit and
+/// stale refcounts: vdisk's check sees them; opening for writing repairs
+/// them first (qemu-img check clean after), opening read-only reads.
+#[test]
+fn dirty_lazy_refcounts_are_repaired_on_writable_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let img = tmp.path().join("lz.qcow2");
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "8M"],
+    );
+    let killed = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 7 0 1M", "-c", "write -P 8 3M 64k"])
+        .args(["-c", "sigraise 9", s(&img)])
+        .output()
+        .unwrap();
+    assert!(!killed.status.success());
+    let bytes = std::fs::read(&img).unwrap();
+    assert_eq!(bytes[79] & 1, 1, "qemu left no dirty bit");
+    let f = std::fs::File::open(&img).unwrap();
+    let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
+    assert!(!report.errors.is_empty(), "stale refcounts not seen");
+    assert_reads_like_qemu(&img, "dirty, read-only");
+    write_and_verify(&img, "dirty, repaired", 5);
+    assert_eq!(std::fs::read(&img).unwrap()[79] & 1, 0, "dirty bit still set");
+    let f = std::fs::File::open(&img).unwrap();
+    let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
+    assert!(report.errors.is_empty() && report.leaks == 0, "{report:?}");
 }

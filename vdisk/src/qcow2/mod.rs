@@ -88,7 +88,17 @@ impl Qcow2Image {
         let len = storage.len()?;
         let mut raw = vec![0u8; len.min(HEADER_AREA as u64) as usize];
         storage.read_exact_at(&mut raw, 0)?;
-        let header = Header::parse(&raw, len)?;
+        let mut header = Header::parse(&raw, len)?;
+        let dirty = header.incompatible & header::INCOMPAT_DIRTY != 0;
+        if opts.writable && dirty && header.incompatible & header::INCOMPAT_CORRUPT == 0 {
+            let fixed = check::repair_refcounts(storage.as_ref())?;
+            log::info!(
+                "{}: qcow2 dirty bit set (lazy refcounts): {fixed} refcounts repaired",
+                path.display()
+            );
+            storage.read_exact_at(&mut raw, 0)?;
+            header = Header::parse(&raw, storage.len()?)?;
+        }
         let cs = header.cluster_size();
         let l1 = read_table(
             storage.as_ref(),
@@ -150,7 +160,7 @@ impl Qcow2Image {
             last_compressed: Mutex::new(None),
             parent,
             parent_format,
-            link_id: identity(&raw, len),
+            link_id: identity(&raw, storage.len()?),
             path: path.to_path_buf(),
             writable: opts.writable,
             write: None,
