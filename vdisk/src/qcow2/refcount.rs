@@ -123,12 +123,27 @@ impl Refcounts {
     /// The first cluster at or past the end with refcount 0, taken (the
     /// caller sets its refcount).
     fn take_end(&mut self, storage: &dyn Storage) -> Result<u64> {
-        while self.get(storage, self.end)? != 0 {
-            self.end += 1;
-        }
+        self.skip_used(storage)?;
         let c = self.end;
         self.end += 1;
         Ok(c)
+    }
+
+    /// Moves `end` past clusters in use beyond the end of the file (a
+    /// preallocation); a hostile image with endless ones is refused.
+    fn skip_used(&mut self, storage: &dyn Storage) -> Result<()> {
+        let mut skipped = 0u32;
+        while self.get(storage, self.end)? != 0 {
+            self.end += 1;
+            skipped += 1;
+            if skipped > 1 << 22 {
+                return Err(Error::corrupt(
+                    "qcow2 refcount table",
+                    format!("no free cluster after {skipped} in use past the end of the file"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// A new host cluster with refcount 1.
@@ -149,9 +164,7 @@ impl Refcounts {
                 super::header::MAX_REFCOUNT_TABLE_BYTES
             )));
         }
-        while self.get(storage, self.end)? != 0 {
-            self.end += 1;
-        }
+        self.skip_used(storage)?;
         let start = self.end;
         self.end += want;
         if self.moved_from.is_none() {
