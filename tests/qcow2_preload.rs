@@ -7,7 +7,6 @@
 mod common;
 mod preload;
 #[path = "../vdisk/tests/vhd_util/mod.rs"]
-#[allow(dead_code)]
 mod vhd_util;
 
 use std::path::Path;
@@ -48,7 +47,10 @@ fn writes_equal_model(dir: &Path, img: &Path, mut model: Vec<u8>, seed: u64, wha
     check_clean(img);
     let name = img.file_name().unwrap().to_str().unwrap();
     let cat = preload::run(dir, "cat", &[name]);
-    assert!(cat.stdout == model, "{what}: the library reads different data");
+    assert!(
+        cat.stdout == model,
+        "{what}: the library reads different data"
+    );
 }
 
 #[test]
@@ -83,12 +85,32 @@ fn pwrites_into_qemu_images_compressed_and_chains() {
     let mid = d.join("mid.qcow2");
     tool(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "src.raw", "-F", "raw", s(&mid)],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "src.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
     );
     let top = d.join("top.qcow2");
     tool(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", s(&top)],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+        ],
     );
     let before = (std::fs::read(&raw).unwrap(), std::fs::read(&mid).unwrap());
     writes_equal_model(d, &top, data.clone(), 20, "qcow2/qcow2/raw");
@@ -108,8 +130,17 @@ fn mkfs_ext4_on_qcow2_over_vhdx_and_partition_link() {
     tool(
         "qemu-img",
         &[
-            "create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.vhdx", "-F",
-            "vhdx", s(&img),
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k",
+            "-b",
+            "base.vhdx",
+            "-F",
+            "vhdx",
+            s(&img),
         ],
     );
     let base_before = std::fs::read(&base).unwrap();
@@ -122,12 +153,18 @@ fn mkfs_ext4_on_qcow2_over_vhdx_and_partition_link() {
         &["convert", "-f", "qcow2", "-O", "raw", s(&img), s(&raw)],
     );
     tool("e2fsck", &["-fn", s(&raw)]);
-    assert!(std::fs::read(&base).unwrap() == base_before, "the VHDX base changed");
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the VHDX base changed"
+    );
 
     // `disk.qcow21 -> disk.qcow2` is partition 1 of a dos label.
     let p = d.join("p.qcow2");
     tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "16M"]);
-    preload::sh(d, "printf 'label: dos\\n,4M,83\\n,,83\\n' | sfdisk -q p.qcow2");
+    preload::sh(
+        d,
+        "printf 'label: dos\\n,4M,83\\n,,83\\n' | sfdisk -q p.qcow2",
+    );
     std::os::unix::fs::symlink("p.qcow2", d.join("p.qcow22")).unwrap();
     let out = preload::run(d, "blockdev", &["--getsize64", "p.qcow22"]);
     let want = 16 * MIB - 4 * MIB - MIB;

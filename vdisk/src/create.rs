@@ -133,7 +133,7 @@ pub fn create(storage: &dyn Storage, opts: CreateOptions) -> Result<NewImage> {
                 block_size: Some(block_size),
                 logical_sector_size: 512,
                 fixed: false,
-                link_id: [0; 16],
+                link_id: qcow2_identity(storage)?,
                 parent_id: None,
             })
         }
@@ -210,9 +210,17 @@ fn snapshot_qcow2(parent: &dyn Storage, child: &dyn Storage, links: &Links) -> R
         block_size: Some(cs),
         logical_sector_size: 512,
         fixed: false,
-        link_id: [0; 16],
-        parent_id: None,
+        link_id: qcow2_identity(child)?,
+        parent_id: Some(crate::qcow2::identity(&raw, len)),
     })
+}
+
+/// What [`crate::Image::link_id`] of a qcow2 in `s` is.
+fn qcow2_identity(s: &dyn Storage) -> Result<[u8; 16]> {
+    let len = s.len()?;
+    let mut raw = vec![0u8; len.min(crate::qcow2::header::HEADER_AREA as u64) as usize];
+    s.read_exact_at(&mut raw, 0)?;
+    Ok(crate::qcow2::identity(&raw, len))
 }
 
 /// How a child names its parent: paths, already worked out.

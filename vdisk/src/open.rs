@@ -181,7 +181,9 @@ fn open_parent(
         };
         let image = open_image(storage, format, path, OpenOptions { writable: false })?;
         if by_path.is_none()
-            && image.link_id() != link.id && Some(image.link_id()) != link.alternate_id {
+            && image.link_id() != link.id
+            && Some(image.link_id()) != link.alternate_id
+        {
             tried.push(format!("{} (identity differs)", path.display()));
             continue;
         }

@@ -88,7 +88,13 @@ fn seed_corpus() {
 #[test]
 fn seeds_open() {
     let root = manifest().join("../fuzz/corpus-seed");
-    for target in ["open_vhd", "open_vhdx", "open_vdi", "open_qcow2", "open_any"] {
+    for target in [
+        "open_vhd",
+        "open_vhdx",
+        "open_vdi",
+        "open_qcow2",
+        "open_any",
+    ] {
         for f in files(&root.join(target)) {
             let data = std::fs::read(&f).unwrap();
             assert_eq!(
@@ -344,7 +350,10 @@ fn generate_qcow2_seeds() {
         ("v2.qcow2", &["-o", "compat=0.10,cluster_size=16k"]),
         ("extl2.qcow2", &["-o", "extended_l2=on,cluster_size=16k"]),
         ("zlib.qcow2", &["-c", "-o", "cluster_size=4k"]),
-        ("zstd.qcow2", &["-c", "-o", "compression_type=zstd,cluster_size=4k"]),
+        (
+            "zstd.qcow2",
+            &["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+        ),
     ] {
         let img = dir.join(name);
         let mut a = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
@@ -357,11 +366,29 @@ fn generate_qcow2_seeds() {
     let over = dir.join("over.qcow2");
     common::run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", r, "-F", "raw", over.to_str().unwrap()],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            r,
+            "-F",
+            "raw",
+            over.to_str().unwrap(),
+        ],
     );
     common::run(
         "qemu-io",
-        &["-f", "qcow2", "-c", "write -P 3 1M 64k", "-c", "write -z 2M 64k", over.to_str().unwrap()],
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 1M 64k",
+            "-c",
+            "write -z 2M 64k",
+            over.to_str().unwrap(),
+        ],
     );
     let enc = vdisk::fuzz::encode_sparse(&std::fs::read(&over).unwrap(), false);
     put(&out, "open_qcow2", "over.qcow2.sparse", &enc);

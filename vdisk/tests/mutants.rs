@@ -487,10 +487,19 @@ fn base(format: &str) -> Base {
             std::fs::write(&src, &expect).unwrap();
             common::run(
                 "qemu-img",
-                &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k"]
-                    .into_iter()
-                    .chain([src.to_str().unwrap(), img.to_str().unwrap()])
-                    .collect::<Vec<_>>(),
+                &[
+                    "convert",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4k",
+                ]
+                .into_iter()
+                .chain([src.to_str().unwrap(), img.to_str().unwrap()])
+                .collect::<Vec<_>>(),
             );
             (std::fs::read(img).unwrap(), None)
         }
@@ -503,17 +512,35 @@ fn base(format: &str) -> Base {
                 "qemu-img",
                 &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"]
                     .into_iter()
-                    .chain(["-b", "parent.raw", "-F", "raw", "-u", img.to_str().unwrap(), "4M"])
+                    .chain([
+                        "-b",
+                        "parent.raw",
+                        "-F",
+                        "raw",
+                        "-u",
+                        img.to_str().unwrap(),
+                        "4M",
+                    ])
                     .collect::<Vec<_>>(),
             );
             common::run(
                 "qemu-io",
-                &["-f", "qcow2", "-c", "write -P 209 4096 8192", "-c", "write -z 65536 4096"]
-                    .into_iter()
-                    .chain(["-c", "write -P 210 3M 4096", img.to_str().unwrap()])
-                    .collect::<Vec<_>>(),
+                &[
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 209 4096 8192",
+                    "-c",
+                    "write -z 65536 4096",
+                ]
+                .into_iter()
+                .chain(["-c", "write -P 210 3M 4096", img.to_str().unwrap()])
+                .collect::<Vec<_>>(),
             );
-            vhd_util::apply(&mut expect, &[(4096, vec![209; 8192]), (3 << 20, vec![210; 4096])]);
+            vhd_util::apply(
+                &mut expect,
+                &[(4096, vec![209; 8192]), (3 << 20, vec![210; 4096])],
+            );
             expect[65536..65536 + 4096].fill(0);
             (std::fs::read(img).unwrap(), Some(Arc::new(raw.clone())))
         }

@@ -140,7 +140,12 @@ fn mkfs_trace(size: u64, opts: &[&str]) -> (Vec<Option<(u64, u64)>>, Vec<u8>) {
             continue;
         }
         let (args, result) = line.rsplit_once(") = ").unwrap_or((line, "-1"));
-        let result: i64 = result.split_whitespace().next().unwrap().parse().unwrap_or(-1);
+        let result: i64 = result
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or(-1);
         let nums: Vec<u64> = args
             .rsplit(", ")
             .take(2)
@@ -181,7 +186,10 @@ fn read_only_flush(fmt: Fmt) {
     // (A killed writer's unflushed *allocations* are leaked by design: group
     // commit keeps their table entries in the writer's memory.)
     for i in 0..4u64 {
-        s.write(i * 3 * MIB + 4096, &fill(i + 100, i * 3 * MIB + 4096, 32 << 10));
+        s.write(
+            i * 3 * MIB + 4096,
+            &fill(i + 100, i * 3 * MIB + 4096, 32 << 10),
+        );
     }
     s.kill_and_reopen_read_only();
     let before = s.rec.op_count();

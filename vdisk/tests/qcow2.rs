@@ -56,8 +56,8 @@ fn qemu_check(img: &Path) {
         .args(["check", "-f", "qcow2", s(img)])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned()
-        + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success() && text.contains("No errors were found"),
         "qemu-img check {}: {text}",
@@ -117,7 +117,18 @@ fn compressed_images_read_equal() {
         let img = tmp.path().join(format!("c{i}.qcow2"));
         run(
             "qemu-img",
-            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, s(&raw), s(&img)],
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                s(&raw),
+                s(&img),
+            ],
         );
         assert_reads_like_qemu(&img, opts);
         assert_eq!(qemu_raw(&img, "qcow2"), data, "{opts}: qemu-img itself");
@@ -140,15 +151,33 @@ fn chains_read_equal() {
     let mid = d.join("mid.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
     );
     scribble(&mid, "qcow2", size, 21, 30);
     let top = d.join("top.qcow2");
     run(
         "qemu-img",
         &[
-            "create", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2",
-            s(&top), "12M",
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+            "12M",
         ],
     );
     scribble(&top, "qcow2", 12 * MIB, 22, 30);
@@ -162,7 +191,16 @@ fn chains_read_equal() {
     let over = d.join("over vhdx.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", s(&over)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.vhdx",
+            "-F",
+            "vhdx",
+            s(&over),
+        ],
     );
     scribble(&over, "qcow2", size, 24, 20);
     assert_reads_like_qemu(&over, "qcow2 over vhdx");
@@ -171,11 +209,23 @@ fn chains_read_equal() {
     let probed = d.join("probed.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&probed)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&probed),
+        ],
     );
     // qemu-img no longer writes images without one: hide the extension.
     let mut bytes = std::fs::read(&probed).unwrap();
-    let at = bytes.windows(4).position(|w| w == [0xe2, 0x79, 0x2a, 0xca]).unwrap();
+    let at = bytes
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .unwrap();
     bytes[at] = 0x12;
     std::fs::write(&probed, &bytes).unwrap();
     let disk = open(&probed, false).unwrap();
@@ -190,7 +240,15 @@ fn data_file_and_internal_snapshots_read_equal() {
     let img = d.join("df.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-o", &format!("data_file={}", s(&d.join("df.data"))), s(&img), "4M"],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            &format!("data_file={}", s(&d.join("df.data"))),
+            s(&img),
+            "4M",
+        ],
     );
     scribble(&img, "qcow2", size, 31, 30);
     assert_reads_like_qemu(&img, "external data file");
@@ -212,8 +270,15 @@ fn encrypted_and_unknown_features_are_refused_by_name() {
     run(
         "qemu-img",
         &[
-            "create", "--object", "secret,id=sec0,data=pw", "-f", "qcow2", "-o",
-            "encrypt.format=luks,encrypt.key-secret=sec0", s(&luks), "4M",
+            "create",
+            "--object",
+            "secret,id=sec0,data=pw",
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            s(&luks),
+            "4M",
         ],
     );
     let e = open(&luks, false).unwrap_err().to_string();
@@ -247,7 +312,13 @@ fn random_writes(disk: &vdisk::Disk, model: &mut [u8], seed: u64, count: usize) 
         let off = rng.next() as usize % (size - len + 1);
         let zero = rng.next() % 5 == 0;
         let data: Vec<u8> = (0..len)
-            .map(|i| if zero { 0 } else { (rng.next() as u8) | (i as u8 & 1) })
+            .map(|i| {
+                if zero {
+                    0
+                } else {
+                    (rng.next() as u8) | (i as u8 & 1)
+                }
+            })
             .collect();
         disk.write_at(&data, off as u64).unwrap();
         model[off..off + len].copy_from_slice(&data);
@@ -262,13 +333,22 @@ fn write_and_verify(img: &Path, what: &str, seed: u64) {
     {
         let disk = open(img, true).unwrap_or_else(|e| panic!("{what}: open rw: {e}"));
         random_writes(&disk, &mut model, seed, 60);
-        assert!(read_all(&disk) == model, "{what}: vdisk reads back differently");
+        assert!(
+            read_all(&disk) == model,
+            "{what}: vdisk reads back differently"
+        );
     }
     qemu_check(img);
-    assert!(qemu_raw(img, "qcow2") == model, "{what}: qemu-img reads differently");
+    assert!(
+        qemu_raw(img, "qcow2") == model,
+        "{what}: qemu-img reads differently"
+    );
     let f = std::fs::File::open(img).unwrap();
     let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
-    assert!(report.errors.is_empty() && report.leaks == 0, "{what}: {report:?}");
+    assert!(
+        report.errors.is_empty() && report.leaks == 0,
+        "{what}: {report:?}"
+    );
 }
 
 #[test]
@@ -298,14 +378,28 @@ fn random_writes_match_qemu_in_every_variant() {
     let (data, _) = pattern(77, 5 * MIB);
     let raw = tmp.path().join("c.raw");
     std::fs::write(&raw, &data).unwrap();
-    for (i, opts) in ["compression_type=zlib", "compression_type=zstd,cluster_size=16k"]
-        .iter()
-        .enumerate()
+    for (i, opts) in [
+        "compression_type=zlib",
+        "compression_type=zstd,cluster_size=16k",
+    ]
+    .iter()
+    .enumerate()
     {
         let img = tmp.path().join(format!("wc{i}.qcow2"));
         run(
             "qemu-img",
-            &["convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, s(&raw), s(&img)],
+            &[
+                "convert",
+                "-c",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                opts,
+                s(&raw),
+                s(&img),
+            ],
         );
         write_and_verify(&img, opts, i as u64 + 70);
     }
@@ -326,21 +420,43 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     let mid = d.join("mid.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&mid)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            s(&mid),
+        ],
     );
     scribble(&mid, "qcow2", size, 81, 30);
     let top = d.join("top.qcow2");
     run(
         "qemu-img",
         &[
-            "create", "-f", "qcow2", "-o", "extended_l2=on", "-b", "mid.qcow2", "-F", "qcow2",
-            s(&top), "8M",
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            "mid.qcow2",
+            "-F",
+            "qcow2",
+            s(&top),
+            "8M",
         ],
     );
     scribble(&top, "qcow2", 8 * MIB, 82, 30);
     let before = (digest(&base), digest(&mid));
     write_and_verify(&top, "qcow2/qcow2/raw", 83);
-    assert_eq!((digest(&base), digest(&mid)), before, "a backing file changed");
+    assert_eq!(
+        (digest(&base), digest(&mid)),
+        before,
+        "a backing file changed"
+    );
 
     let vhdx = d.join("base.vhdx");
     run("qemu-img", &["create", "-f", "vhdx", s(&vhdx), "6M"]);
@@ -348,7 +464,16 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     let over = d.join("over.qcow2");
     run(
         "qemu-img",
-        &["create", "-f", "qcow2", "-b", "base.vhdx", "-F", "vhdx", s(&over)],
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.vhdx",
+            "-F",
+            "vhdx",
+            s(&over),
+        ],
     );
     let before = digest(&vhdx);
     write_and_verify(&over, "qcow2 over vhdx", 85);
@@ -362,7 +487,17 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     let out = d.join("s1.raw");
     run(
         "qemu-img",
-        &["convert", "-l", "snapshot.name=s1", "-f", "qcow2", "-O", "raw", s(&snap), s(&out)],
+        &[
+            "convert",
+            "-l",
+            "snapshot.name=s1",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            s(&snap),
+            s(&out),
+        ],
     );
     assert!(std::fs::read(&out).unwrap() == data, "snapshot s1 changed");
 }
@@ -396,10 +531,26 @@ fn dirty_lazy_refcounts_are_repaired_on_writable_open() {
     let img = tmp.path().join("lz.qcow2");
     run(
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "lazy_refcounts=on",
+            s(&img),
+            "8M",
+        ],
     );
     let killed = std::process::Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 7 0 1M", "-c", "write -P 8 3M 64k"])
+        .args([
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 7 0 1M",
+            "-c",
+            "write -P 8 3M 64k",
+        ])
         .args(["-c", "sigraise 9", s(&img)])
         .output()
         .unwrap();
@@ -411,7 +562,11 @@ fn dirty_lazy_refcounts_are_repaired_on_writable_open() {
     assert!(!report.errors.is_empty(), "stale refcounts not seen");
     assert_reads_like_qemu(&img, "dirty, read-only");
     write_and_verify(&img, "dirty, repaired", 5);
-    assert_eq!(std::fs::read(&img).unwrap()[79] & 1, 0, "dirty bit still set");
+    assert_eq!(
+        std::fs::read(&img).unwrap()[79] & 1,
+        0,
+        "dirty bit still set"
+    );
     let f = std::fs::File::open(&img).unwrap();
     let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
     assert!(report.errors.is_empty() && report.leaks == 0, "{report:?}");

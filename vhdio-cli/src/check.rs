@@ -491,7 +491,6 @@ fn check_vdi(s: &dyn Storage, r: &mut Report) -> std::io::Result<()> {
     Ok(())
 }
 
-
 /// Refcounts against the references of the L1/L2 tables (active and
 /// snapshots): too low is a problem (corruption), too high a leak (a note).
 fn check_qcow2(s: &dyn Storage, r: &mut Report) {

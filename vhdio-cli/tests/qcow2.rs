@@ -30,9 +30,23 @@ fn create_snapshot_info_check() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let v2 = d.join("v2.qcow2");
-    ok(VHDIO, &["create", "-f", "qcow2", "-o", "cluster_size=4k,compat=0.10", s(&v2), "100M"]);
+    ok(
+        VHDIO,
+        &[
+            "create",
+            "-f",
+            "qcow2",
+            "-o",
+            "cluster_size=4k,compat=0.10",
+            s(&v2),
+            "100M",
+        ],
+    );
     let info = ok("qemu-img", &["info", s(&v2)]);
-    assert!(info.contains("compat: 0.10") && info.contains("cluster_size: 4096"), "{info}");
+    assert!(
+        info.contains("compat: 0.10") && info.contains("cluster_size: 4096"),
+        "{info}"
+    );
     ok("qemu-img", &["check", s(&v2)]);
 
     let base = d.join("base.qcow2");
@@ -49,7 +63,10 @@ fn create_snapshot_info_check() {
         "{info}"
     );
     let ours = ok(VHDIO, &["info", s(&child)]);
-    assert!(ours.contains("qcow2") && ours.contains("2 images"), "{ours}");
+    assert!(
+        ours.contains("qcow2") && ours.contains("2 images"),
+        "{ours}"
+    );
     let check = ok(VHDIO, &["check", s(&child)]);
     assert!(check.contains("No problems found"), "{check}");
 
@@ -62,5 +79,8 @@ fn create_snapshot_info_check() {
     std::fs::write(&base, &bytes).unwrap();
     let out = run(VHDIO, &["check", s(&base)]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(!out.status.success() && text.contains("refcount 0"), "{text}");
+    assert!(
+        !out.status.success() && text.contains("refcount 0"),
+        "{text}"
+    );
 }

@@ -35,9 +35,6 @@ impl L2Table {
     pub fn set_word(&self, i: usize, v: u64) {
         self.words[i].store(v, Ordering::Release);
     }
-    pub fn len(&self) -> usize {
-        self.words.len()
-    }
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.words.len() * 8);
         for w in self.words.iter() {
@@ -87,9 +84,7 @@ impl L2Cache {
             tries -= 1;
             let Some(old) = order.pop_front() else { break };
             match tables.get(&old) {
-                Some(t) if t.dirty.load(Ordering::Acquire) || old == offset => {
-                    order.push_back(old)
-                }
+                Some(t) if t.dirty.load(Ordering::Acquire) || old == offset => order.push_back(old),
                 Some(_) => {
                     tables.remove(&old);
                 }

@@ -58,7 +58,8 @@ pub fn references(s: &dyn Storage, h: &Header) -> Result<References> {
             match r.counts.get_mut(c as usize) {
                 Some(x) => *x = x.saturating_add(1),
                 None => {
-                    r.errors.push(format!("{what} at {off} is past the end of the file"));
+                    r.errors
+                        .push(format!("{what} at {off} is past the end of the file"));
                     return;
                 }
             }
@@ -96,7 +97,8 @@ pub fn references(s: &dyn Storage, h: &Header) -> Result<References> {
             l1s.push((be64(&e, 0), be32(&e, 8), false));
             at += (40 + extra + id + name).div_ceil(8) * 8;
             if at - start > 64 << 20 {
-                r.errors.push(format!("snapshot table entry {i} runs too far"));
+                r.errors
+                    .push(format!("snapshot table entry {i} runs too far"));
                 break;
             }
         }
@@ -124,7 +126,12 @@ pub fn references(s: &dyn Storage, h: &Header) -> Result<References> {
                     let x = 62 - (h.cluster_bits - 8);
                     let off = e & ((1u64 << x) - 1);
                     let sectors = ((e >> x) & ((1u64 << (h.cluster_bits - 8)) - 1)) + 1;
-                    add(&mut r, off, sectors * 512 - (off & 511), "compressed cluster");
+                    add(
+                        &mut r,
+                        off,
+                        sectors * 512 - (off & 511),
+                        "compressed cluster",
+                    );
                 } else if e & OFFSET_MASK != 0 && !data_file {
                     add(&mut r, e & OFFSET_MASK, cs, "data cluster");
                 }
@@ -154,9 +161,8 @@ pub fn check(s: &dyn Storage) -> Result<CheckReport> {
         let have = rc.get(s, c as u64)?;
         if have < want as u64 {
             if rep.errors.len() < 100 {
-                rep.errors.push(format!(
-                    "cluster {c}: refcount {have}, {want} references"
-                ));
+                rep.errors
+                    .push(format!("cluster {c}: refcount {have}, {want} references"));
             }
         } else if have > want as u64 && want == 0 {
             rep.leaks += 1;
@@ -191,11 +197,7 @@ pub fn repair_refcounts(s: &dyn Storage) -> Result<u64> {
     rc.write(s)?;
     s.sync()?;
     let mut b = [0u8; 8];
-    crate::bytes::put_be64(
-        &mut b,
-        0,
-        h.incompatible & !super::header::INCOMPAT_DIRTY,
-    );
+    crate::bytes::put_be64(&mut b, 0, h.incompatible & !super::header::INCOMPAT_DIRTY);
     s.write_all_at(&b, super::header::OFF_INCOMPAT as u64)?;
     s.sync()?;
     Ok(fixed)

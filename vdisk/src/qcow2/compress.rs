@@ -35,7 +35,8 @@ fn zstd(mut input: &[u8], out: &mut [u8]) -> std::result::Result<(), String> {
     let mut dec = FrameDecoder::new();
     // A cluster is at most 2 MiB: no larger window is legitimate.
     dec.set_max_window_size(4 << 20);
-    dec.init(&mut input).map_err(|e| format!("zstd frame header: {e}"))?;
+    dec.init(&mut input)
+        .map_err(|e| format!("zstd frame header: {e}"))?;
     let mut done = 0usize;
     while done < out.len() {
         let before = (input.len(), done);

@@ -1,7 +1,7 @@
 //! The qcow2 header (versions 2 and 3) and its extensions, parsed and
 //! validated in one place.
 
-use crate::bytes::{be16, be32, be64};
+use crate::bytes::{be32, be64};
 use crate::{Error, Result};
 
 pub const MAGIC: &[u8; 4] = b"QFI\xfb";
@@ -312,15 +312,4 @@ impl Header {
         }
         v
     }
-}
-
-/// A big-endian u16 at `off` (snapshot table entries).
-pub fn snapshot_entry_len(raw: &[u8]) -> Option<usize> {
-    if raw.len() < 40 {
-        return None;
-    }
-    let id = be16(raw, 12) as usize;
-    let name = be16(raw, 14) as usize;
-    let extra = be32(raw, 36) as usize;
-    Some((40 + extra + id + name).div_ceil(8) * 8)
 }

@@ -52,7 +52,10 @@ pub enum Entry {
     Unallocated,
     Zero,
     /// Host offset of the cluster, and whether it may be written in place.
-    Data { host: u64, copied: bool },
+    Data {
+        host: u64,
+        copied: bool,
+    },
     /// The raw L2 entry of a compressed cluster.
     Compressed(u64),
 }
@@ -186,7 +189,10 @@ impl Qcow2Image {
         self.cache.get(off, || {
             let mut raw = vec![0u8; self.cluster_size as usize];
             self.storage.read_exact_at(&mut raw, off).map_err(|e| {
-                Error::corrupt("qcow2 L1 table", format!("L2 table at {off} unreadable: {e}"))
+                Error::corrupt(
+                    "qcow2 L1 table",
+                    format!("L2 table at {off} unreadable: {e}"),
+                )
             })?;
             Ok(L2Table::from_bytes(&raw))
         })
@@ -338,7 +344,10 @@ impl Qcow2Image {
 
     /// Decompresses the cluster whose L2 entry is `e` into `out`.
     fn read_compressed_cluster(&self, e: u64, out: &mut [u8]) -> Result<()> {
-        if let Some((k, data)) = &*self.last_compressed.lock().unwrap_or_else(|e| e.into_inner())
+        if let Some((k, data)) = &*self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
             && *k == e
         {
             out.copy_from_slice(data);
@@ -356,7 +365,10 @@ impl Qcow2Image {
         let mut input = vec![0u8; n];
         self.storage.read_exact_at(&mut input, off)?;
         compress::decompress_cluster(self.compression, &input, out)?;
-        *self.last_compressed.lock().unwrap_or_else(|e| e.into_inner()) = Some((e, out.to_vec()));
+        *self
+            .last_compressed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((e, out.to_vec()));
         Ok(())
     }
 
@@ -371,7 +383,7 @@ impl Qcow2Image {
 
 /// An identity for loop detection: a qcow2 records none for its backing
 /// file, so the header area and the file length stand in.
-fn identity(raw: &[u8], len: u64) -> [u8; 16] {
+pub(crate) fn identity(raw: &[u8], len: u64) -> [u8; 16] {
     let mut a: u64 = 0xcbf2_9ce4_8422_2325 ^ len;
     let mut b: u64 = 0x8422_2325_cbf2_9ce4 ^ len.rotate_left(17);
     for &x in raw {
@@ -496,10 +508,7 @@ impl Image for Qcow2Image {
             folder_of(path).join(p)
         };
         let s = opener.open_parent(&p).map_err(|e| {
-            Error::ParentNotFound(format!(
-                "qcow2 external data file {}: {e}",
-                p.display()
-            ))
+            Error::ParentNotFound(format!("qcow2 external data file {}: {e}", p.display()))
         })?;
         let _ = self.data_file.set(s);
         Ok(())

@@ -50,7 +50,7 @@ impl Refcounts {
         Ok(Refcounts {
             cluster_size,
             order,
-            per_block: cluster_size * 8 >> order,
+            per_block: (cluster_size * 8) >> order,
             table_offset,
             table,
             blocks: HashMap::new(),
@@ -106,7 +106,8 @@ impl Refcounts {
         if self.table[ti] == 0 {
             let b = self.take_end(storage)?;
             self.table[ti] = b * self.cluster_size;
-            self.blocks.insert(ti, vec![0u8; self.cluster_size as usize]);
+            self.blocks
+                .insert(ti, vec![0u8; self.cluster_size as usize]);
             self.dirty_entries.insert(ti);
             self.dirty_blocks.insert(ti);
             self.set(storage, b, 1)?;

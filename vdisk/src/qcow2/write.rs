@@ -129,8 +129,7 @@ fn begin_writes(img: &Qcow2Image) -> Result<()> {
     if keep != h.autoclear {
         let mut b = [0u8; 8];
         put_be64(&mut b, 0, keep);
-        img.storage
-            .write_all_at(&b, header::OFF_AUTOCLEAR as u64)?;
+        img.storage.write_all_at(&b, header::OFF_AUTOCLEAR as u64)?;
         img.storage.sync()?;
         if h.autoclear & header::AUTOCLEAR_BITMAPS != 0 {
             log::warn!(
