@@ -138,4 +138,21 @@ pub trait Image: Send + Sync {
     fn describe(&self) -> String {
         format!("{} image, {} bytes", self.format(), self.virtual_size())
     }
+    /// Makes `offset..offset + len` (sector-aligned, inside the disk) read
+    /// as zeros in this layer, whatever its parents hold (never stale data,
+    /// never the parent's). With `unmap`, whole blocks may give their space
+    /// up (unallocated in a base image, the format's zero state in a child);
+    /// without, blocks this layer holds keep it and get zeros written.
+    /// `parent` reads the chain below, as for [`Image::write`]. The default
+    /// writes zeros, which is right for every format.
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let _ = unmap;
+        crate::disk::zero_fill(self, offset, len, parent)
+    }
 }

@@ -20,6 +20,7 @@
 
 pub mod block_map;
 pub mod create;
+mod discard;
 pub mod header;
 pub mod parent;
 
@@ -75,6 +76,8 @@ struct State {
     free_slots: Vec<u32>,
     /// Whether this open has written (uuidModify is renewed once).
     modified: bool,
+    /// A discard moved blocks down: the file is cut at close.
+    gave_back: bool,
 }
 
 impl VdiImage {
@@ -94,6 +97,11 @@ impl VdiImage {
             );
         }
         let (next_slot, free_slots) = check_map(&map, &header, size, len, opts.writable, path)?;
+        if opts.writable && !free_slots.is_empty() {
+            // Unused slots may have been freed by a discard whose entries
+            // are not durable yet: they must be before a slot is reused.
+            storage.sync()?;
+        }
         let parent = (header.image_type == ImageType::Diff).then(|| ParentLink {
             candidates: Vec::new(),
             id: header.uuid_linkage,
@@ -118,6 +126,7 @@ impl VdiImage {
                 next_slot,
                 free_slots,
                 modified: false,
+                gave_back: false,
             }),
             storage,
         })
@@ -424,6 +433,23 @@ impl Image for VdiImage {
     fn commit(&self) -> Result<()> {
         let mut st = self.state();
         self.commit_state(&mut st)
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.storage.is_writable() {
+            self.cut_tail()?;
+        }
+        Ok(())
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
     }
 
     fn link_id(&self) -> [u8; 16] {

@@ -8,6 +8,7 @@
 pub mod bat;
 pub mod bitmap;
 pub mod create;
+mod discard;
 pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
@@ -659,6 +660,16 @@ impl Image for VhdImage {
             Some(s) => self.commit_sparse(s),
             None => Ok(()),
         }
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
     }
 
     fn close(&self) -> Result<()> {

@@ -30,6 +30,7 @@
 
 pub mod bat;
 pub mod create;
+mod discard;
 pub mod guid;
 pub mod header;
 pub mod log;
@@ -635,6 +636,16 @@ impl Image for VhdxImage {
     fn commit(&self) -> Result<()> {
         let mut st = self.lock();
         self.commit_pending(&mut st)
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
     }
 
     fn is_writable(&self) -> bool {

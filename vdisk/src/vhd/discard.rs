@@ -1,0 +1,86 @@
+//! Discard in a VHD. A base (dynamic) disk gives whole blocks back: their
+//! BAT entries become unused (staged, committed after a barrier like an
+//! allocation's), so they read as zeros. A differencing disk has no zero
+//! state (an unused entry would show the parent): it writes zeros, as do
+//! fixed disks and parts of blocks. Freed file space is not reused while the
+//! file is open (until the BAT change is durable the old entry may still
+//! point there); `vhdio compact` gives it back.
+
+use std::sync::atomic::Ordering;
+
+use super::{Sparse, VhdImage};
+use crate::Result;
+
+impl VhdImage {
+    pub(super) fn discard_range(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let Some(s) = self.sparse.as_ref().filter(|_| self.parent.is_none()) else {
+            return crate::disk::zero_fill(self, offset, len, parent);
+        };
+        if !self.storage.is_writable() {
+            return Err(crate::Error::ReadOnly);
+        }
+        self.repair_checksums()?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let b = (pos / s.block_size) as usize;
+            let in_block = pos % s.block_size;
+            let visible = s.block_size.min(self.size - b as u64 * s.block_size);
+            let n = (visible - in_block).min(end - pos);
+            if let Some(bitmap_offset) = s.bat.get(b) {
+                if unmap && in_block == 0 && n == visible {
+                    s.bat.unmap(b);
+                    s.clear_full(b);
+                    s.bitmaps.written(b);
+                } else {
+                    self.zero_in_block(s, b, bitmap_offset, in_block, n)?;
+                }
+            }
+            pos += n;
+        }
+        if s.bat.pending() >= super::COMMIT_BOUND {
+            self.commit_sparse(s)?;
+        }
+        Ok(())
+    }
+
+    /// Zeros over the sectors of an allocated block that this file holds
+    /// (the others read zeros already in a base disk).
+    fn zero_in_block(
+        &self,
+        s: &Sparse,
+        b: usize,
+        bitmap_offset: u64,
+        in_block: u64,
+        n: u64,
+    ) -> Result<()> {
+        let data = bitmap_offset + s.bitmap_size;
+        if s.is_full(b) {
+            return self.zero(data + in_block..data + in_block + n, u64::MAX);
+        }
+        let bits = self.read_bitmap(s, bitmap_offset)?;
+        let (first, count) = ((in_block / 512) as u32, (n / 512) as u32);
+        let mut k = 0;
+        while k < count {
+            let (present, run) = super::bitmap::run(&bits, first + k, count - k);
+            if present {
+                let at = data + (first + k) as u64 * 512;
+                self.zero(at..at + run as u64 * 512, u64::MAX)?;
+            }
+            k += run;
+        }
+        Ok(())
+    }
+}
+
+impl Sparse {
+    pub(super) fn clear_full(&self, b: usize) {
+        self.full[b / 64].fetch_and(!(1 << (b % 64)), Ordering::Relaxed);
+    }
+}
