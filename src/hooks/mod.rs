@@ -6,6 +6,7 @@
 
 pub mod alloc;
 pub mod copy;
+pub mod discard;
 pub mod exec;
 pub mod fd;
 pub mod ioctl;
