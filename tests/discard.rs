@@ -190,3 +190,48 @@ fn bad_requests_get_the_kernels_errors_and_change_nothing() {
         same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: after bad requests"));
     }
 }
+
+/// Blocks the image's own table says it stores, and those of them holding
+/// only zeros.
+fn zero_blocks(img: &Path) -> (u64, u64) {
+    let disk = common::open(img, false).unwrap();
+    let u = vdisk::block_usage(disk.layers()[0].as_ref(), true)
+        .unwrap()
+        .expect("a format with blocks");
+    (u.allocated, u.zero)
+}
+
+/// Zero detection: `mkfs.ext4 -E lazy_itable_init=0` on a fresh 2 GiB image
+/// (with its initial discard, and with -E nodiscard, where it writes the
+/// inode tables' zeros itself) leaves no allocated block holding only
+/// zeros; e2fsck on the raw disk is clean.
+#[test]
+fn mkfs_ext4_allocates_no_block_of_zeros() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    for &(fmt, _, ext) in FORMATS {
+        for extended in ["lazy_itable_init=0", "lazy_itable_init=0,nodiscard"] {
+            let name = format!("fs.{ext}");
+            let img = dir.join(&name);
+            std::fs::remove_file(&img).ok();
+            common::run(
+                "qemu-img",
+                &["create", "-q", "-f", fmt, img.to_str().unwrap(), "2G"],
+            );
+            preload::run(dir, "mkfs.ext4", &["-q", "-F", "-E", extended, &name]);
+            let (allocated, zero) = zero_blocks(&img);
+            assert!(allocated > 0, "{fmt} {extended}: nothing allocated");
+            assert_eq!(
+                zero, 0,
+                "{fmt} {extended}: {zero} of {allocated} allocated blocks hold only zeros"
+            );
+            let raw = dir.join("fs.raw");
+            common::run(
+                "qemu-img",
+                &["convert", "-f", fmt, "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()],
+            );
+            common::run("e2fsck", &["-fn", raw.to_str().unwrap()]);
+            std::fs::remove_file(&raw).unwrap();
+        }
+    }
+}

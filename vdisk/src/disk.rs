@@ -8,7 +8,7 @@ use crate::{Error, Format, Geometry, Image, Mapping, Result};
 
 #[path = "disk_discard.rs"]
 mod discard;
-pub(crate) use discard::zero_fill;
+pub(crate) use discard::{is_zero, zero_fill};
 
 /// Deepest parent chain accepted; a deeper one is refused as corrupt (or a loop).
 pub const MAX_CHAIN_DEPTH: usize = 256;

@@ -155,4 +155,9 @@ pub trait Image: Send + Sync {
         let _ = unmap;
         crate::disk::zero_fill(self, offset, len, parent)
     }
+    /// The unit in which this layer allocates space (its block size), for
+    /// formats that allocate in blocks; `None` for fixed and raw files.
+    fn allocation_block(&self) -> Option<u64> {
+        None
+    }
 }

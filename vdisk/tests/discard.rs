@@ -166,3 +166,54 @@ fn misaligned_or_out_of_range_discards_change_nothing() {
         assert!(matches!(ro.discard(0, 512), Err(vdisk::Error::ReadOnly)));
     }
 }
+
+/// Zero detection on the allocation path: zeros written where the disk
+/// reads zeros allocate nothing; a whole-block zero write over allocated
+/// data in a base image unmaps it; in a child, zeros over the parent's data
+/// are stored (the range must read zeros).
+#[test]
+fn zero_writes_allocate_nothing_where_zeros_are_read() {
+    for (fmt, opts) in FORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = vec![0u8; SIZE as usize];
+        let half = data(13);
+        model[..(SIZE / 2) as usize].copy_from_slice(&half[..(SIZE / 2) as usize]);
+        let img = common::qemu_image_from(&model, dir.path(), &format!("z.{fmt}"), fmt, opts);
+        let disk = common::open(&img, true).unwrap();
+        let full = allocated(&disk);
+        // 4 KiB zero writes all over the unallocated half.
+        let zeros = vec![0u8; 4096];
+        for off in (SIZE / 2..SIZE).step_by(64 << 10) {
+            disk.write_at(&zeros, off).unwrap();
+        }
+        assert_eq!(allocated(&disk), full, "{fmt}: zero writes allocated");
+        // 4 MiB of zeros over allocated data: whole blocks are unmapped.
+        let big = vec![0u8; 4 * MIB as usize];
+        disk.write_at(&big, 4 * MIB).unwrap();
+        model[4 * MIB as usize..8 * MIB as usize].fill(0);
+        assert!(
+            allocated(&disk) + 2 * MIB <= full,
+            "{fmt}: whole-block zero write kept its blocks"
+        );
+        same(&common::read_all(&disk), &model, &format!("{fmt}: reads after zero writes"));
+        drop(disk);
+        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img after zero writes"));
+        assert_clean(fmt, &img);
+
+        // A child: zeros over the parent's zeros are nothing, over its data they count.
+        let child = dir.path().join(format!("zc.{fmt}"));
+        {
+            let p = std::fs::File::open(&img).unwrap();
+            let c = std::fs::File::create_new(&child).unwrap();
+            vdisk::snapshot(&img, &(p, false), &(c, true), &child).unwrap();
+        }
+        let disk = common::open(&child, true).unwrap();
+        for off in (SIZE / 2..SIZE).step_by(64 << 10) {
+            disk.write_at(&zeros, off).unwrap();
+        }
+        assert_eq!(allocated(&disk), 0, "{fmt} child: zeros over zeros allocated");
+        disk.write_at(&zeros, 0).unwrap();
+        model[..4096].fill(0);
+        same(&common::read_all(&disk), &model, &format!("{fmt} child: reads"));
+    }
+}

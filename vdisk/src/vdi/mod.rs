@@ -452,6 +452,10 @@ impl Image for VdiImage {
         self.discard_range(offset, len, unmap, parent)
     }
 
+    fn allocation_block(&self) -> Option<u64> {
+        (self.image_type != ImageType::Fixed).then_some(self.block_size)
+    }
+
     fn link_id(&self) -> [u8; 16] {
         self.uuid_create
     }

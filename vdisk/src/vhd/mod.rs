@@ -672,6 +672,10 @@ impl Image for VhdImage {
         self.discard_range(offset, len, unmap, parent)
     }
 
+    fn allocation_block(&self) -> Option<u64> {
+        self.sparse.as_ref().map(|s| s.block_size)
+    }
+
     fn close(&self) -> Result<()> {
         match &self.sparse {
             Some(s) if self.storage.is_writable() => {

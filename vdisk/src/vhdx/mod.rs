@@ -648,6 +648,10 @@ impl Image for VhdxImage {
         self.discard_range(offset, len, unmap, parent)
     }
 
+    fn allocation_block(&self) -> Option<u64> {
+        (!self.meta.leave_blocks_allocated).then_some(self.layout.block_size)
+    }
+
     fn is_writable(&self) -> bool {
         self.writable
     }
