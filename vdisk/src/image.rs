@@ -160,4 +160,15 @@ pub trait Image: Send + Sync {
     fn allocation_block(&self) -> Option<u64> {
         None
     }
+    /// Offline compaction (`vhdio compact`): moves the blocks this layer
+    /// stores down into free space of its file and cuts the file after the
+    /// last one. Crash-safe: a block is copied and made durable before its
+    /// table entry switches, and its old place is reused only after that
+    /// switch is durable. The caller holds the image alone and has flushed.
+    /// `progress(done, total)` counts moved blocks. Returns the blocks moved.
+    /// The default moves nothing (formats without blocks).
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        let _ = progress;
+        Ok(0)
+    }
 }

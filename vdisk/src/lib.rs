@@ -26,6 +26,7 @@ mod open;
 pub mod part;
 mod probe;
 mod raw;
+mod relocate;
 mod space;
 mod storage;
 mod table;

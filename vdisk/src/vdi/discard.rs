@@ -66,7 +66,7 @@ impl VdiImage {
             pos += n;
         }
         if !freed.is_empty() {
-            self.give_back(&mut st)?;
+            self.give_back(&mut st, &mut |_, _| {})?;
         }
         Ok(())
     }
@@ -84,7 +84,7 @@ impl VdiImage {
 
     /// Makes the freed slots unused on the disk, then fills the holes below
     /// the count with the blocks of the last slots (see the module comment).
-    fn give_back(&self, st: &mut State) -> Result<()> {
+    fn give_back(&self, st: &mut State, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
         self.commit_state(st)?;
         self.storage.sync()?;
         let mut owner: Vec<Option<u32>> = vec![None; st.next_slot as usize];
@@ -115,6 +115,7 @@ impl VdiImage {
             self.copy_slot(last, hole)?;
             owner[hole as usize] = Some(b);
             moves.push((b, hole));
+            progress(moves.len() as u64, 0);
         }
         if !moves.is_empty() {
             self.storage.sync()?;
@@ -129,7 +130,25 @@ impl VdiImage {
         st.gave_back = true;
         st.header.blocks_allocated = n;
         self.write_header(&st.header)?;
-        Ok(())
+        Ok(moves.len() as u64)
+    }
+
+    /// Offline compaction: fills every unused slot below the count (freed
+    /// or leaked) with the blocks of the last slots, then cuts the file.
+    pub(super) fn relocate_blocks(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        if !self.storage.is_writable() {
+            return Err(Error::ReadOnly);
+        }
+        if self.image_type == ImageType::Fixed {
+            return Ok(0);
+        }
+        let moved = {
+            let mut st = self.state();
+            self.mark_modified(&mut st)?;
+            self.give_back(&mut st, progress)?
+        };
+        self.cut_tail()?;
+        Ok(moved)
     }
 
     fn copy_slot(&self, from: u32, to: u32) -> Result<()> {

@@ -456,6 +456,10 @@ impl Image for VdiImage {
         (self.image_type != ImageType::Fixed).then_some(self.block_size)
     }
 
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
+    }
+
     fn link_id(&self) -> [u8; 16] {
         self.uuid_create
     }

@@ -7,6 +7,7 @@
 
 pub mod bat;
 pub mod bitmap;
+mod compact;
 pub mod create;
 mod discard;
 pub mod dynamic_header;
@@ -72,6 +73,9 @@ struct Sparse {
     zeros_from: AtomicU64,
     /// Bytes of blocks this open allocated (sizes the next reservation).
     allocated_here: AtomicU64,
+    /// File extents of the structures (footer copy, header, BAT, batmap,
+    /// parent locators): compaction moves no block over them.
+    structures: Vec<(u64, u64)>,
 }
 
 impl Sparse {
@@ -528,11 +532,19 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
             next_free = next_free.max(end);
         }
     }
-    next_free = next_free.max(batmap_end(
-        storage,
-        header.table_offset + align_up(entries * 4, 512).unwrap_or(0),
-        len,
-    )?);
+    let batmap_at = header.table_offset + align_up(entries * 4, 512).unwrap_or(0);
+    let batmap = batmap_end(storage, batmap_at, len)?;
+    next_free = next_free.max(batmap);
+    // What compaction must not move blocks over.
+    let mut structures = metadata.to_vec();
+    structures.push((header.table_offset, align_up(bat_end, 512).unwrap_or(bat_end)));
+    if batmap > 0 {
+        structures.push((batmap_at, batmap));
+    }
+    for loc in header.locators.iter().filter(|l| l.is_used()) {
+        let n = loc.space_bytes().max(loc.data_length as u64);
+        structures.push((loc.data_offset, loc.data_offset.saturating_add(n)));
+    }
     Ok(Sparse {
         bitmaps: bitmap::BitmapCache::new(bitmap_size),
         full: (0..bat.len().div_ceil(64))
@@ -546,6 +558,7 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         next_free: AtomicU64::new(next_free),
         zeros_from: AtomicU64::new(len),
         allocated_here: AtomicU64::new(0),
+        structures,
     })
 }
 
@@ -674,6 +687,10 @@ impl Image for VhdImage {
 
     fn allocation_block(&self) -> Option<u64> {
         self.sparse.as_ref().map(|s| s.block_size)
+    }
+
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
     }
 
     fn close(&self) -> Result<()> {

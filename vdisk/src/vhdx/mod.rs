@@ -29,6 +29,7 @@
 //!   new values through the two-header update.
 
 pub mod bat;
+mod compact;
 pub mod create;
 mod discard;
 pub mod guid;
@@ -650,6 +651,10 @@ impl Image for VhdxImage {
 
     fn allocation_block(&self) -> Option<u64> {
         (!self.meta.leave_blocks_allocated).then_some(self.layout.block_size)
+    }
+
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
     }
 
     fn is_writable(&self) -> bool {
