@@ -97,6 +97,14 @@ fn dry_run_reports_and_compact_unmaps_zero_blocks() {
         let zero_blocks = 32 * MIB / block;
         assert!(out.contains(&format!("{zero_blocks} of them only zeros")), "{fmt}: {out}");
         assert!(fs::read(&img).unwrap() == before, "{fmt}: --dry-run changed the image");
+        let allocated = 64 * MIB / block;
+        let checked = ok(VHDIO, &["check", s(&img)]);
+        assert!(
+            checked.contains(&format!("{zero_blocks} of {allocated} allocated blocks hold only zeros")),
+            "{fmt}: {checked}"
+        );
+        let info = ok(VHDIO, &["info", s(&img)]);
+        assert!(info.contains(&format!("blocks: {allocated} of ")), "{fmt}: {info}");
         let view = qemu_raw(fmt, &img);
         ok(VHDIO, &["compact", s(&img)]);
         assert!(len(&img) <= 32 * MIB + 8 * MIB, "{fmt}: {} bytes after compact", len(&img));
