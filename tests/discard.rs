@@ -32,7 +32,10 @@ fn data(seed: u64, len: u64) -> Vec<u8> {
 fn same(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!("{what}: differs first at byte {i}: {} != {}", actual[i], expected[i]);
+        panic!(
+            "{what}: differs first at byte {i}: {} != {}",
+            actual[i], expected[i]
+        );
     }
 }
 
@@ -46,7 +49,11 @@ fn assert_clean(fmt: &str, img: &Path) {
 
 /// The disk (or window) `dev` as a program reads it through the library.
 fn read_through_library(dir: &Path, dev: &str) -> Vec<u8> {
-    preload::run(dir, "dd", &[&format!("if={dev}"), "of=back.raw", "bs=1M", "status=none"]);
+    preload::run(
+        dir,
+        "dd",
+        &[&format!("if={dev}"), "of=back.raw", "bs=1M", "status=none"],
+    );
     let back = std::fs::read(dir.join("back.raw")).unwrap();
     std::fs::remove_file(dir.join("back.raw")).unwrap();
     back
@@ -56,11 +63,49 @@ fn read_through_library(dir: &Path, dev: &str) -> Vec<u8> {
 fn tool_requests(dir: &Path, dev: &str, model: &mut [u8]) {
     let m = |n: u64| (n * MIB).to_string();
     let runs: [(&str, Vec<String>, u64, u64); 5] = [
-        ("blkdiscard", vec!["-f".into(), "-o".into(), m(1), "-l".into(), m(3)], MIB, 3 * MIB),
-        ("blkdiscard", vec!["-f".into(), "-z".into(), "-o".into(), m(6), "-l".into(), m(1)], 6 * MIB, MIB),
-        ("fallocate", vec!["-p".into(), "-o".into(), "9437696".into(), "-l".into(), m(3)], 9437696, 3 * MIB),
-        ("fallocate", vec!["-z".into(), "-o".into(), m(14), "-l".into(), "5120".into()], 14 * MIB, 5120),
-        ("blkdiscard", vec!["-f".into(), "-o".into(), m(17), "-l".into(), m(2)], 17 * MIB, 2 * MIB),
+        (
+            "blkdiscard",
+            vec!["-f".into(), "-o".into(), m(1), "-l".into(), m(3)],
+            MIB,
+            3 * MIB,
+        ),
+        (
+            "blkdiscard",
+            vec![
+                "-f".into(),
+                "-z".into(),
+                "-o".into(),
+                m(6),
+                "-l".into(),
+                m(1),
+            ],
+            6 * MIB,
+            MIB,
+        ),
+        (
+            "fallocate",
+            vec![
+                "-p".into(),
+                "-o".into(),
+                "9437696".into(),
+                "-l".into(),
+                m(3),
+            ],
+            9437696,
+            3 * MIB,
+        ),
+        (
+            "fallocate",
+            vec!["-z".into(), "-o".into(), m(14), "-l".into(), "5120".into()],
+            14 * MIB,
+            5120,
+        ),
+        (
+            "blkdiscard",
+            vec!["-f".into(), "-o".into(), m(17), "-l".into(), m(2)],
+            17 * MIB,
+            2 * MIB,
+        ),
     ];
     for (program, mut args, off, len) in runs {
         args.push(dev.to_string());
@@ -80,15 +125,34 @@ fn blkdiscard_and_fallocate_on_each_format() {
         let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
         let before = std::fs::metadata(&img).unwrap().len();
         tool_requests(dir, &name, &mut model);
-        same(&read_through_library(dir, &name), &model, &format!("{fmt}: library"));
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img"));
+        same(
+            &read_through_library(dir, &name),
+            &model,
+            &format!("{fmt}: library"),
+        );
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: qemu-img"),
+        );
         assert_clean(fmt, &img);
         let after = std::fs::metadata(&img).unwrap().len();
-        assert!(after <= before, "{fmt}: the file grew from {before} to {after}");
+        assert!(
+            after <= before,
+            "{fmt}: the file grew from {before} to {after}"
+        );
         // A whole-disk discard leaves zeros (and little but metadata).
         preload::run(dir, "blkdiscard", &["-f", &name]);
-        same(&read_through_library(dir, &name), &vec![0; SIZE as usize], &format!("{fmt}: all"));
-        same(&common::qemu_raw(&img, fmt), &vec![0; SIZE as usize], &format!("{fmt}: qemu all"));
+        same(
+            &read_through_library(dir, &name),
+            &vec![0; SIZE as usize],
+            &format!("{fmt}: all"),
+        );
+        same(
+            &common::qemu_raw(&img, fmt),
+            &vec![0; SIZE as usize],
+            &format!("{fmt}: qemu all"),
+        );
         assert_clean(fmt, &img);
     }
 }
@@ -109,8 +173,16 @@ fn discard_in_a_differencing_child_never_shows_the_parent() {
         }
         let name = format!("c.{ext}");
         tool_requests(dir, &name, &mut model);
-        same(&read_through_library(dir, &name), &model, &format!("{fmt} child"));
-        assert_eq!(std::fs::read(&parent).unwrap(), parent_bytes, "{fmt}: parent written");
+        same(
+            &read_through_library(dir, &name),
+            &model,
+            &format!("{fmt} child"),
+        );
+        assert_eq!(
+            std::fs::read(&parent).unwrap(),
+            parent_bytes,
+            "{fmt}: parent written"
+        );
     }
 }
 
@@ -130,7 +202,11 @@ fn blkdiscard_of_a_partition_stays_inside_it() {
         let mut want = model.clone();
         preload::run(dir, "blkdiscard", &["-f", &format!("{name}2")]);
         want[9 * MIB as usize..].fill(0);
-        same(&common::qemu_raw(&img, fmt), &want, &format!("{fmt}: partition 2 only"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &want,
+            &format!("{fmt}: partition 2 only"),
+        );
         assert_clean(fmt, &img);
     }
 }
@@ -175,7 +251,11 @@ fn bad_requests_get_the_kernels_errors_and_change_nothing() {
         let name = format!("d.{ext}");
         let mut model = data(4, SIZE);
         let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
-        let out = preload::run(dir, preload::python(), &["probe.py", &name, &SIZE.to_string()]);
+        let out = preload::run(
+            dir,
+            preload::python(),
+            &["probe.py", &name, &SIZE.to_string()],
+        );
         let (einval, ebadf, eopnotsupp) = (libc::EINVAL, libc::EBADF, libc::EOPNOTSUPP);
         let want = [
             einval, einval, einval, einval, einval, einval, eopnotsupp, ebadf, ebadf, einval,
@@ -187,7 +267,11 @@ fn bad_requests_get_the_kernels_errors_and_change_nothing() {
         // Only the last request (ZERO_RANGE|KEEP_SIZE cut at the end) zeroed.
         let end = model.len();
         model[end - 512..].fill(0);
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: after bad requests"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: after bad requests"),
+        );
     }
 }
 
@@ -228,7 +312,15 @@ fn mkfs_ext4_allocates_no_block_of_zeros() {
             let raw = dir.join("fs.raw");
             common::run(
                 "qemu-img",
-                &["convert", "-f", fmt, "-O", "raw", img.to_str().unwrap(), raw.to_str().unwrap()],
+                &[
+                    "convert",
+                    "-f",
+                    fmt,
+                    "-O",
+                    "raw",
+                    img.to_str().unwrap(),
+                    raw.to_str().unwrap(),
+                ],
             );
             common::run("e2fsck", &["-fn", raw.to_str().unwrap()]);
             std::fs::remove_file(&raw).unwrap();

@@ -14,7 +14,9 @@ use crate::{guard, images, real, sys};
 /// (see `hooks::discard`).
 fn fallocate_common(fd: c_int, mode: c_int, off: i64, len: i64) -> Option<c_int> {
     let of = image_fd(fd)?;
-    Some(emulate(-1, || super::discard::fallocate(&of, mode, off, len)))
+    Some(emulate(-1, || {
+        super::discard::fallocate(&of, mode, off, len)
+    }))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]

@@ -69,7 +69,8 @@ pub fn fallocate(of: &OpenFile, mode: c_int, off: i64, len: i64) -> Result<c_int
     if off < 0 || len <= 0 {
         return Err(libc::EINVAL);
     }
-    let supported = FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | NO_HIDE_STALE;
+    let supported =
+        FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | NO_HIDE_STALE;
     if mode & !supported != 0
         || mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)
             == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE

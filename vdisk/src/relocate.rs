@@ -26,7 +26,7 @@ pub(crate) fn round(
     max: usize,
 ) -> Vec<Move> {
     let mut by_end: Vec<(u64, u64)> = blocks.to_vec();
-    by_end.sort_unstable_by(|a, b| b.1.cmp(&a.1));
+    by_end.sort_unstable_by_key(|b| std::cmp::Reverse(b.1));
     let Some(&(_, highest)) = by_end.first() else {
         return Vec::new();
     };
@@ -72,12 +72,26 @@ mod tests {
         assert_eq!(
             m,
             [
-                Move { id: 3, from: 70, to: 10 },
-                Move { id: 2, from: 50, to: 30 },
+                Move {
+                    id: 3,
+                    from: 70,
+                    to: 10
+                },
+                Move {
+                    id: 2,
+                    from: 50,
+                    to: 30
+                },
             ]
         );
         // Aligned places: only 40-aligned starts.
-        let m = round(&blocks, &used, 10, |p: u64| p.checked_next_multiple_of(40), 16);
+        let m = round(
+            &blocks,
+            &used,
+            10,
+            |p: u64| p.checked_next_multiple_of(40),
+            16,
+        );
         assert_eq!(m, []);
         assert_eq!(round(&[], &used, 10, Some, 16), []);
     }

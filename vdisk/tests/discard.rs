@@ -25,7 +25,10 @@ const FORMATS: [(&str, &str); 3] = [
 fn same(actual: &[u8], expected: &[u8], what: &str) {
     assert_eq!(actual.len(), expected.len(), "{what}: length");
     if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!("{what}: differs first at byte {i}: {} != {}", actual[i], expected[i]);
+        panic!(
+            "{what}: differs first at byte {i}: {} != {}",
+            actual[i], expected[i]
+        );
     }
 }
 
@@ -91,7 +94,11 @@ fn discard_in_base_images_reads_zeros_and_frees_blocks() {
             let disk = common::open(&img, true).unwrap();
             let full = allocated(&disk);
             apply(&disk, &mut model);
-            same(&common::read_all(&disk), &model, &format!("{fmt}: vdisk reads"));
+            same(
+                &common::read_all(&disk),
+                &model,
+                &format!("{fmt}: vdisk reads"),
+            );
             let after = allocated(&disk);
             assert!(
                 after + 4 * MIB <= full,
@@ -99,21 +106,36 @@ fn discard_in_base_images_reads_zeros_and_frees_blocks() {
             );
             disk.flush().unwrap();
         }
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img reads"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: qemu-img reads"),
+        );
         assert_clean(fmt, &img);
         let len = std::fs::metadata(&img).unwrap().len();
         assert!(len <= before, "{fmt}: file grew {before} -> {len}");
         if fmt == "vdi" {
-            assert!(len + 4 * MIB <= before, "VDI file not cut: {before} -> {len}");
+            assert!(
+                len + 4 * MIB <= before,
+                "VDI file not cut: {before} -> {len}"
+            );
         }
         // And it stays writable: new data lands, old data intact.
         let disk = common::open(&img, true).unwrap();
         let new = vec![0x5Au8; 3 * MIB as usize];
         disk.write_at(&new, MIB).unwrap();
         model[MIB as usize..4 * MIB as usize].copy_from_slice(&new);
-        same(&common::read_all(&disk), &model, &format!("{fmt}: rewrite after discard"));
+        same(
+            &common::read_all(&disk),
+            &model,
+            &format!("{fmt}: rewrite after discard"),
+        );
         drop(disk);
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img after rewrite"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: qemu-img after rewrite"),
+        );
         assert_clean(fmt, &img);
     }
 }
@@ -138,13 +160,25 @@ fn discard_in_a_child_never_shows_the_parent() {
             disk.write_at(&own, 2 * MIB).unwrap();
             model[2 * MIB as usize..4 * MIB as usize].copy_from_slice(&own);
             apply(&disk, &mut model);
-            same(&common::read_all(&disk), &model, &format!("{fmt}: vdisk reads the child"));
+            same(
+                &common::read_all(&disk),
+                &model,
+                &format!("{fmt}: vdisk reads the child"),
+            );
         }
         // qemu reads no differencing image of these formats: vdisk reads
         // the child afresh instead.
         let disk = common::open(&child, false).unwrap();
-        same(&common::read_all(&disk), &model, &format!("{fmt}: child reopened"));
-        assert_eq!(std::fs::read(&parent).unwrap(), parent_bytes, "{fmt}: parent changed");
+        same(
+            &common::read_all(&disk),
+            &model,
+            &format!("{fmt}: child reopened"),
+        );
+        assert_eq!(
+            std::fs::read(&parent).unwrap(),
+            parent_bytes,
+            "{fmt}: parent changed"
+        );
     }
 }
 
@@ -156,8 +190,16 @@ fn misaligned_or_out_of_range_discards_change_nothing() {
         let img = common::qemu_image_from(&model, dir.path(), &format!("m.{fmt}"), fmt, opts);
         let file = std::fs::read(&img).unwrap();
         let disk = common::open(&img, true).unwrap();
-        for (off, len) in [(1, 512), (512, 100), (SIZE - 512, 1024), (u64::MAX - 511, 512)] {
-            assert!(disk.discard(off, len).is_err(), "{fmt}: discard {len} @ {off}");
+        for (off, len) in [
+            (1, 512),
+            (512, 100),
+            (SIZE - 512, 1024),
+            (u64::MAX - 511, 512),
+        ] {
+            assert!(
+                disk.discard(off, len).is_err(),
+                "{fmt}: discard {len} @ {off}"
+            );
             assert!(disk.write_zeroes(off, len, true).is_err());
         }
         drop(disk);
@@ -195,9 +237,17 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
             allocated(&disk) + 2 * MIB <= full,
             "{fmt}: whole-block zero write kept its blocks"
         );
-        same(&common::read_all(&disk), &model, &format!("{fmt}: reads after zero writes"));
+        same(
+            &common::read_all(&disk),
+            &model,
+            &format!("{fmt}: reads after zero writes"),
+        );
         drop(disk);
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img after zero writes"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: qemu-img after zero writes"),
+        );
         assert_clean(fmt, &img);
 
         // A child: zeros over the parent's zeros are nothing, over its data they count.
@@ -211,10 +261,18 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
         for off in (SIZE / 2..SIZE).step_by(64 << 10) {
             disk.write_at(&zeros, off).unwrap();
         }
-        assert_eq!(allocated(&disk), 0, "{fmt} child: zeros over zeros allocated");
+        assert_eq!(
+            allocated(&disk),
+            0,
+            "{fmt} child: zeros over zeros allocated"
+        );
         disk.write_at(&zeros, 0).unwrap();
         model[..4096].fill(0);
-        same(&common::read_all(&disk), &model, &format!("{fmt} child: reads"));
+        same(
+            &common::read_all(&disk),
+            &model,
+            &format!("{fmt} child: reads"),
+        );
     }
 }
 
@@ -238,7 +296,11 @@ fn relocate_fills_holes_and_cuts_the_file() {
         }
         let disk = common::open(&img, true).unwrap();
         let moved = disk.layers()[0].relocate(&mut |_, _| {}).unwrap();
-        same(&common::read_all(&disk), &model, &format!("{fmt}: after relocate"));
+        same(
+            &common::read_all(&disk),
+            &model,
+            &format!("{fmt}: after relocate"),
+        );
         drop(disk);
         let len = std::fs::metadata(&img).unwrap().len();
         // VDI discards move blocks down at once (slots stay dense).
@@ -247,14 +309,22 @@ fn relocate_fills_holes_and_cuts_the_file() {
             len <= full / 2 + 3 * MIB,
             "{fmt}: file {full} -> {len} bytes after relocating {moved} blocks"
         );
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: qemu-img after relocate"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: qemu-img after relocate"),
+        );
         assert_clean(fmt, &img);
         let disk = common::open(&img, true).unwrap();
         let new = vec![0x3Cu8; 3 * MIB as usize];
         disk.write_at(&new, 8 * MIB).unwrap();
         model[8 * MIB as usize..11 * MIB as usize].copy_from_slice(&new);
         drop(disk);
-        same(&common::qemu_raw(&img, fmt), &model, &format!("{fmt}: write after relocate"));
+        same(
+            &common::qemu_raw(&img, fmt),
+            &model,
+            &format!("{fmt}: write after relocate"),
+        );
         assert_clean(fmt, &img);
     }
 }

@@ -46,7 +46,7 @@ fn mixed(fmt: Fmt, seed: u64) {
             }
             2 => {
                 let len = (512 * (1 + rng.next() % 300)).min(room);
-                s.discard(off, len, rng.next() % 2 == 0);
+                s.discard(off, len, rng.next().is_multiple_of(2));
             }
             3 => s.flush(),
             _ => {

@@ -93,12 +93,13 @@ fn zero_block_runs(image: &dyn Image, bs: u64, child: bool) -> vdisk::Result<Vec
 pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     let shown = o.image.display();
     let err = |e: vdisk::Error| fail(EXIT_ERROR, format!("{shown}: {e}"));
-    if !o.dry_run
-        && other_writer(o.image).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
-    {
+    if !o.dry_run && other_writer(o.image).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))? {
         return Err(fail(
             EXIT_ERROR,
-            format!("{shown}: {}; compact it when it is closed", vdisk::lock::BUSY_MESSAGE),
+            format!(
+                "{shown}: {}; compact it when it is closed",
+                vdisk::lock::BUSY_MESSAGE
+            ),
         ));
     }
     let before = std::fs::metadata(o.image)

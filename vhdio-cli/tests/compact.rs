@@ -49,13 +49,28 @@ fn round_trip_mkfs_write_delete_fsck_discard_compact() {
         let d = dir.path();
         let name = format!("fs.{ext}");
         let img = d.join(&name);
-        ok("qemu-img", &["create", "-q", "-f", fmt, "-o", opts, s(&img), "1G"]);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", fmt, "-o", opts, s(&img), "1G"],
+        );
         preloaded(d, "mkfs.ext4", &["-q", "-F", &name]);
         let after_mkfs = len(&img);
-        ok("dd", &["if=/dev/urandom", &format!("of={}", s(&d.join("big.bin"))), "bs=1M", "count=300", "status=none"]);
+        ok(
+            "dd",
+            &[
+                "if=/dev/urandom",
+                &format!("of={}", s(&d.join("big.bin"))),
+                "bs=1M",
+                "count=300",
+                "status=none",
+            ],
+        );
         preloaded(d, "debugfs", &["-w", "-R", "write big.bin big", &name]);
         let with_file = len(&img);
-        assert!(with_file >= after_mkfs + 200 * MIB, "{fmt}: the file did not grow: {after_mkfs} -> {with_file}");
+        assert!(
+            with_file >= after_mkfs + 200 * MIB,
+            "{fmt}: the file did not grow: {after_mkfs} -> {with_file}"
+        );
         preloaded(d, "debugfs", &["-w", "-R", "rm big", &name]);
         preloaded(d, "e2fsck", &["-fy", "-E", "discard", &name]);
         let out = ok(VHDIO, &["compact", s(&img)]);
@@ -66,16 +81,26 @@ fn round_trip_mkfs_write_delete_fsck_discard_compact() {
         );
         check_clean(fmt, &img);
         let raw = d.join("fs.raw");
-        ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s(&img), s(&raw)]);
+        ok(
+            "qemu-img",
+            &["convert", "-f", fmt, "-O", "raw", s(&img), s(&raw)],
+        );
         ok("e2fsck", &["-fn", s(&raw)]);
         fs::remove_file(&raw).unwrap();
         // A whole-disk discard, then compact: only metadata is left.
         preloaded(d, "blkdiscard", &["-f", &name]);
         ok(VHDIO, &["compact", s(&img)]);
-        assert!(len(&img) <= 8 * MIB, "{fmt}: {} bytes left after blkdiscard + compact", len(&img));
+        assert!(
+            len(&img) <= 8 * MIB,
+            "{fmt}: {} bytes left after blkdiscard + compact",
+            len(&img)
+        );
         check_clean(fmt, &img);
         let zeros = fs::read(&{
-            ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s(&img), s(&raw)]);
+            ok(
+                "qemu-img",
+                &["convert", "-f", fmt, "-O", "raw", s(&img), s(&raw)],
+            );
             raw.clone()
         })
         .unwrap();
@@ -90,32 +115,67 @@ fn dry_run_reports_and_compact_unmaps_zero_blocks() {
     for (fmt, opts, ext, block) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join(format!("z.{ext}"));
-        ok("qemu-img", &["create", "-q", "-f", fmt, "-o", opts, s(&img), "64M"]);
-        ok("qemu-io", &["-f", fmt, "-c", "write -P 0x61 0 64M", "-c", "write -P 0 8M 32M", s(&img)]);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", fmt, "-o", opts, s(&img), "64M"],
+        );
+        ok(
+            "qemu-io",
+            &[
+                "-f",
+                fmt,
+                "-c",
+                "write -P 0x61 0 64M",
+                "-c",
+                "write -P 0 8M 32M",
+                s(&img),
+            ],
+        );
         let before = fs::read(&img).unwrap();
         let out = ok(VHDIO, &["compact", "--dry-run", s(&img)]);
         let zero_blocks = 32 * MIB / block;
-        assert!(out.contains(&format!("{zero_blocks} of them only zeros")), "{fmt}: {out}");
-        assert!(fs::read(&img).unwrap() == before, "{fmt}: --dry-run changed the image");
+        assert!(
+            out.contains(&format!("{zero_blocks} of them only zeros")),
+            "{fmt}: {out}"
+        );
+        assert!(
+            fs::read(&img).unwrap() == before,
+            "{fmt}: --dry-run changed the image"
+        );
         let allocated = 64 * MIB / block;
         let checked = ok(VHDIO, &["check", s(&img)]);
         assert!(
-            checked.contains(&format!("{zero_blocks} of {allocated} allocated blocks hold only zeros")),
+            checked.contains(&format!(
+                "{zero_blocks} of {allocated} allocated blocks hold only zeros"
+            )),
             "{fmt}: {checked}"
         );
         let info = ok(VHDIO, &["info", s(&img)]);
-        assert!(info.contains(&format!("blocks: {allocated} of ")), "{fmt}: {info}");
+        assert!(
+            info.contains(&format!("blocks: {allocated} of ")),
+            "{fmt}: {info}"
+        );
         let view = qemu_raw(fmt, &img);
         ok(VHDIO, &["compact", s(&img)]);
-        assert!(len(&img) <= 32 * MIB + 8 * MIB, "{fmt}: {} bytes after compact", len(&img));
-        assert!(qemu_raw(fmt, &img) == view, "{fmt}: compact changed the disk");
+        assert!(
+            len(&img) <= 32 * MIB + 8 * MIB,
+            "{fmt}: {} bytes after compact",
+            len(&img)
+        );
+        assert!(
+            qemu_raw(fmt, &img) == view,
+            "{fmt}: compact changed the disk"
+        );
         check_clean(fmt, &img);
     }
 }
 
 fn qemu_raw(fmt: &str, img: &Path) -> Vec<u8> {
     let raw = img.with_extension("raw");
-    ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s(img), s(&raw)]);
+    ok(
+        "qemu-img",
+        &["convert", "-f", fmt, "-O", "raw", s(img), s(&raw)],
+    );
     let v = fs::read(&raw).unwrap();
     fs::remove_file(&raw).unwrap();
     v
@@ -131,7 +191,11 @@ fn compact_refuses_while_served() {
     let server = Server::vhdio(d, &[s(&img)]);
     let o = run(VHDIO, &["compact", s(&img)]);
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
-    assert!(text(&o).contains("another process is writing"), "{}", text(&o));
+    assert!(
+        text(&o).contains("another process is writing"),
+        "{}",
+        text(&o)
+    );
     drop(server);
     assert!(fs::read(&img).unwrap() == before);
 }
@@ -143,16 +207,24 @@ fn kill_during_compact_keeps_the_disk() {
     for (fmt, opts, ext, _) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join(format!("k.{ext}"));
-        ok("qemu-img", &["create", "-q", "-f", fmt, "-o", opts, s(&img), "128M"]);
+        ok(
+            "qemu-img",
+            &["create", "-q", "-f", fmt, "-o", opts, s(&img), "128M"],
+        );
         let mut cmd = vec!["-f", fmt];
-        let writes: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 4M", i + 1, i * 8)).collect();
+        let writes: Vec<String> = (0..16)
+            .map(|i| format!("write -P {} {}M 4M", i + 1, i * 8))
+            .collect();
         for w in &writes {
             cmd.extend(["-c", w.as_str()]);
         }
         cmd.push(s(&img));
         ok("qemu-io", &cmd);
         // Zero every other written run: holes all over the file.
-        let zero: Vec<String> = (0..16).step_by(2).map(|i| format!("write -z {}M 4M", i * 8)).collect();
+        let zero: Vec<String> = (0..16)
+            .step_by(2)
+            .map(|i| format!("write -z {}M 4M", i * 8))
+            .collect();
         let mut cmd = vec!["-f", fmt];
         for w in &zero {
             cmd.extend(["-c", w.as_str()]);
@@ -181,10 +253,16 @@ fn kill_during_compact_keeps_the_disk() {
             if fmt == "vhdx" {
                 ok(VHDIO, &["info", s(&img)]);
             }
-            assert!(qemu_raw(fmt, &img) == view, "{fmt}: disk differs after kill at {delay_ms} ms");
+            assert!(
+                qemu_raw(fmt, &img) == view,
+                "{fmt}: disk differs after kill at {delay_ms} ms"
+            );
         }
         ok(VHDIO, &["compact", s(&img)]);
-        assert!(qemu_raw(fmt, &img) == view, "{fmt}: disk differs after compact");
+        assert!(
+            qemu_raw(fmt, &img) == view,
+            "{fmt}: disk differs after compact"
+        );
         check_clean(fmt, &img);
     }
 }

@@ -537,7 +537,10 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
     next_free = next_free.max(batmap);
     // What compaction must not move blocks over.
     let mut structures = metadata.to_vec();
-    structures.push((header.table_offset, align_up(bat_end, 512).unwrap_or(bat_end)));
+    structures.push((
+        header.table_offset,
+        align_up(bat_end, 512).unwrap_or(bat_end),
+    ));
     if batmap > 0 {
         structures.push((batmap_at, batmap));
     }

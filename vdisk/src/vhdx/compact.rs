@@ -8,10 +8,13 @@ use super::{MIB, VhdxImage, bat};
 use crate::bytes::align_up;
 use crate::{Error, Result};
 
+/// File extents in use (start, end), and payload blocks (BAT index, offset).
+type Extents = (Vec<(u64, u64)>, Vec<(u64, u64)>);
+
 impl VhdxImage {
     /// Extents in use: header area, log, regions, sector bitmap blocks and
     /// payload blocks; and the payload blocks as (index, offset).
-    fn used_extents(&self) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>)> {
+    fn used_extents(&self) -> Result<Extents> {
         let l = &self.layout;
         let mut used = vec![
             (0, MIB),
