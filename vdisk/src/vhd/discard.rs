@@ -11,6 +11,10 @@ use std::sync::atomic::Ordering;
 use super::{Sparse, VhdImage};
 use crate::Result;
 
+/// Staged BAT entries that trigger a commit without waiting for a flush
+/// (as for allocations).
+const COMMIT_BOUND: usize = 4096;
+
 impl VhdImage {
     pub(super) fn discard_range(
         &self,
@@ -44,7 +48,7 @@ impl VhdImage {
             }
             pos += n;
         }
-        if s.bat.pending() >= super::COMMIT_BOUND {
+        if s.bat.pending() >= COMMIT_BOUND {
             self.commit_sparse(s)?;
         }
         Ok(())
@@ -62,18 +66,32 @@ impl VhdImage {
     ) -> Result<()> {
         let data = bitmap_offset + s.bitmap_size;
         if s.is_full(b) {
-            return self.zero(data + in_block..data + in_block + n, u64::MAX);
+            return self.write_zeros(data + in_block, n);
         }
-        let bits = self.read_bitmap(s, bitmap_offset)?;
+        let bits = self.current_bitmap(s, b, bitmap_offset)?;
         let (first, count) = ((in_block / 512) as u32, (n / 512) as u32);
         let mut k = 0;
         while k < count {
             let (present, run) = super::bitmap::run(&bits, first + k, count - k);
             if present {
                 let at = data + (first + k) as u64 * 512;
-                self.zero(at..at + run as u64 * 512, u64::MAX)?;
+                self.write_zeros(at, run as u64 * 512)?;
             }
             k += run;
+        }
+        Ok(())
+    }
+}
+
+impl VhdImage {
+    fn write_zeros(&self, at: u64, n: u64) -> Result<()> {
+        const CHUNK: u64 = 256 * 1024;
+        let zeros = vec![0u8; CHUNK.min(n) as usize];
+        let mut done = 0;
+        while done < n {
+            let k = CHUNK.min(n - done);
+            self.storage.write_all_at(&zeros[..k as usize], at + done)?;
+            done += k;
         }
         Ok(())
     }
