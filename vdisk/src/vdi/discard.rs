@@ -1,5 +1,6 @@
 //! Discard in a VDI. Whole blocks lose their slot: FREE in a base image,
-//! ZERO in a child (both read zeros). VDI slots must stay dense, as
+//! ZERO in a child (both read zeros); the slots are given back at the next
+//! commit (flush or close), so a batch of discards costs one round. VDI slots must stay dense, as
 //! VirtualBox keeps them: qemu and VirtualBox allocate at the header's
 //! count, and `qemu-img check` calls a count above the slots in use a
 //! corruption. So, as VirtualBox's own discard does, the blocks in the last
@@ -39,7 +40,7 @@ impl VdiImage {
         };
         let bs = self.block_size;
         let end = offset + len;
-        let mut freed = Vec::new();
+        let mut freed = Vec::new(); // slots no longer used (given back at commit)
         let mut pos = offset;
         while pos < end {
             let (b, in_block) = (pos / bs, pos % bs);
@@ -65,7 +66,18 @@ impl VdiImage {
             }
             pos += n;
         }
-        if !freed.is_empty() {
+        // The slots are given back at the next commit (a flush, or close):
+        // one round of barriers and moves for a whole batch of discards.
+        st.holes |= !freed.is_empty();
+        Ok(())
+    }
+
+    /// At a commit: after discards freed slots, the blocks of the last
+    /// slots move into them.
+    pub(super) fn commit_with_holes(&self) -> Result<()> {
+        let mut st = self.state();
+        self.commit_state(&mut st)?;
+        if st.holes {
             self.give_back(&mut st, &mut |_, _| {})?;
         }
         Ok(())
@@ -128,6 +140,7 @@ impl VdiImage {
         st.next_slot = n;
         st.free_slots.clear();
         st.gave_back = true;
+        st.holes = false;
         st.header.blocks_allocated = n;
         self.write_header(&st.header)?;
         Ok(moves.len() as u64)

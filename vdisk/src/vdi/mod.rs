@@ -78,6 +78,9 @@ struct State {
     modified: bool,
     /// A discard moved blocks down: the file is cut at close.
     gave_back: bool,
+    /// Discards freed slots that the next commit gives back (until then
+    /// no allocation takes them: their old entries may still be durable).
+    holes: bool,
 }
 
 impl VdiImage {
@@ -127,6 +130,7 @@ impl VdiImage {
                 free_slots,
                 modified: false,
                 gave_back: false,
+                holes: false,
             }),
             storage,
         })
@@ -431,8 +435,7 @@ impl Image for VdiImage {
     }
 
     fn commit(&self) -> Result<()> {
-        let mut st = self.state();
-        self.commit_state(&mut st)
+        self.commit_with_holes()
     }
 
     fn close(&self) -> Result<()> {
