@@ -104,3 +104,45 @@ fn vhd_compact() {
 fn vhdx_compact() {
     compact(Fmt::Vhdx);
 }
+
+/// A discard, then new blocks allocated before any flush, then a flush:
+/// the new blocks must not take the discarded blocks' space while the old
+/// table entries may still be durable (a crash would show their data in the
+/// discarded range).
+fn discard_then_allocate(fmt: Fmt) {
+    let mut s = Session::new(&format!("discard then allocate {fmt:?}"), fmt, base(fmt));
+    let size = s.size();
+    for i in 0..size / MIB / 2 {
+        s.write(i * MIB, &fill(i, i * MIB, MIB as usize));
+    }
+    s.flush();
+    s.discard(0, 4 * MIB, true);
+    for i in 0..4 {
+        let at = size / 2 + i * 2 * MIB;
+        s.write(at, &fill(50 + i, at, 64 << 10));
+    }
+    s.flush();
+    // And again after the flush made the discard durable (reuse allowed).
+    s.discard(4 * MIB, 2 * MIB, true);
+    s.flush();
+    let at = size - 2 * MIB;
+    s.write(at, &fill(99, at, 64 << 10));
+    s.flush();
+    let report = oracle::run(&s.finish(), &Budget::from_env(STATES));
+    report.assert_clean();
+}
+
+#[test]
+fn vhd_discard_then_allocate() {
+    discard_then_allocate(Fmt::Vhd);
+}
+
+#[test]
+fn vhdx_discard_then_allocate() {
+    discard_then_allocate(Fmt::Vhdx);
+}
+
+#[test]
+fn vdi_discard_then_allocate() {
+    discard_then_allocate(Fmt::Vdi);
+}

@@ -54,6 +54,9 @@ impl VhdxImage {
         self.begin_session(&mut st)?;
         self.commit_pending(&mut st)?;
         self.storage.sync()?;
+        // Holes are found from the BAT below; the list of reusable blocks
+        // would go stale as blocks move and the file shrinks.
+        st.reusable.clear();
         let bs = self.layout.block_size;
         // Entries per round: well inside what one log entry holds.
         let max = (super::log::capacity(self.log_half()) * 64).clamp(1, 4096);

@@ -1,9 +1,10 @@
 //! Discard in a VHDX: whole blocks become PAYLOAD_BLOCK_ZERO (reads zeros in
 //! a base image and in a child, in every reader), their BAT change staged
 //! and committed through the log like an allocation's. The block's old file
-//! space is not reused while the file is open (a crash before the BAT change
-//! is durable must still find the old data there); `vhdio compact` gives it
-//! back. Parts of blocks get zeros written where they do not read zeros.
+//! space is reused by new blocks only once that BAT change is committed (a
+//! crash before must still find the old data there); `vhdio compact` gives
+//! the rest back. Parts of blocks get zeros written where they do not read
+//! zeros.
 
 use super::{State, VhdxImage, bat, log};
 use crate::{Error, Result};
@@ -65,6 +66,9 @@ impl VhdxImage {
         // Present data is kept (and zeroed) without `unmap`; a block that
         // shows its parent becomes ZERO either way: no space to keep.
         if whole && (unmap || state != bat::FULLY_PRESENT) {
+            if matches!(state, bat::FULLY_PRESENT | bat::PARTIALLY_PRESENT) {
+                st.freed.push(bat::offset(e));
+            }
             self.bat.set(index, bat::entry(bat::ZERO, 0));
             st.pending
                 .insert(self.bat.entry_offset(index) & !(log::SECTOR - 1));
