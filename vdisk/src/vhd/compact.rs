@@ -23,6 +23,9 @@ impl VhdImage {
         self.repair_checksums()?;
         self.commit_sparse(s)?;
         self.storage.sync()?;
+        // Holes are found from the BAT below; freed places would go stale
+        // as blocks move and the file shrinks.
+        *s.freed() = Default::default();
         let span = s.bitmap_size + s.block_size;
         // Blocks start on sectors: a hole left by a block written by another
         // tool (qemu does not align data to DATA_ALIGN) must fit its size.

@@ -2,9 +2,9 @@
 //! BAT entries become unused (staged, committed after a barrier like an
 //! allocation's), so they read as zeros. A differencing disk has no zero
 //! state (an unused entry would show the parent): it writes zeros, as do
-//! fixed disks and parts of blocks. Freed file space is not reused while the
-//! file is open (until the BAT change is durable the old entry may still
-//! point there); `vhdio compact` gives it back.
+//! fixed disks and parts of blocks. A freed block's file space is taken by a
+//! new block only after a flush has made the BAT change durable (until then
+//! the old entry may still point there); `vhdio compact` gives the rest back.
 
 use std::sync::atomic::Ordering;
 
@@ -39,6 +39,7 @@ impl VhdImage {
             let n = (visible - in_block).min(end - pos);
             if let Some(bitmap_offset) = s.bat.get(b) {
                 if unmap && in_block == 0 && n == visible {
+                    s.freed().staged.push(bitmap_offset);
                     s.bat.unmap(b);
                     s.clear_full(b);
                     s.bitmaps.written(b);
@@ -97,7 +98,37 @@ impl VhdImage {
     }
 }
 
+/// File space of blocks freed by discards.
+#[derive(Debug, Default)]
+pub(super) struct Freed {
+    /// BAT change staged or committed, not known durable.
+    pub staged: Vec<u64>,
+    /// Durable: new blocks may start here (bitmap offsets).
+    pub reusable: Vec<u64>,
+}
+
+impl VhdImage {
+    /// Flush with reuse: the freed places staged before the commit are
+    /// durable after it and the sync that follows.
+    pub(super) fn flush_sparse(&self, s: &Sparse) -> Result<()> {
+        let staged = std::mem::take(&mut s.freed().staged);
+        self.commit_sparse(s)?;
+        self.storage.sync()?;
+        s.freed().reusable.extend(staged);
+        Ok(())
+    }
+
+    /// A durable freed place for a new block, if any.
+    pub(super) fn take_reusable(&self, s: &Sparse) -> Option<u64> {
+        s.freed().reusable.pop()
+    }
+}
+
 impl Sparse {
+    pub(super) fn freed(&self) -> std::sync::MutexGuard<'_, Freed> {
+        self.freed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(super) fn clear_full(&self, b: usize) {
         self.full[b / 64].fetch_and(!(1 << (b % 64)), Ordering::Relaxed);
     }

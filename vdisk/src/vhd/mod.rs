@@ -71,6 +71,8 @@ struct Sparse {
     /// File extents of the structures (footer copy, header, BAT, batmap,
     /// parent locators): compaction moves no block over them.
     structures: Vec<(u64, u64)>,
+    /// File space freed by discards, and when it may be reused.
+    freed: Mutex<discard::Freed>,
 }
 
 impl Sparse {
@@ -419,6 +421,7 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         zeros_from: AtomicU64::new(len),
         allocated_here: AtomicU64::new(0),
         structures,
+        freed: Default::default(),
     })
 }
 
@@ -526,6 +529,13 @@ impl Image for VhdImage {
             done += n;
         }
         Ok(())
+    }
+
+    fn flush(&self) -> Result<()> {
+        match &self.sparse {
+            Some(s) if self.storage.is_writable() => self.flush_sparse(s),
+            _ => Ok(self.storage.sync()?),
+        }
     }
 
     fn commit(&self) -> Result<()> {
