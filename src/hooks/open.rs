@@ -1,7 +1,7 @@
 //! open, openat, creat and their 64-bit and _FORTIFY variants.
 //!
 //! A path is a candidate when its file name looks like an image (`.vhd`,
-//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, optionally followed by a partition
+//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, `.vmdk`, optionally followed by a partition
 //! number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
 //! regular file holding an image is opened by the library; the caller gets a
 //! dummy fd: a memfd named `vhdio:<absolute path>`, reopened through
@@ -18,7 +18,7 @@ use crate::fdtable::{self, OpenFile};
 use crate::images::{self, Opened};
 use crate::{guard, real, sys};
 
-const IMAGE_EXTENSIONS: [&[u8]; 5] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx"];
+const IMAGE_EXTENSIONS: [&[u8]; 6] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"vmdk"];
 
 /// Whether `path`'s file name looks like an image (or we probe everything).
 pub fn is_candidate(path: &CStr) -> bool {

@@ -9,6 +9,7 @@
 mod chain;
 mod check;
 mod compact;
+mod create_vmdk;
 mod info;
 mod inspect;
 mod run;
@@ -152,10 +153,12 @@ enum Command {
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
-        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi")]
+        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|vmdk")]
         format: Format,
         /// Comma-separated options: dynamic (default) or fixed, block_size=N
-        /// (suffixes allowed), sector_size=512|4096 (VHDX only).
+        /// (suffixes allowed), sector_size=512|4096 (VHDX only). VMDK:
+        /// subformat=monolithicSparse (default), monolithicFlat,
+        /// twoGbMaxExtentSparse or twoGbMaxExtentFlat, grain_size=N.
         #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
         options: Option<String>,
         /// The new image file (must not exist).
@@ -199,7 +202,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vhd" | "vpc" => Ok(Format::Vhd),
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx or vdi)")),
+        "vmdk" => Ok(Format::Vmdk),
+        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi or vmdk)")),
     }
 }
 
@@ -381,6 +385,9 @@ fn apply_options(opts: &mut CreateOptions, text: &str) -> Result<(), String> {
 }
 
 fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Result<u8, Failure> {
+    if format == Format::Vmdk {
+        return create_vmdk::create(options, image, size);
+    }
     let mut opts = CreateOptions::new(format, size);
     if let Some(text) = options {
         apply_options(&mut opts, text).map_err(|e| fail(EXIT_ERROR, e))?;

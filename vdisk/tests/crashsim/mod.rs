@@ -162,6 +162,8 @@ pub enum Fmt {
     Vhd,
     Vhdx,
     Vdi,
+    /// monolithicSparse.
+    Vmdk,
 }
 
 impl Fmt {
@@ -170,6 +172,7 @@ impl Fmt {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
         }
     }
     pub fn ext(self) -> &'static str {
@@ -177,6 +180,7 @@ impl Fmt {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
         }
     }
 }
@@ -190,6 +194,7 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhd => "subformat=dynamic,force_size=on",
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
+        Fmt::Vmdk => "subformat=monolithicSparse",
     };
     let o = if opts.is_empty() {
         base.to_string()
