@@ -121,7 +121,7 @@ pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     .map_err(err)?;
     let top = &disk.layers()[0];
     let Some(bs) = top.allocation_block() else {
-        println!("{shown}: a fixed image: nothing to compact");
+        println!("{shown}: no blocks to move (a fixed layout): nothing to compact");
         return Ok(EXIT_OK);
     };
     let usage = vdisk::block_usage(top.as_ref(), false)
@@ -173,8 +173,10 @@ pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     let after = std::fs::metadata(o.image)
         .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
         .len();
+    // (VDI moves blocks into freed slots already at the flush after the
+    // unmapping: those moves are not counted here.)
     println!(
-        "unmapped {zero} zero blocks, moved {moved} blocks; file {} -> {} ({} freed)",
+        "unmapped {zero} zero blocks, then moved {moved} blocks; file {} -> {} ({} freed)",
         human(before),
         human(after),
         human(before.saturating_sub(after))
