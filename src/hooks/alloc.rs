@@ -22,7 +22,7 @@ fn fallocate_common(fd: c_int, mode: c_int, off: i64, len: i64) -> Option<c_int>
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_t) -> c_int {
     if is_mapped(fd)
-        && let Some(r) = fallocate_common(fd, mode, i64::from(off), i64::from(len))
+        && let Some(r) = fallocate_common(fd, mode, off, len)
     {
         return r;
     }
