@@ -16,7 +16,7 @@
 //! - `COMPAT_KEEP=1`: keep the directory of a failing cell (path in the report).
 //!
 //! Tools: qemu-utils fdisk e2fsprogs ntfs-3g dosfstools mtools parted gdisk
-//! xxd (README), plus strace (the escape oracle), sleuthkit (mmls, fls), a C
+//! xxd fio (README), plus strace (the escape oracle), sleuthkit (mmls, fls), a C
 //! compiler (`cc`, for tests/compat/fdcheck.c) and python3. A missing tool
 //! fails its cells.
 
@@ -129,6 +129,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("dd write", scenario_dd_write),
     ("cp/cat > write", scenario_cp_write),
     ("python3", scenario_python),
+    ("fio libaio/posixaio", scenario_fio_aio),
     ("shared offset", scenario_shared_offset),
     ("exec 3<> fd", scenario_exec_fd),
     ("fd lifecycle (C)", scenario_fd_lifecycle),
@@ -1055,6 +1056,50 @@ fn scenario_python(c: &Cell) {
         &c.raw_bytes(),
         &reference,
         "qemu-img's raw after python3 writes",
+    );
+    c.check();
+}
+
+/// fio's asynchronous engines, each on its own 4 MiB of the disk: fio
+/// verifies through the library, then again without it on qemu-img's raw
+/// conversion; the rest of the disk is unchanged.
+fn scenario_fio_aio(c: &Cell) {
+    let mut expect = with_data(c, 12);
+    let n = c.name();
+    for (engine, mib, direct) in [("libaio", 4usize, "1"), ("posixaio", 12, "0")] {
+        let job = |file: &str| {
+            vec![
+                format!("--filename={file}"),
+                format!("--ioengine={engine}"),
+                format!("--direct={direct}"),
+                format!("--offset={mib}M"),
+                "--name=aio".to_string(),
+                "--rw=randwrite".to_string(),
+                "--bs=16k".to_string(),
+                "--size=4M".to_string(),
+                "--iodepth=8".to_string(),
+                "--verify=crc32c".to_string(),
+                "--verify_fatal=1".to_string(),
+                "--thread".to_string(),
+                "--minimal".to_string(),
+            ]
+        };
+        let args = job(&n);
+        c.lib("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let raw = c.raw();
+        let mut args = job("disk.raw");
+        args[1] = "--ioengine=psync".to_string();
+        args[2] = "--direct=0".to_string();
+        args.push("--verify_only".to_string());
+        c.plain("fio", &args.iter().map(String::as_str).collect::<Vec<_>>());
+        let got = fs::read(raw).unwrap();
+        let window = mib << 20..(mib + 4) << 20;
+        expect[window.clone()].copy_from_slice(&got[window]);
+    }
+    same(
+        &c.raw_bytes(),
+        &expect,
+        "qemu-img's raw after fio (outside fio's windows)",
     );
     c.check();
 }

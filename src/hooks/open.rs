@@ -280,8 +280,21 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     name.extend_from_slice(suffix.as_bytes());
     name.truncate(248);
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
-    let memfd =
-        sys::memfd_create(&name, libc::MFD_CLOEXEC).map_err(|e| crate::errno::from_io(&e))?;
+    let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        .map_err(|e| crate::errno::from_io(&e))?;
+    // Sealed empty: an access that bypasses the hooks (io_uring, a raw
+    // syscall, a libc-internal call) fails with EPERM on write and reads EOF,
+    // instead of landing in RAM and vanishing. Seeking stays free (offsets
+    // past the end of shmem are allowed), so the offset signature still works.
+    if let Err(e) = sys::fcntl(
+        memfd,
+        libc::F_ADD_SEALS,
+        (libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)
+            as libc::c_long,
+    ) {
+        sys::close(memfd);
+        return Err(crate::errno::from_io(&e));
+    }
     let keep = libc::O_ACCMODE
         | libc::O_CLOEXEC
         | libc::O_NONBLOCK
