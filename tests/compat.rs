@@ -106,6 +106,13 @@ const FORMATS: &[Format] = &[
         opts: "subformat=monolithicFlat",
         checkable: true,
     },
+    Format {
+        label: "qcow2",
+        qemu: "qcow2",
+        ext: "qcow2",
+        opts: "",
+        checkable: true,
+    },
 ];
 
 /// Virtual size of every image (qemu rounds VHDs up to a CHS geometry: the
@@ -471,7 +478,13 @@ fn with_data(cell: &Cell, seed: u64) -> Vec<u8> {
 /// Output with the image name and the raw name replaced by `DISK`, to
 /// compare a program's output on the image with the same on the raw file.
 fn norm(s: &str, name: &str) -> String {
-    s.replace(name, "DISK")
+    let s = s.replace(name, "DISK");
+    // Partitions of a name ending in a digit are listed as `<name>p1`.
+    if name.ends_with(|c: char| c.is_ascii_digit()) {
+        s.replace("DISKp", "DISK")
+    } else {
+        s
+    }
 }
 
 // ---------------------------------------------------------------------------

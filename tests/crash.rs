@@ -164,9 +164,9 @@ fn check_image(dir: &Path, img: &Path, fmt: &str) -> Result<Vec<u8>, String> {
             vhd_util::check_file(img)?;
             img.to_path_buf()
         }
-        "vdi" => {
+        "vdi" | "qcow2" => {
             let out = std::process::Command::new("qemu-img")
-                .args(["check", "-f", "vdi", "--output=json", img.to_str().unwrap()])
+                .args(["check", "-f", fmt, "--output=json", img.to_str().unwrap()])
                 .output()
                 .unwrap();
             let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -369,6 +369,17 @@ fn kill_9_during_vmdk_writes() {
     println!(
         "c.vmdk: {n} kill -9 trials, {bad} corruptions, {writes} completed writes, {syncs} fsyncs, {lost} bytes of completed unsynced writes not read back"
     );
+}
+
+/// qcow2 with 4 KiB clusters: many L2 tables and refcount blocks.
+#[test]
+fn kill_9_during_qcow2_writes() {
+    for (i, (name, opts)) in [("c.qcow2", "cluster_size=4k")].into_iter().enumerate() {
+        let (n, bad, writes, syncs, lost) = trials("qcow2", name, opts, "16M", 7000 + i as u64);
+        println!(
+            "{name}: {n} kill -9 trials, {bad} corruptions, {writes} completed writes, {syncs} fsyncs, {lost} bytes of completed unsynced writes not read back"
+        );
+    }
 }
 
 /// The model check itself: a synced write that did not land is caught, an

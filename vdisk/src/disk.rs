@@ -133,6 +133,10 @@ impl Disk {
                     read(buf, runs.take())?;
                     self.read_layer(level + 1, &mut buf[at..at + n], offset + at as u64)?;
                 }
+                Mapping::Compressed => {
+                    read(buf, runs.take())?;
+                    image.read_compressed(&mut buf[at..at + n], offset + at as u64)?;
+                }
             }
             Ok(true)
         })?;
@@ -147,13 +151,30 @@ impl Disk {
         level: usize,
         offset: u64,
         len: usize,
+        f: impl FnMut(usize, Mapping, usize) -> Result<bool>,
+    ) -> Result<bool> {
+        self.each_run_mapped(level, offset, len, false, f)
+    }
+
+    /// [`Disk::each_run`], mapping with [`Image::map_for_overwrite`] if `overwrite`.
+    fn each_run_mapped(
+        &self,
+        level: usize,
+        offset: u64,
+        len: usize,
+        overwrite: bool,
         mut f: impl FnMut(usize, Mapping, usize) -> Result<bool>,
     ) -> Result<bool> {
         let image = &self.layers[level];
         let mut done = 0usize;
         while done < len {
             let want = (len - done) as u64;
-            let (mapping, run) = image.map(offset + done as u64, want)?;
+            let at = offset + done as u64;
+            let (mapping, run) = if overwrite {
+                image.map_for_overwrite(at, want)?
+            } else {
+                image.map(at, want)?
+            };
             if run == 0 || run > want {
                 return Err(Error::corrupt(
                     "mapping",
@@ -205,7 +226,7 @@ impl Disk {
     fn overwrite_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
         // Every byte must have its place before the first one is written.
         let all_data = |_, mapping, _| Ok(matches!(mapping, Mapping::Data { .. }));
-        if !self.each_run(0, offset, buf.len(), all_data)? {
+        if !self.each_run_mapped(0, offset, buf.len(), true, all_data)? {
             return Ok(false);
         }
         let top = &self.layers[0];
@@ -214,7 +235,7 @@ impl Disk {
             None => Ok(()),
         };
         let mut runs = FileRuns::default();
-        self.each_run(0, offset, buf.len(), |at, mapping, n| {
+        self.each_run_mapped(0, offset, buf.len(), true, |at, mapping, n| {
             if let Mapping::Data { file_offset } = mapping {
                 write(runs.add(at, file_offset, n))?;
             }

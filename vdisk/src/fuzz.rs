@@ -258,6 +258,7 @@ pub fn run_target(target: &str, data: &[u8]) -> Option<bool> {
         "open_vhd" => open_sparse(data, Some(Format::Vhd)).is_ok(),
         "open_vhdx" => open_sparse(data, Some(Format::Vhdx)).is_ok(),
         "open_vdi" => open_sparse(data, Some(Format::Vdi)).is_ok(),
+        "open_qcow2" => open_sparse(data, Some(Format::Qcow2)).is_ok(),
         "open_any" => open_sparse(data, None).is_ok(),
         "vhdx_log" => vhdx_log(data).is_ok(),
         "partitions" => partitions(data).is_ok(),

@@ -25,6 +25,7 @@ pub mod lock;
 mod open;
 pub mod part;
 mod probe;
+pub mod qcow2;
 mod raw;
 mod relocate;
 mod space;

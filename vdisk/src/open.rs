@@ -136,6 +136,7 @@ pub fn open_image_with(
         Format::Vdi => crate::vdi::open(storage, path, opts),
         Format::Raw => Ok(Box::new(crate::RawImage::new(storage, 512)?)),
         Format::Vmdk => crate::vmdk::open(storage, path, opts, opener),
+        Format::Qcow2 => crate::qcow2::open(storage, path, opts),
     }
 }
 
@@ -148,6 +149,7 @@ pub fn open_disk(
 ) -> Result<Disk> {
     let format = probe(storage.as_ref())?.ok_or(Error::NotAnImage)?;
     let top = open_image_with(storage, format, path, opts, opener)?;
+    top.open_companions(path, opener)?;
     let mut seen = HashSet::new();
     seen.insert(top.link_id());
     let mut layers = vec![top];
@@ -164,7 +166,9 @@ pub fn open_disk(
                 format!("deeper than {MAX_CHAIN_DEPTH}"),
             ));
         }
-        let (parent, parent_path) = open_parent(&link, opener)?;
+        let by_path = layers.last().and_then(|l| l.parent_by_path());
+        let (parent, parent_path) = open_parent(&link, by_path, opener)?;
+        parent.open_companions(&parent_path, opener)?;
         let child = layers.last().map(|l| (l.format(), l.logical_sector_size()));
         if let Some((format, ss)) = child {
             check_parent(format, ss, parent.as_ref(), &parent_path)?;
@@ -185,7 +189,7 @@ pub fn open_disk(
 /// and VHD and VHDX children name parents of their own format (MS specs);
 /// VirtualBox lets a VDI child sit on other formats.
 fn check_parent(format: Format, sector_size: u32, parent: &dyn Image, path: &Path) -> Result<()> {
-    let same_format = matches!(format, Format::Vdi) || parent.format() == format;
+    let same_format = matches!(format, Format::Vdi | Format::Qcow2) || parent.format() == format;
     if !same_format || parent.logical_sector_size() != sector_size {
         return Err(Error::ParentMismatch(format!(
             "{}: a {} parent with {}-byte sectors for a {format} child with {sector_size}-byte sectors",
@@ -198,8 +202,11 @@ fn check_parent(format: Format, sector_size: u32, parent: &dyn Image, path: &Pat
 }
 
 /// Tries each candidate of `link`; the first image whose identity matches wins.
+/// `by_path` (see [`Image::parent_by_path`]): no identity to match; opened as
+/// the recorded format, else probed, else raw (as qemu does).
 fn open_parent(
     link: &crate::ParentLink,
+    by_path: Option<Option<Format>>,
     opener: &dyn ParentOpener,
 ) -> Result<(Box<dyn Image>, PathBuf)> {
     let mut tried = Vec::new();
@@ -211,13 +218,15 @@ fn open_parent(
                 continue;
             }
         };
-        let format = match probe(storage.as_ref()) {
-            Ok(Some(f)) => f,
-            Ok(None) => {
+        let format = match (by_path, probe(storage.as_ref())) {
+            (Some(Some(f)), _) => f,
+            (_, Ok(Some(f))) => f,
+            (Some(None), Ok(None)) => Format::Raw,
+            (_, Ok(None)) => {
                 tried.push(format!("{} (not an image)", path.display()));
                 continue;
             }
-            Err(e) => {
+            (_, Err(e)) => {
                 tried.push(format!("{} ({e})", path.display()));
                 continue;
             }
@@ -229,7 +238,10 @@ fn open_parent(
             OpenOptions { writable: false },
             opener,
         )?;
-        if image.link_id() != link.id && Some(image.link_id()) != link.alternate_id {
+        if by_path.is_none()
+            && image.link_id() != link.id
+            && Some(image.link_id()) != link.alternate_id
+        {
             tried.push(format!("{} (identity differs)", path.display()));
             continue;
         }

@@ -28,6 +28,9 @@ pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
     if &first[..8] == VHDX_SIGNATURE {
         return Ok(Some(Format::Vhdx));
     }
+    if &first[..4] == crate::qcow2::header::MAGIC {
+        return Ok(Some(Format::Qcow2));
+    }
     if le32(&first, 0x40) == VDI_SIGNATURE {
         return Ok(Some(Format::Vdi));
     }

@@ -32,6 +32,7 @@ const SIZE: &str = "32M";
 fn base(fmt: Fmt) -> Vec<u8> {
     match fmt {
         Fmt::Vhdx => qemu_create(fmt, SIZE, "block_size=1M,log_size=1M"),
+        Fmt::Qcow2 => qemu_create(fmt, SIZE, "cluster_size=4k"),
         _ => qemu_create(fmt, SIZE, ""),
     }
 }
@@ -439,3 +440,12 @@ fn states_cover_the_pending_epoch() {
         }
     }
 }
+// qcow2: refcounts, L2 tables, L1 entries group-committed in qemu's order.
+workload_tests!(
+    Fmt::Qcow2,
+    qcow2_dd,
+    qcow2_random_pwrite,
+    qcow2_mkfs_ext4,
+    qcow2_mkfs_ext4_default,
+    qcow2_read_only_flush
+);

@@ -97,10 +97,18 @@ fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usi
         Format::Vdi => check_vdi(storage, &mut r).map_err(io)?,
         Format::Raw => {}
         Format::Vmdk => check_vmdk(path, &mut r),
+        Format::Qcow2 => check_qcow2(storage, &mut r),
     }
     // vdisk's validation of the layer (the library refuses what fails here).
-    let summary = match chain::open_layer(chain::open_file(path)?, path) {
-        Ok(l) => l.image.describe(),
+    let opened = if format == Format::Raw {
+        // A qcow2's raw backing file: nothing to validate.
+        Ok(None)
+    } else {
+        chain::open_layer(chain::open_file(path)?, path).map(Some)
+    };
+    let summary = match opened {
+        Ok(None) => "raw disk".to_string(),
+        Ok(Some(l)) => l.image.describe(),
         Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => {
             r.problem(format!("does not open: {m}"));
             format!("{format} image")
@@ -533,5 +541,21 @@ fn check_vmdk(path: &Path, r: &mut Report) {
             }
         }
         Err(e) => r.problem(format!("reading the redundant grain tables: {e}")),
+    }
+}
+
+/// Refcounts against the references of the L1/L2 tables (active and
+/// snapshots): too low is a problem (corruption), too high a leak (a note).
+fn check_qcow2(s: &dyn Storage, r: &mut Report) {
+    match vdisk::qcow2::check::check(s) {
+        Ok(c) => {
+            for p in c.errors {
+                r.problem(p);
+            }
+            if c.leaks > 0 {
+                r.note(format!("{} leaked clusters (refcount above use)", c.leaks));
+            }
+        }
+        Err(e) => r.problem(e.to_string()),
     }
 }

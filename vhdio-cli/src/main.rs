@@ -153,10 +153,11 @@ enum Command {
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
-        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|vmdk")]
+        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|vmdk|qcow2")]
         format: Format,
         /// Comma-separated options: dynamic (default) or fixed, block_size=N
-        /// (suffixes allowed), sector_size=512|4096 (VHDX only). VMDK:
+        /// or cluster_size=N (suffixes allowed), sector_size=512|4096 (VHDX
+        /// only), compat=0.10|1.1 (qcow2 only). VMDK:
         /// subformat=monolithicSparse (default), monolithicFlat,
         /// twoGbMaxExtentSparse or twoGbMaxExtentFlat, grain_size=N.
         #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
@@ -203,7 +204,8 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
         "vmdk" => Ok(Format::Vmdk),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi or vmdk)")),
+        "qcow2" => Ok(Format::Qcow2),
+        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi, vmdk or qcow2)")),
     }
 }
 
@@ -389,10 +391,34 @@ fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Res
         return create_vmdk::create(options, image, size);
     }
     let mut opts = CreateOptions::new(format, size);
-    if let Some(text) = options {
-        apply_options(&mut opts, text).map_err(|e| fail(EXIT_ERROR, e))?;
+    // qcow2 only: compat=0.10 (version 2) or compat=1.1 (version 3, the default).
+    let mut v2 = false;
+    let mut rest = Vec::new();
+    for item in options.unwrap_or("").split(',') {
+        match item.trim().strip_prefix("compat=") {
+            Some(v) if format == Format::Qcow2 => match v {
+                "0.10" | "v2" => v2 = true,
+                "1.1" | "v3" => v2 = false,
+                _ => return Err(fail(EXIT_ERROR, format!("option '{item}': 0.10 or 1.1"))),
+            },
+            _ => rest.push(item),
+        }
     }
-    let made = with_new_file(image, |s| vdisk::create(s, opts))?;
+    apply_options(&mut opts, &rest.join(",")).map_err(|e| fail(EXIT_ERROR, e))?;
+    let made = with_new_file(image, |s| {
+        let made = vdisk::create(s, opts)?;
+        if v2 {
+            // Rewritten as version 2 with the same geometry.
+            s.set_len(0)?;
+            let o = vdisk::qcow2::create::Qcow2Options {
+                v2: true,
+                ..Default::default()
+            };
+            let cs = made.block_size.unwrap_or(64 << 10);
+            vdisk::qcow2::create::create(s, made.size, cs, &o)?;
+        }
+        Ok(made)
+    })?;
     let kind = if made.fixed { "fixed" } else { "dynamic" };
     let block = made
         .block_size

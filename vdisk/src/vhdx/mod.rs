@@ -462,6 +462,7 @@ impl VhdxImage {
                 Mapping::Data { file_offset } => self.storage.read_exact_at(chunk, file_offset)?,
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => parent(chunk, off)?,
+                Mapping::Compressed => self.read_compressed(chunk, off)?,
             }
             done += run as usize;
         }

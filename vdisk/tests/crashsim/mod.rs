@@ -164,6 +164,7 @@ pub enum Fmt {
     Vdi,
     /// monolithicSparse.
     Vmdk,
+    Qcow2,
 }
 
 impl Fmt {
@@ -173,6 +174,7 @@ impl Fmt {
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
             Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
     pub fn ext(self) -> &'static str {
@@ -181,6 +183,7 @@ impl Fmt {
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
             Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
 }
@@ -195,6 +198,7 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
         Fmt::Vmdk => "subformat=monolithicSparse",
+        Fmt::Qcow2 => "compat=1.1",
     };
     let o = if opts.is_empty() {
         base.to_string()
