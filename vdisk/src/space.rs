@@ -36,13 +36,21 @@ pub fn block_usage(image: &dyn Image, scan: bool) -> Result<Option<BlockUsage>> 
         let (mut stored, mut zeros) = (false, true);
         while pos < end {
             let (m, n) = image.map(pos, end - pos)?;
-            if let Mapping::Data { file_offset } = m {
-                stored = true;
-                if scan && zeros {
-                    buf.resize(n as usize, 0);
-                    image.read_data(&mut buf, file_offset)?;
-                    zeros = crate::disk::is_zero(&buf);
+            match m {
+                Mapping::Data { file_offset } => {
+                    stored = true;
+                    if scan && zeros {
+                        buf.resize(n as usize, 0);
+                        image.read_data(&mut buf, file_offset)?;
+                        zeros = crate::disk::is_zero(&buf);
+                    }
                 }
+                // Stored, not as plain bytes (not scanned: counted as data).
+                Mapping::Compressed => {
+                    stored = true;
+                    zeros = false;
+                }
+                Mapping::Zero | Mapping::Unallocated => {}
             }
             pos += n.max(1);
         }

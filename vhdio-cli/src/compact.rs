@@ -76,7 +76,12 @@ fn zero_block_runs(image: &dyn Image, bs: u64, child: bool) -> vdisk::Result<Vec
                     zeros = buf.iter().all(|&x| x == 0);
                 }
                 Mapping::Unallocated if child => zeros = false,
-                _ => {}
+                Mapping::Unallocated | Mapping::Zero => {}
+                // Stored, but not as plain bytes: kept.
+                Mapping::Compressed => {
+                    stored = true;
+                    zeros = false;
+                }
             }
             pos += n.max(1);
         }
