@@ -40,7 +40,6 @@ extern "C" fn init() {
 type Held = (
     std::sync::MutexGuard<'static, Vec<std::sync::Weak<images::ImageObject>>>,
     std::sync::MutexGuard<'static, Vec<std::sync::Arc<std::sync::atomic::AtomicI32>>>,
-    std::sync::MutexGuard<'static, ()>,
 );
 
 thread_local! {
@@ -50,9 +49,10 @@ thread_local! {
 
 /// fork in a multi-threaded program: no other thread may hold one of the
 /// library's global locks at the moment of fork, or the child would wait for
-/// it forever. Taken in the one global order: registry, internal fds, fd table.
+/// it forever. Taken in the one global order: registry, internal fds. (The
+/// fd table has no lock: a fork in the middle of a lookup is harmless.)
 extern "C" fn fork_prepare() {
-    let held = (images::registry(), fdtable::lock_owners(), fdtable::lock());
+    let held = (images::registry(), fdtable::lock_owners());
     HELD.with(|h| *h.borrow_mut() = Some(held));
 }
 
