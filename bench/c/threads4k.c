@@ -3,6 +3,7 @@
  * file are contended), several paths mean an fd and an image per thread.
  *
  * usage: threads4k THREADS OPS_PER_THREAD SIZE PATH [PATH...]
+ * (env THREADS4K_BS: bytes per read instead of 4096; 1 shows the per-call cost)
  * prints: <ops/s of all threads> <ops per CPU second (user+sys)> */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -18,6 +19,7 @@ static long ops;
 static uint64_t blocks;
 static int fds[64];
 static int nfds;
+static size_t bs = 4096;
 
 static void *worker(void *arg) {
     long t = (long)arg;
@@ -26,7 +28,7 @@ static void *worker(void *arg) {
     uint64_t x = 0x9E3779B97F4A7C15ull * (uint64_t)(t + 1);
     for (long i = 0; i < ops; i++) {
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        if (pread(fd, buf, sizeof buf, (off_t)(x % blocks) * 4096) != (ssize_t)sizeof buf) {
+        if (pread(fd, buf, bs, (off_t)(x % blocks) * 4096) != (ssize_t)bs) {
             perror("pread");
             exit(1);
         }
@@ -43,6 +45,8 @@ static double cpu_s(void) {
 int main(int argc, char **argv) {
     if (argc < 5) { fprintf(stderr, "usage: threads4k THREADS OPS SIZE PATH...\n"); return 2; }
     int threads = atoi(argv[1]);
+    if (getenv("THREADS4K_BS")) bs = strtoul(getenv("THREADS4K_BS"), 0, 10);
+    if (bs < 1 || bs > 4096) return 2;
     ops = atol(argv[2]);
     blocks = strtoull(argv[3], 0, 10) / 4096;
     nfds = argc - 4;
