@@ -362,8 +362,8 @@ pub fn remove_range(lo: c_int, hi: c_int) {
     }
     let lo = lo.max(0) as usize;
     let end = (hi.max(0) as usize + 1).min(END.load(Ordering::Relaxed));
-    for fd in lo..end {
-        if SLOTS[fd].0.load(Ordering::Relaxed) != 0 {
+    for (fd, s) in SLOTS.iter().enumerate().take(end).skip(lo) {
+        if s.0.load(Ordering::Relaxed) != 0 {
             drop(remove(fd as c_int));
         }
     }
