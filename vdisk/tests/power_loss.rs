@@ -32,6 +32,7 @@ const SIZE: &str = "32M";
 fn base(fmt: Fmt) -> Vec<u8> {
     match fmt {
         Fmt::Vhdx => qemu_create(fmt, SIZE, "block_size=1M,log_size=1M"),
+        Fmt::Qcow2 => qemu_create(fmt, SIZE, "cluster_size=4k"),
         _ => qemu_create(fmt, SIZE, ""),
     }
 }
@@ -194,7 +195,10 @@ fn read_only_flush(fmt: Fmt) {
     // (A killed writer's unflushed *allocations* are leaked by design: group
     // commit keeps their table entries in the writer's memory.)
     for i in 0..4u64 {
-        s.write(i * 3 * MIB + 4096, &fill(i + 100, i * 3 * MIB + 4096, 32 << 10));
+        s.write(
+            i * 3 * MIB + 4096,
+            &fill(i + 100, i * 3 * MIB + 4096, 32 << 10),
+        );
     }
     s.kill_and_reopen_read_only();
     let before = s.rec.op_count();
@@ -292,6 +296,16 @@ workload_tests!(
     vdi_mkfs_ext4,
     vdi_mkfs_ext4_default,
     vdi_read_only_flush
+);
+// Issue 20: VMDK grains at the end of the file, table entries (both
+// copies) after a barrier.
+workload_tests!(
+    Fmt::Vmdk,
+    vmdk_dd,
+    vmdk_random_pwrite,
+    vmdk_mkfs_ext4,
+    vmdk_mkfs_ext4_default,
+    vmdk_read_only_flush
 );
 
 // ---------------------------------------------------------------------------
@@ -426,3 +440,12 @@ fn states_cover_the_pending_epoch() {
         }
     }
 }
+// qcow2: refcounts, L2 tables, L1 entries group-committed in qemu's order.
+workload_tests!(
+    Fmt::Qcow2,
+    qcow2_dd,
+    qcow2_random_pwrite,
+    qcow2_mkfs_ext4,
+    qcow2_mkfs_ext4_default,
+    qcow2_read_only_flush
+);

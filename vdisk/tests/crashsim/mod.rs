@@ -162,6 +162,9 @@ pub enum Fmt {
     Vhd,
     Vhdx,
     Vdi,
+    /// monolithicSparse.
+    Vmdk,
+    Qcow2,
 }
 
 impl Fmt {
@@ -170,6 +173,8 @@ impl Fmt {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
     pub fn ext(self) -> &'static str {
@@ -177,6 +182,8 @@ impl Fmt {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
 }
@@ -190,6 +197,8 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhd => "subformat=dynamic,force_size=on",
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
+        Fmt::Vmdk => "subformat=monolithicSparse",
+        Fmt::Qcow2 => "compat=1.1",
     };
     let o = if opts.is_empty() {
         base.to_string()

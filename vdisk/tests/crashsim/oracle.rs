@@ -254,6 +254,22 @@ fn structural(fmt: Fmt, file: &[u8], dir: &Path) -> Result<String, String> {
                 String::new()
             })
         }
+        Fmt::Vmdk | Fmt::Qcow2 => {
+            let path = dir.join(format!("state.{}", fmt.ext()));
+            std::fs::write(&path, file).unwrap();
+            let (corrupt, leaks, errors, err) = qemu_check(fmt, &path, false);
+            if corrupt != 0 || errors != 0 {
+                return Err(format!(
+                    "qemu-img check: {corrupt} corruptions, {errors} check errors: {}",
+                    err.replace('\n', " | ")
+                ));
+            }
+            Ok(if leaks > 0 {
+                format!("{leaks} leaks")
+            } else {
+                String::new()
+            })
+        }
         Fmt::Vhdx => {
             let path = dir.join("state.vhdx");
             std::fs::write(&path, file).unwrap();
