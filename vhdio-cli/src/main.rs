@@ -8,6 +8,7 @@
 
 mod chain;
 mod check;
+mod compact;
 mod create_vmdk;
 mod info;
 mod inspect;
@@ -178,6 +179,23 @@ enum Command {
         /// The new differencing image (must not exist).
         child: PathBuf,
     },
+    /// Give space back: unmap blocks holding only zeros, move the others
+    /// down into the holes, cut the file.
+    ///
+    /// Offline: refused while another process (qemu, the library, vhdio
+    /// serve) writes the image. Crash-safe: a kill at any point leaves an
+    /// image that reads the same disk. Zero blocks of a VHD child stay (VHD
+    /// has no zero state: unmapping would show the parent).
+    Compact {
+        /// Only report what would be freed.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Show progress on a terminal.
+        #[arg(short = 'p', long)]
+        progress: bool,
+        /// The image file.
+        image: PathBuf,
+    },
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -265,6 +283,15 @@ fn main() -> ExitCode {
             size,
         } => create(format, options.as_deref(), &image, size),
         Command::Snapshot { image, child } => snapshot(&image, &child),
+        Command::Compact {
+            dry_run,
+            progress,
+            image,
+        } => compact::compact(compact::CompactOptions {
+            image: &image,
+            dry_run,
+            progress,
+        }),
     };
     match result {
         Ok(status) => ExitCode::from(status),
