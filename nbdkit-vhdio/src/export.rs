@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use vdisk::Disk;
 
-use crate::lock::WriterLock;
+use vdisk::FileWriterLock as WriterLock;
 
 /// The plugin's parameters (`nbdkit vhdio file=... [partition=N] [readonly=BOOL]`).
 #[derive(Clone, Debug, Default)]

@@ -10,7 +10,6 @@
 //! The callbacks never let a panic reach nbdkit: it becomes EIO for the client.
 
 mod export;
-mod lock;
 mod plugin;
 
 use std::path::Path;

@@ -22,6 +22,10 @@ mod error;
 pub mod fuzz;
 mod image;
 pub mod lock;
+#[cfg(feature = "file-lock")]
+mod lock_file;
+#[cfg(feature = "file-lock")]
+pub use lock_file::FileWriterLock;
 mod open;
 pub mod part;
 mod probe;

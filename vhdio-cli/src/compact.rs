@@ -6,7 +6,6 @@
 //! another process (qemu, the library, `vhdio serve`) writes the image.
 
 use std::io::{IsTerminal, Write};
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use vdisk::{Format, Image, Mapping};
@@ -18,42 +17,6 @@ pub struct CompactOptions<'a> {
     pub image: &'a Path,
     pub dry_run: bool,
     pub progress: bool,
-}
-
-/// Bytes that a writer's lock covers (vdisk::lock: permissions write and
-/// resize held, and consistent read, write and resize denied).
-const WRITER_BYTES: [u64; 5] = [101, 103, 200, 201, 203];
-
-/// Whether /proc/locks shows another process's lock on a writer byte of the
-/// file (qemu, the library and nbdkit take OFD locks; this tool takes none).
-fn other_writer(path: &Path) -> std::io::Result<bool> {
-    let meta = std::fs::metadata(path)?;
-    let dev = meta.dev();
-    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
-    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
-    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
-        return Ok(false);
-    };
-    for line in text.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        // "N: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (waiters: "N: -> ...").
-        let Some(at) = f.iter().position(|w| w.matches(':').count() == 2) else {
-            continue;
-        };
-        let id: Vec<&str> = f[at].split(':').collect();
-        let same_file = u64::from_str_radix(id[0], 16).ok() == Some(major)
-            && u64::from_str_radix(id[1], 16).ok() == Some(minor)
-            && id[2].parse::<u64>().ok() == Some(meta.ino());
-        if !same_file || f.len() < at + 3 {
-            continue;
-        }
-        let start: u64 = f[at + 1].parse().unwrap_or(0);
-        let end: u64 = f[at + 2].parse().unwrap_or(u64::MAX);
-        if WRITER_BYTES.iter().any(|&b| (start..=end).contains(&b)) {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 /// The blocks of `image` that store only zeros, as (first byte, length) runs.
@@ -98,15 +61,26 @@ fn zero_block_runs(image: &dyn Image, bs: u64, child: bool) -> vdisk::Result<Vec
 pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     let shown = o.image.display();
     let err = |e: vdisk::Error| fail(EXIT_ERROR, format!("{shown}: {e}"));
-    if !o.dry_run && other_writer(o.image).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))? {
-        return Err(fail(
-            EXIT_ERROR,
-            format!(
-                "{shown}: {}; compact it when it is closed",
-                vdisk::lock::BUSY_MESSAGE
-            ),
-        ));
-    }
+    // The writer locks, held to the end: qemu, the library and nbdkit are
+    // refused while the blocks move.
+    let _lock = if o.dry_run {
+        None
+    } else {
+        Some(
+            vdisk::FileWriterLock::take(o.image).map_err(|e| match e {
+                vdisk::lock::WriterLockError::Busy => fail(
+                    EXIT_ERROR,
+                    format!(
+                        "{shown}: {}; compact it when it is closed",
+                        vdisk::lock::BUSY_MESSAGE
+                    ),
+                ),
+                vdisk::lock::WriterLockError::Io(e) => {
+                    fail(EXIT_ERROR, format!("{shown}: cannot lock: {e}"))
+                }
+            })?,
+        )
+    };
     let before = std::fs::metadata(o.image)
         .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
         .len();

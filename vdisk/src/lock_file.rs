@@ -1,0 +1,76 @@
+//! [`ByteLocks`] over a `std::fs::File`, for the tools (the `vhdio` CLI, the
+//! nbdkit plugin): `fcntl(F_OFD_SETLK / F_OFD_GETLK)` through `nix`, whose
+//! wrapper keeps this crate free of `unsafe`. The preload library has its own
+//! implementation on raw syscalls (a libc call there would enter its hooks).
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use nix::fcntl::{FcntlArg, fcntl};
+
+use crate::lock::{ByteLocks, WriterLockError, lock_writer};
+
+/// The writer locks, held on an open file description of our own until
+/// dropped (closing the description releases them).
+pub struct FileWriterLock {
+    file: File,
+}
+
+impl FileWriterLock {
+    /// Takes the writer locks on `path`: `Busy` while another process (the
+    /// preload library, qemu, nbdkit, another `vhdio`) writes it.
+    pub fn take(path: &Path) -> Result<FileWriterLock, WriterLockError> {
+        let file = File::open(path).map_err(WriterLockError::Io)?;
+        let lock = FileWriterLock { file };
+        lock_writer(&lock)?;
+        Ok(lock)
+    }
+}
+
+fn one_byte(kind: libc::c_int, byte: u64) -> libc::flock {
+    libc::flock {
+        l_type: kind as libc::c_short,
+        l_whence: libc::SEEK_SET as libc::c_short,
+        l_start: byte as libc::off_t,
+        l_len: 1,
+        l_pid: 0,
+    }
+}
+
+impl ByteLocks for FileWriterLock {
+    fn lock_shared(&self, byte: u64) -> io::Result<()> {
+        let fl = one_byte(libc::F_RDLCK, byte);
+        fcntl(&self.file, FcntlArg::F_OFD_SETLK(&fl))
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+    fn unlock(&self, byte: u64) {
+        let fl = one_byte(libc::F_UNLCK, byte);
+        let _ = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&fl));
+    }
+    fn locked_by_other(&self, byte: u64) -> bool {
+        let mut fl = one_byte(libc::F_WRLCK, byte);
+        fcntl(&self.file, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok()
+            && fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_writer_is_refused_and_the_lock_ends_with_its_holder() {
+        let tmp = std::env::temp_dir().join(format!("vdisk-lock-{}", std::process::id()));
+        std::fs::write(&tmp, [0u8; 512]).unwrap();
+        let first = FileWriterLock::take(&tmp).unwrap();
+        assert!(matches!(
+            FileWriterLock::take(&tmp),
+            Err(WriterLockError::Busy)
+        ));
+        drop(first);
+        assert!(FileWriterLock::take(&tmp).is_ok());
+        std::fs::remove_file(&tmp).unwrap();
+    }
+}
