@@ -14,6 +14,7 @@
 
 pub mod bytes;
 pub mod crc;
+pub mod copy;
 pub mod create;
 mod disk;
 mod disk_map;

@@ -8,8 +8,10 @@
 
 mod chain;
 mod check;
+mod convert;
 mod info;
 mod inspect;
+mod progress;
 mod run;
 mod serve;
 mod units;
@@ -174,6 +176,46 @@ enum Command {
         /// The new differencing image (must not exist).
         child: PathBuf,
     },
+    /// Copy the disk of SOURCE (its whole chain, or a raw file) into DEST.
+    ///
+    /// SOURCE is probed: a file that is not an image is a raw disk (-f
+    /// forces a format). DEST is sparse: blocks that read as zeros are not
+    /// written (a raw DEST gets holes). DEST is written under a temporary
+    /// name in its folder and renamed at the end, replacing DEST.
+    Convert {
+        /// Format of SOURCE (vhd, vhdx, vdi, raw); default: probed.
+        #[arg(short = 'f', value_parser = parse_any_format, value_name = "FMT")]
+        source_format: Option<Format>,
+        /// Format of DEST.
+        #[arg(short = 'O', value_parser = parse_any_format, value_name = "raw|vhd|vhdx|vdi")]
+        output_format: Format,
+        /// Options of DEST as for create (dynamic, fixed, block_size=N,
+        /// sector_size=N), plus azure (VHD: fixed, size rounded up to a whole
+        /// MiB, creator fields Hyper-V writes).
+        #[arg(short = 'o', value_name = "OPTIONS")]
+        options: Option<String>,
+        /// Write DEST as a differencing child of BACKING holding only what
+        /// differs from it (BACKING's format; same size as SOURCE).
+        #[arg(short = 'B', value_name = "BACKING")]
+        backing: Option<PathBuf>,
+        /// Show progress on stderr.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// The image or raw file to read.
+        source: PathBuf,
+        /// The file to write (replaced if it exists).
+        dest: PathBuf,
+    },
+}
+
+fn parse_any_format(s: &str) -> Result<Format, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "raw" => Ok(Format::Raw),
+        "vhd" | "vpc" => Ok(Format::Vhd),
+        "vhdx" => Ok(Format::Vhdx),
+        "vdi" => Ok(Format::Vdi),
+        _ => Err(format!("unknown format '{s}' (raw, vhd, vhdx or vdi)")),
+    }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
@@ -259,6 +301,23 @@ fn main() -> ExitCode {
             size,
         } => create(format, options.as_deref(), &image, size),
         Command::Snapshot { image, child } => snapshot(&image, &child),
+        Command::Convert {
+            source_format,
+            output_format,
+            options,
+            backing,
+            progress,
+            source,
+            dest,
+        } => convert::convert(convert::ConvertArgs {
+            source_format,
+            output_format,
+            options: options.as_deref(),
+            backing: backing.as_deref(),
+            progress,
+            source: &source,
+            dest: &dest,
+        }),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -5,6 +5,7 @@
 //! [dynamic header][BAT][blocks...][footer]`, where each block is a sector
 //! bitmap followed by `block_size` bytes of data.
 
+pub mod azure;
 pub mod bat;
 pub mod bitmap;
 pub mod create;
