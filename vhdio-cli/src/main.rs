@@ -8,9 +8,13 @@
 
 mod chain;
 mod check;
+mod compare;
 mod convert;
 mod info;
+mod info_json;
 mod inspect;
+mod json;
+mod map;
 mod progress;
 mod run;
 mod serve;
@@ -137,6 +141,9 @@ enum Command {
     },
     /// Show format, virtual size, block size, allocation, the parent chain and partitions.
     Info {
+        /// human (default) or json (qemu-img info's keys).
+        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+        output: Output,
         /// The image file.
         image: PathBuf,
     },
@@ -147,6 +154,9 @@ enum Command {
     /// blocks and locators, the sector bitmaps. Exit 0: clean; 1: problems
     /// found; 2: the image cannot be read at all.
     Check {
+        /// human (default) or json (qemu-img check's keys).
+        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+        output: Output,
         /// The image file.
         image: PathBuf,
     },
@@ -206,6 +216,48 @@ enum Command {
         /// The file to write (replaced if it exists).
         dest: PathBuf,
     },
+    /// Show the allocation map of IMAGE through its chain (as qemu-img map).
+    ///
+    /// human: the data extents (offset, length, offset in the file, file).
+    /// json: every extent with start, length, depth (0 = IMAGE, 1 its
+    /// parent...), present, zero, data, and for data offset and file.
+    /// Adjacent extents of the same kind are merged.
+    Map {
+        /// human (default) or json.
+        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+        output: Output,
+        /// The image file.
+        image: PathBuf,
+    },
+    /// Compare the disks of A and B (images with their chains, or raw files).
+    ///
+    /// Exit 0: the same; 1: they differ (the first differing offset is
+    /// printed); 2: error. A larger disk that reads zeros past the end of
+    /// the smaller one is the same (with a warning).
+    Compare {
+        /// Show progress on stderr.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// The first image or raw file.
+        a: PathBuf,
+        /// The second image or raw file.
+        b: PathBuf,
+    },
+}
+
+/// `--output` of info, check and map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Human,
+    Json,
+}
+
+fn parse_output(s: &str) -> Result<Output, String> {
+    match s {
+        "human" => Ok(Output::Human),
+        "json" => Ok(Output::Json),
+        _ => Err(format!("unknown output '{s}' (human or json)")),
+    }
 }
 
 fn parse_any_format(s: &str) -> Result<Format, String> {
@@ -292,8 +344,11 @@ fn main() -> ExitCode {
                 verbose: cli.verbose,
             })
         }
-        Command::Info { image } => info::info(&image),
-        Command::Check { image } => check::check(&image),
+        Command::Info { output, image } => match output {
+            Output::Human => info::info(&image),
+            Output::Json => info_json::info_json(&image),
+        },
+        Command::Check { output, image } => check::check_output(&image, output == Output::Json),
         Command::Create {
             format,
             options,
@@ -318,6 +373,8 @@ fn main() -> ExitCode {
             source: &source,
             dest: &dest,
         }),
+        Command::Map { output, image } => map::map(&image, output == Output::Json),
+        Command::Compare { progress, a, b } => compare::compare(&a, &b, progress),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -159,7 +159,8 @@ fn library_view(path: &Path) -> Vec<u8> {
 
 /// base <- mid <- top, each written by the library; returns the top.
 fn vhdx_chain(dir: &Path, data: &[u8]) -> PathBuf {
-    let base = qemu_image_from(data, dir, "base.vhdx", "vhdx", "subformat=dynamic");
+    // 1 MiB blocks: a write into a child allocates (copies) a whole block.
+    let base = qemu_image_from(data, dir, "base.vhdx", "vhdx", "block_size=1M");
     let mid = dir.join("mid.vhdx");
     let top = dir.join("top.vhdx");
     ok(&["snapshot", s(&base), s(&mid)]);
@@ -347,4 +348,190 @@ fn convert_killed_leaves_no_half_written_dest() {
         assert!(qemu_raw(&dest, "vdi") == data);
     }
     assert!(std::fs::read(&src).unwrap() == data, "source changed");
+}
+
+/// A number field of a one-line JSON object (`"key": N`).
+fn field(line: &str, key: &str) -> Option<u64> {
+    let pat = format!("\"{key}\": ");
+    let at = line.find(&pat)? + pat.len();
+    line[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// (start, length, offset) of the data extents of a map in JSON lines.
+fn data_extents(json: &str) -> Vec<(u64, u64, u64)> {
+    json.lines()
+        .filter(|l| l.contains("\"data\": true"))
+        .map(|l| {
+            (
+                field(l, "start").unwrap(),
+                field(l, "length").unwrap(),
+                field(l, "offset").unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn map_json_data_extents_equal_qemu_img_map() {
+    let dir = tempfile::tempdir().unwrap();
+    // qemu's vhdx driver reports no block status (all data): VHD and VDI.
+    for (fmt, name) in [("vpc", "m.vhd"), ("vdi", "m.vdi")] {
+        let img = dir.path().join(name);
+        run("qemu-img", &["create", "-f", fmt, s(&img), "16M"]);
+        run(
+            "qemu-io",
+            &[
+                "-f",
+                fmt,
+                "-c",
+                "write -P 1 0 64k",
+                "-c",
+                "write -P 2 3M 1M",
+                "-c",
+                "write -P 3 4M 3M",
+                "-c",
+                "write -P 4 12M 4k",
+                s(&img),
+            ],
+        );
+        let ours = ok(&["map", "--output=json", s(&img)]);
+        let theirs = run("qemu-img", &["map", "--output=json", "-f", fmt, s(&img)]);
+        let (a, b) = (data_extents(&ours), data_extents(&theirs));
+        assert!(!a.is_empty(), "{fmt}: {ours}");
+        assert_eq!(a, b, "{fmt}:\n{ours}\n{theirs}");
+        // Every byte is in exactly one extent, in order.
+        let mut next = 0;
+        for l in ours.lines() {
+            assert_eq!(field(l, "start"), Some(next), "{l}");
+            next += field(l, "length").unwrap();
+        }
+        let human = ok(&["map", s(&img)]);
+        assert_eq!(human.lines().count(), a.len() + 1, "{human}");
+    }
+}
+
+#[test]
+fn map_of_a_chain_names_the_depth() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = vhdx_chain(dir.path(), &test_disk());
+    let json = ok(&["map", "--output=json", s(&top)]);
+    let depths: Vec<u64> = json.lines().map(|l| field(l, "depth").unwrap()).collect();
+    assert!(
+        depths.contains(&0) && depths.contains(&1) && depths.contains(&2),
+        "{json}"
+    );
+    assert!(
+        json.contains("top.vhdx") && json.contains("base.vhdx"),
+        "{json}"
+    );
+}
+
+#[test]
+fn compare_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = test_disk();
+    let raw = dir.path().join("c.raw");
+    std::fs::write(&raw, &data).unwrap();
+    let vhdx = qemu_image_from(&data, dir.path(), "c.vhdx", "vhdx", "");
+    let vdi = qemu_image_from(&data, dir.path(), "c.vdi", "vdi", "");
+    let o = vhdio(&["compare", s(&raw), s(&vhdx)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("identical"));
+    assert_eq!(
+        vhdio(&["compare", "-p", s(&vdi), s(&vhdx)]).status.code(),
+        Some(0)
+    );
+    let mut changed = data.clone();
+    changed[7 * MIB + 4321] ^= 0x40;
+    let raw2 = dir.path().join("c2.raw");
+    std::fs::write(&raw2, &changed).unwrap();
+    let o = vhdio(&["compare", s(&vdi), s(&raw2)]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&format!("offset {}", 7 * MIB + 4321)), "{out}");
+    // A larger disk with zeros past the end is the same; data there is not.
+    let mut longer = data.clone();
+    longer.extend(vec![0u8; MIB]);
+    std::fs::write(&raw2, &longer).unwrap();
+    assert_eq!(
+        vhdio(&["compare", s(&vhdx), s(&raw2)]).status.code(),
+        Some(0)
+    );
+    longer[10 * MIB + 5] = 1;
+    std::fs::write(&raw2, &longer).unwrap();
+    assert_eq!(
+        vhdio(&["compare", s(&vhdx), s(&raw2)]).status.code(),
+        Some(1)
+    );
+    let missing = dir.path().join("none");
+    assert_eq!(
+        vhdio(&["compare", s(&vhdx), s(&missing)]).status.code(),
+        Some(2)
+    );
+}
+
+#[test]
+fn info_and_check_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = test_disk();
+    for (fmt, name) in [("vpc", "j.vhd"), ("vhdx", "j.vhdx"), ("vdi", "j.vdi")] {
+        let opts = if fmt == "vpc" { "force_size=on" } else { "" };
+        let img = qemu_image_from(&data, dir.path(), name, fmt, opts);
+        let ours = ok(&["info", "--output=json", s(&img)]);
+        let theirs = run("qemu-img", &["info", "--output=json", "-f", fmt, s(&img)]);
+        // qemu-img's outermost virtual-size is the last one it prints.
+        let qsize: u64 = field(
+            &theirs[theirs.rfind("\"virtual-size\"").unwrap()..],
+            "virtual-size",
+        )
+        .unwrap();
+        assert_eq!(field(&ours, "virtual-size"), Some(qsize), "{fmt}");
+        assert!(ours.contains(&format!("\"format\": \"{fmt}\"")), "{ours}");
+        let check = ok(&["check", "--output=json", s(&img)]);
+        assert_eq!(field(&check, "check-errors"), Some(0), "{check}");
+    }
+    // A chain: backing-image nested, backing-filename set.
+    let top = vhdx_chain(dir.path(), &data);
+    let json = ok(&["info", "--output=json", s(&top)]);
+    assert_eq!(json.matches("\"backing-image\"").count(), 2, "{json}");
+    assert!(json.contains("\"full-backing-filename\""), "{json}");
+    // A damaged VHD: check-errors counted, exit 1.
+    let vhd = dir.path().join("j.vhd");
+    let mut bytes = std::fs::read(&vhd).unwrap();
+    bytes[600] ^= 0xFF; // dynamic header checksum
+    std::fs::write(&vhd, &bytes).unwrap();
+    let o = vhdio(&["check", "--output=json", s(&vhd)]);
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(field(&out, "check-errors").unwrap() >= 1, "{out}");
+}
+
+#[test]
+fn info_of_a_child_whose_parent_is_missing_shows_the_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let top = vhdx_chain(dir.path(), &test_disk());
+    std::fs::rename(dir.path().join("mid.vhdx"), dir.path().join("moved.vhdx")).unwrap();
+    let o = vhdio(&["info", s(&top)]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(out.contains("format: vhdx differencing"), "{out}");
+    assert!(out.contains("virtual size: 10 MiB"), "{out}");
+    assert!(out.contains("identity: {"), "{out}");
+    assert!(
+        out.contains("parent: VHDX parent") && out.contains("mid.vhdx"),
+        "{out}"
+    );
+    assert!(err.contains("parent not found"), "{err}");
+    let o = vhdio(&["info", "--output=json", s(&top)]);
+    assert_eq!(o.status.code(), Some(2));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("\"error\": ") && out.contains("\"virtual-size\": 10485760"),
+        "{out}"
+    );
 }
