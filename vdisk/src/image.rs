@@ -138,4 +138,12 @@ pub trait Image: Send + Sync {
     fn describe(&self) -> String {
         format!("{} image, {} bytes", self.format(), self.virtual_size())
     }
+    /// The identity ([`Image::link_id`]) this layer takes at its first
+    /// write, for formats whose identity changes when written (VHDX
+    /// DataWriteGuid): a commit records it in the child beforehand, so the
+    /// child finds its parent at every moment. Others ignore it.
+    fn set_next_data_write_guid(&self, guid: [u8; 16]) -> Result<()> {
+        let _ = guid;
+        Ok(())
+    }
 }

@@ -25,6 +25,7 @@ mod image;
 pub mod lock;
 mod open;
 pub mod part;
+pub mod relink;
 mod probe;
 mod raw;
 mod storage;

@@ -185,7 +185,10 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
                 }
             };
             match open_layer(storage, candidate) {
-                Ok(l) if l.image.link_id() == link.id => {
+                Ok(l)
+                    if l.image.link_id() == link.id
+                        || Some(l.image.link_id()) == link.alternate_id =>
+                {
                     found = Some(l);
                     break;
                 }

@@ -8,6 +8,7 @@
 
 mod chain;
 mod check;
+mod commit;
 mod compare;
 mod convert;
 mod info;
@@ -16,6 +17,7 @@ mod inspect;
 mod json;
 mod map;
 mod progress;
+mod rebase;
 mod run;
 mod serve;
 mod units;
@@ -243,6 +245,46 @@ enum Command {
         /// The second image or raw file.
         b: PathBuf,
     },
+    /// Write what IMAGE stores into its parent (or BASE further down), then
+    /// make IMAGE an empty child of it: both read the disk IMAGE showed.
+    ///
+    /// An interrupted commit leaves IMAGE reading as before. IMAGE gets a
+    /// new identity (children of IMAGE must be rebased); images between
+    /// IMAGE and BASE no longer read as before.
+    Commit {
+        /// Commit into this image of IMAGE's chain (default: its parent).
+        #[arg(short = 'b', value_name = "BASE")]
+        base: Option<PathBuf>,
+        /// Show progress on stderr.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// The differencing image.
+        image: PathBuf,
+    },
+    /// Make NEW_PARENT the parent of IMAGE (-b "": standalone).
+    ///
+    /// Safe (default): first copies into IMAGE every range it does not store
+    /// where the old and the new parent read differently, so IMAGE reads as
+    /// before. -u: rewrites only the link (after the parent was moved or
+    /// renamed; VHD locators, VHDX locator entries, VDI parent UUID), and
+    /// refuses a parent whose identity is not the one IMAGE records unless
+    /// --force.
+    Rebase {
+        /// The new parent ("" for none).
+        #[arg(short = 'b', value_name = "NEW_PARENT")]
+        new_parent: OsString,
+        /// Rewrite only the parent link.
+        #[arg(short = 'u')]
+        unsafe_link_only: bool,
+        /// With -u: link a parent whose identity differs.
+        #[arg(long)]
+        force: bool,
+        /// Show progress on stderr.
+        #[arg(short = 'p')]
+        progress: bool,
+        /// The differencing image.
+        image: PathBuf,
+    },
 }
 
 /// `--output` of info, check and map.
@@ -375,6 +417,24 @@ fn main() -> ExitCode {
         }),
         Command::Map { output, image } => map::map(&image, output == Output::Json),
         Command::Compare { progress, a, b } => compare::compare(&a, &b, progress),
+        Command::Commit {
+            base,
+            progress,
+            image,
+        } => commit::commit(&image, base.as_deref(), progress),
+        Command::Rebase {
+            new_parent,
+            unsafe_link_only,
+            force,
+            progress,
+            image,
+        } => rebase::rebase(rebase::RebaseArgs {
+            image: &image,
+            new_parent: Path::new(&new_parent),
+            unsafe_link_only,
+            force,
+            progress,
+        }),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -22,6 +22,7 @@ pub mod block_map;
 pub mod create;
 pub mod header;
 pub mod parent;
+pub mod relink;
 
 use std::io::Read;
 use std::path::Path;

@@ -170,7 +170,7 @@ struct ParentFields<'a> {
 }
 
 /// The locators of a child: (platform code, payload).
-fn locators(links: &Links) -> Vec<([u8; 4], Vec<u8>)> {
+pub(crate) fn locators(links: &Links) -> Vec<([u8; 4], Vec<u8>)> {
     let utf16le = |s: &str| {
         s.encode_utf16()
             .flat_map(u16::to_le_bytes)

@@ -12,6 +12,7 @@ pub mod create;
 pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
+pub mod relink;
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -1,0 +1,46 @@
+//! Rewriting the parent link of a differencing image (`vhdio rebase -u`,
+//! and the last step of commit and safe rebase), per format: VHD locators,
+//! VHDX locator entries (through the log), VDI parent UUIDs. Like
+//! [`crate::snapshot`], nothing here opens a path: the caller hands in the
+//! child's storage (writable) and the new parent's (read-only), and the
+//! paths to record.
+
+use std::path::Path;
+
+use crate::create::Links;
+use crate::{Error, Format, Result, Storage, probe, vdi, vhd, vhdx};
+
+/// Makes the image in `child` (found at `child_path`) a child of the image
+/// in `parent` (found at that path), or standalone with `None`. The child's
+/// data is not touched: what it shows changes unless the new parent reads
+/// as the old one did (the caller's business: `rebase` checks identities or
+/// copies the differences first).
+pub fn relink(
+    child: &dyn Storage,
+    child_path: &Path,
+    parent: Option<(&Path, &dyn Storage)>,
+) -> Result<()> {
+    if !child.is_writable() {
+        return Err(Error::ReadOnly);
+    }
+    let format = probe(child)?.ok_or(Error::NotAnImage)?;
+    let links = match parent {
+        Some((p, s)) => {
+            let pf = probe(s)?.ok_or(Error::NotAnImage)?;
+            if pf != format {
+                return Err(Error::ParentMismatch(format!(
+                    "a {pf} parent for a {format} child"
+                )));
+            }
+            Some((Links::new(p, child_path)?, s))
+        }
+        None => None,
+    };
+    let with_links = links.as_ref().map(|(l, s)| (l, *s));
+    match format {
+        Format::Vhd => vhd::relink::relink(child, with_links),
+        Format::Vhdx => vhdx::relink::relink(child, with_links),
+        Format::Vdi => vdi::relink::relink(child, with_links.map(|(_, s)| s)),
+        Format::Raw => Err(Error::unsupported("raw disks have no parent")),
+    }
+}
