@@ -250,3 +250,33 @@ fn killed_commit_leaves_the_childs_view() {
         }
     }
 }
+
+#[test]
+fn killed_rebase_leaves_the_childs_view() {
+    for (ext, fmt, opts) in FORMATS {
+        for (delay_ms, standalone) in [(10u64, false), (40, true), (90, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_, child) = parent_and_child(dir.path(), ext, fmt, opts);
+            let view = library_view(&child);
+            let other =
+                qemu_image_from(&parent_data(9), dir.path(), &format!("n.{ext}"), fmt, opts);
+            let target = if standalone { "" } else { s(&other) };
+            let mut p = Command::new(VHDIO)
+                .args(["rebase", "-b", target, s(&child)])
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let _ = p.kill();
+            p.wait().unwrap();
+            assert!(
+                library_view(&child) == view,
+                "{ext}: child's view after kill at {delay_ms} ms"
+            );
+            ok(&["rebase", "-b", target, s(&child)]);
+            assert!(
+                library_view(&child) == view,
+                "{ext}: rebase after a killed one"
+            );
+        }
+    }
+}
