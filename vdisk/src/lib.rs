@@ -26,6 +26,7 @@ pub mod lock;
 mod open;
 pub mod part;
 pub mod relink;
+pub mod resize;
 mod probe;
 mod raw;
 mod storage;

@@ -18,6 +18,7 @@ mod json;
 mod map;
 mod progress;
 mod rebase;
+mod resize;
 mod run;
 mod serve;
 mod units;
@@ -285,6 +286,22 @@ enum Command {
         /// The differencing image.
         image: PathBuf,
     },
+    /// Change the virtual size of IMAGE to SIZE, or by +SIZE / -SIZE.
+    ///
+    /// Any format and kind (VHD fixed: the footer moves; VHD dynamic:
+    /// within the room of its BAT; VHDX: through its log; VDI: the block map
+    /// grows in place). New space reads zeros. Shrinking needs --shrink and
+    /// frees the blocks past the new end.
+    Resize {
+        /// Allow a smaller size (the data past the new end is lost).
+        #[arg(long)]
+        shrink: bool,
+        /// The image file.
+        image: PathBuf,
+        /// New size (suffixes K, M, G, T), or +SIZE / -SIZE.
+        #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
+        size: String,
+    },
 }
 
 /// `--output` of info, check and map.
@@ -435,6 +452,11 @@ fn main() -> ExitCode {
             force,
             progress,
         }),
+        Command::Resize {
+            shrink,
+            image,
+            size,
+        } => resize::resize(&image, &size, shrink),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -23,6 +23,7 @@ pub mod create;
 pub mod header;
 pub mod parent;
 pub mod relink;
+pub mod resize;
 
 use std::io::Read;
 use std::path::Path;

@@ -13,6 +13,7 @@ pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
 pub mod relink;
+pub mod resize;
 
 use std::path::Path;
 use std::sync::Mutex;

@@ -36,6 +36,7 @@ pub mod log;
 pub mod metadata;
 pub mod region;
 pub mod relink;
+pub mod resize;
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;

@@ -16,7 +16,7 @@ use crate::{Error, Result, Storage};
 /// The current header (and its slot) of a VHDX, with its log replayed
 /// first if it is not empty (an interrupted writer or relink), as a
 /// writable open does.
-fn current_header(storage: &dyn Storage) -> Result<(Header, usize)> {
+pub(crate) fn current_header(storage: &dyn Storage) -> Result<(Header, usize)> {
     header::check_identifier(storage)?;
     let (mut h, mut slot) = header::read_current(storage)?;
     if !h.log_guid.is_zero() {
@@ -52,11 +52,13 @@ fn write_header(
     Ok(())
 }
 
-/// Replaces the metadata of `storage` with what `change` makes of it.
-fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -> Result<()> {
-    let (mut h, mut slot) = current_header(storage)?;
-    let file_len = storage.len()?;
-    let regions = region::read(storage, file_len)?;
+/// The 4 KiB sectors of the metadata region that change when `change` is
+/// applied to it, with their new contents (validated by the reader).
+pub(crate) fn metadata_sectors(
+    storage: &dyn Storage,
+    change: impl FnOnce(&mut Metadata),
+) -> Result<Vec<(u64, Vec<u8>)>> {
+    let regions = region::read(storage, storage.len()?)?;
     let region = regions.metadata;
     let mut meta = metadata::read(storage, region)?;
     change(&mut meta);
@@ -75,28 +77,8 @@ fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -
         )));
     }
     new.resize(region.length as usize, 0);
-    let mut old = vec![0u8; region.length as usize];
-    storage.read_exact_at(&mut old, region.offset)?;
-    let sector = log::SECTOR as usize;
-    let changed: Vec<(u64, &[u8])> = new
-        .chunks(sector)
-        .zip(old.chunks(sector))
-        .enumerate()
-        .filter(|(_, (n, o))| n != o)
-        .map(|(i, (n, _))| (region.offset + (i * sector) as u64, n))
-        .collect();
-    if changed.is_empty() {
-        return Ok(());
-    }
-    let half = (h.log_length as u64 / 2) & !(log::SECTOR - 1);
-    if changed.len() > log::capacity(half) {
-        return Err(Error::unsupported(
-            "VHDX metadata change larger than the log",
-        ));
-    }
     // Validate the new metadata with the reader before anything is written.
-    let check = crate::MemStorage::new(Vec::new());
-    check.write_all_at(&new, 0)?;
+    let check = crate::MemStorage::new(new.clone());
     metadata::read(
         &check,
         region::Region {
@@ -104,9 +86,39 @@ fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -
             length: region.length,
         },
     )?;
+    let mut old = vec![0u8; region.length as usize];
+    storage.read_exact_at(&mut old, region.offset)?;
+    let sector = log::SECTOR as usize;
+    Ok(new
+        .chunks(sector)
+        .zip(old.chunks(sector))
+        .enumerate()
+        .filter(|(_, (n, o))| n != o)
+        .map(|(i, (n, _))| (region.offset + (i * sector) as u64, n.to_vec()))
+        .collect())
+}
+
+/// Writes whole 4 KiB sectors `changed` (file offset, contents) through the
+/// log: an entry, a barrier, a header naming it, a barrier, the sectors in
+/// place, a barrier, the header's LogGuid cleared (both slots).
+pub(crate) fn log_transaction(storage: &dyn Storage, changed: &[(u64, Vec<u8>)]) -> Result<()> {
+    let (mut h, mut slot) = current_header(storage)?;
+    if changed.is_empty() {
+        return Ok(());
+    }
+    let half = (h.log_length as u64 / 2) & !(log::SECTOR - 1);
+    if changed.len() > log::capacity(half) {
+        return Err(Error::unsupported(format!(
+            "VHDX change of {} sectors, larger than the log holds ({})",
+            changed.len(),
+            log::capacity(half)
+        )));
+    }
+    let file_len = storage.len()?;
+    let refs: Vec<(u64, &[u8])> = changed.iter().map(|(o, d)| (*o, d.as_slice())).collect();
     let guid = Guid::random()?;
     let seq = h.sequence.max(1);
-    let entry = log::encode_entry(guid, seq, 0, file_len, &changed);
+    let entry = log::encode_entry(guid, seq, 0, file_len, &refs);
     storage.write_all_at(&entry, h.log_offset)?;
     storage.sync()?;
     let session = Guid::random()?;
@@ -115,7 +127,7 @@ fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -
         h.file_write_guid = session;
     })?;
     storage.sync()?;
-    for (offset, data) in &changed {
+    for (offset, data) in changed {
         storage.write_all_at(data, *offset)?;
     }
     storage.sync()?;
@@ -125,6 +137,14 @@ fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -
     write_header(storage, &mut h, &mut slot, |_| {})?;
     storage.sync()?;
     Ok(())
+}
+
+/// Replaces the metadata of `storage` with what `change` makes of it.
+fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -> Result<()> {
+    // Replays a pending log first.
+    current_header(storage)?;
+    let changed = metadata_sectors(storage, change)?;
+    log_transaction(storage, &changed)
 }
 
 /// Makes the VHDX in `child` a differencing child of the VHDX in `parent`,
