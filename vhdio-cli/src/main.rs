@@ -302,6 +302,13 @@ enum Command {
         #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
         size: String,
     },
+    /// Print the completion script of SHELL (bash, zsh, fish, elvish,
+    /// powershell) for vhdio to stdout; `make install` installs bash, zsh
+    /// and fish ones.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// `--output` of info, check and map.
@@ -457,6 +464,11 @@ fn main() -> ExitCode {
             image,
             size,
         } => resize::resize(&image, &size, shrink),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "vhdio", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
     };
     match result {
         Ok(status) => ExitCode::from(status),
