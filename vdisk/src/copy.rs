@@ -22,17 +22,11 @@ const BUFFERS: usize = 4;
 pub const GRANULE: usize = 4096;
 
 /// How to copy.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct CopyOptions {
     /// Write granules that read as zeros too (the destination does not read
     /// zeros where it was not written, e.g. an existing image).
     pub write_zeros: bool,
-}
-
-impl Default for CopyOptions {
-    fn default() -> CopyOptions {
-        CopyOptions { write_zeros: false }
-    }
 }
 
 /// What a copy did, in bytes of the virtual disk.

@@ -73,6 +73,18 @@ pub fn commit(image: &Path, base: Option<&Path>, progress: bool) -> Result<u8, F
         }
     };
     let base_path = layers[k].path.clone();
+    // IMAGE (replaced at the end), BASE and the layer above it are written.
+    let mut written: Vec<std::path::PathBuf> = Vec::new();
+    for p in [image, layers[k - 1].path.as_path(), base_path.as_path()] {
+        let real = std::fs::canonicalize(p).map_err(|e| err(p, e))?;
+        if !written.contains(&real) {
+            written.push(real);
+        }
+    }
+    let _locks = written
+        .iter()
+        .map(|p| crate::lock::lock_writer(p))
+        .collect::<Result<Vec<_>, _>>()?;
     let above_base = layers[k - 1].path.clone();
     let format = layers[0].format;
     let intermediates: Vec<_> = layers[1..k].iter().map(|l| l.path.clone()).collect();

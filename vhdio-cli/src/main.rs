@@ -15,6 +15,7 @@ mod info;
 mod info_json;
 mod inspect;
 mod json;
+mod lock;
 mod map;
 mod progress;
 mod rebase;

@@ -61,6 +61,7 @@ pub fn relink(image: &Path, parent: Option<&Path>) -> Result<(), Failure> {
 pub fn rebase(a: RebaseArgs) -> Result<u8, Failure> {
     let new_parent: Option<PathBuf> =
         (!a.new_parent.as_os_str().is_empty()).then(|| a.new_parent.to_path_buf());
+    let _lock = crate::lock::lock_writer(a.image)?;
     let top = chain::open_layer(chain::open_file(a.image)?, a.image)?;
     let link = top.image.parent_link().cloned();
     if let Some(np) = &new_parent {

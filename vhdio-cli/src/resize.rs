@@ -51,6 +51,7 @@ pub fn resize(image: &Path, size: &str, shrink: bool) -> Result<u8, Failure> {
             ),
         ));
     }
+    let _lock = crate::lock::lock_writer(image)?;
     let storage = (open_rw(image)?, true);
     vdisk::resize::resize(&storage, new).map_err(|e| err(image, e))?;
     drop(storage);

@@ -166,3 +166,37 @@ fn vhd_without_bat_room_is_refused_clearly() {
         "changed anyway"
     );
 }
+
+#[test]
+fn an_image_another_process_writes_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("busy.vhd");
+    let child = dir.path().join("busy-child.vhd");
+    run(
+        "qemu-img",
+        &["create", "-f", "vpc", "-o", "force_size=on", s(&img), "8M"],
+    );
+    ok(&["snapshot", s(&img), s(&child)]);
+    // qemu-io holds qemu's writer locks on the child while it sleeps (qemu
+    // reads a VHD child as a standalone disk).
+    let mut qemu = Command::new("qemu-io")
+        .args(["-f", "vpc", "-c", "sleep 3000", s(&child)])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for args in [
+        vec!["resize", s(&child), "+1M"],
+        vec!["rebase", "-u", "-b", s(&img), s(&child)],
+        vec!["commit", s(&child)],
+    ] {
+        let o = vhdio(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {err}");
+        assert!(
+            err.contains("another process is writing"),
+            "{args:?}: {err}"
+        );
+    }
+    qemu.wait().unwrap();
+    ok(&["resize", s(&child), "+1M"]);
+}
