@@ -10,8 +10,8 @@
 //! `common` and `vhd_util`, which the including test declares too).
 #![allow(dead_code)]
 
-pub mod states;
 pub mod oracle;
+pub mod states;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -319,13 +319,18 @@ impl vdisk::Storage for Overlay {
         let w = self.writes.lock().unwrap();
         let n = (w.0.saturating_sub(offset)).min(buf.len() as u64) as usize;
         let buf = &mut buf[..n];
-        let inside = (self.base.len() as u64).saturating_sub(offset).min(n as u64) as usize;
+        let inside = (self.base.len() as u64)
+            .saturating_sub(offset)
+            .min(n as u64) as usize;
         if inside > 0 {
             buf[..inside].copy_from_slice(&self.base[offset as usize..offset as usize + inside]);
         }
         buf[inside..].fill(0);
         for (o, d) in &w.1 {
-            let (s, e) = ((*o).max(offset), (*o + d.len() as u64).min(offset + n as u64));
+            let (s, e) = (
+                (*o).max(offset),
+                (*o + d.len() as u64).min(offset + n as u64),
+            );
             if s < e {
                 buf[(s - offset) as usize..(e - offset) as usize]
                     .copy_from_slice(&d[(s - o) as usize..(e - o) as usize]);

@@ -112,7 +112,9 @@ fn hash(d: &[u8]) -> u64 {
     for c in &mut chunks {
         for (lane, w) in h.iter_mut().zip(c.chunks_exact(8)) {
             let v = u64::from_le_bytes(w.try_into().unwrap());
-            *lane = (*lane ^ v).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(31);
+            *lane = (*lane ^ v)
+                .wrapping_mul(0xFF51_AFD7_ED55_8CCD)
+                .rotate_left(31);
         }
     }
     for (i, &b) in chunks.remainder().iter().enumerate() {
@@ -263,7 +265,12 @@ fn structural(fmt: Fmt, file: &[u8], dir: &Path) -> Result<String, String> {
 
 /// (c) for one crash point: every byte of `actual` is acknowledged content or
 /// a later write's.
-fn check_content(rec: &Recording, shadows: &mut Shadows, actual: &[u8], c: usize) -> Result<(), String> {
+fn check_content(
+    rec: &Recording,
+    shadows: &mut Shadows,
+    actual: &[u8],
+    c: usize,
+) -> Result<(), String> {
     let ack = rec.flushes.iter().rposition(|f| f.op_end <= c);
     let k = ack.map_or(0, |f| rec.flushes[f].writes);
     let m = rec.writes.partition_point(|w| w.op_start < c).max(k);
@@ -314,7 +321,11 @@ fn check_content(rec: &Recording, shadows: &mut Shadows, actual: &[u8], c: usize
                     let ack_name = match ack {
                         Some(f) => format!(
                             "flush #{f}{} (after disk writes 0..{k})",
-                            if rec.flushes[f].read_only { ", read-only" } else { "" }
+                            if rec.flushes[f].read_only {
+                                ", read-only"
+                            } else {
+                                ""
+                            }
                         ),
                         None => "no flush (initial content)".to_string(),
                     };
@@ -418,7 +429,11 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
         kinds,
         checker_runs,
         ops: rec.ops.len(),
-        syncs: rec.ops.iter().filter(|o| matches!(o, super::Op::Sync)).count(),
+        syncs: rec
+            .ops
+            .iter()
+            .filter(|o| matches!(o, super::Op::Sync))
+            .count(),
         seconds: t.elapsed().as_secs_f64(),
     }
 }
