@@ -15,6 +15,7 @@ mod info;
 mod info_json;
 mod inspect;
 mod json;
+mod lifecycle_cli;
 mod lock;
 mod map;
 mod progress;
@@ -45,8 +46,8 @@ pub const EXIT_CANNOT_EXEC: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
 
 const AFTER_HELP: &str = "\
-Exit status: 0 success (check: no problem found), 1 check found problems,
-2 error (bad command line; image unreadable, not an image, cannot be created;
+Exit status: 0 success (check: no problem found), 1 check found problems
+(compare: the disks differ), 2 error (bad command line; image unreadable, not an image, cannot be created;
 library not found), 126 the command of 'run' cannot be executed, 127 it was
 not found. Otherwise 'run' exits with the command's status, and 'serve' with
 nbdkit's (127: nbdkit is not installed).
@@ -58,7 +59,10 @@ Examples:
   vhdio run dd if=disk-snap.vhdx of=disk.raw bs=1M
   vhdio info disk-snap.vhdx
   vhdio serve --socket /tmp/disk.sock disk-snap.vhdx
-  vhdio check disk.vhdx";
+  vhdio check disk.vhdx
+  vhdio convert -O vdi disk-snap.vhdx flat.vdi
+  vhdio commit disk-snap.vhdx
+  vhdio resize disk.vhdx +1G";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -196,73 +200,28 @@ enum Command {
     /// forces a format). DEST is sparse: blocks that read as zeros are not
     /// written (a raw DEST gets holes). DEST is written under a temporary
     /// name in its folder and renamed at the end, replacing DEST.
-    Convert {
-        /// Format of SOURCE (vhd, vhdx, vdi, raw); default: probed.
-        #[arg(short = 'f', value_parser = parse_any_format, value_name = "FMT")]
-        source_format: Option<Format>,
-        /// Format of DEST.
-        #[arg(short = 'O', value_parser = parse_any_format, value_name = "raw|vhd|vhdx|vdi")]
-        output_format: Format,
-        /// Options of DEST as for create (dynamic, fixed, block_size=N,
-        /// sector_size=N), plus azure (VHD: fixed, size rounded up to a whole
-        /// MiB, creator fields Hyper-V writes).
-        #[arg(short = 'o', value_name = "OPTIONS")]
-        options: Option<String>,
-        /// Write DEST as a differencing child of BACKING holding only what
-        /// differs from it (BACKING's format; same size as SOURCE).
-        #[arg(short = 'B', value_name = "BACKING")]
-        backing: Option<PathBuf>,
-        /// Show progress on stderr.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// The image or raw file to read.
-        source: PathBuf,
-        /// The file to write (replaced if it exists).
-        dest: PathBuf,
-    },
+    Convert(lifecycle_cli::Convert),
     /// Show the allocation map of IMAGE through its chain (as qemu-img map).
     ///
     /// human: the data extents (offset, length, offset in the file, file).
     /// json: every extent with start, length, depth (0 = IMAGE, 1 its
     /// parent...), present, zero, data, and for data offset and file.
     /// Adjacent extents of the same kind are merged.
-    Map {
-        /// human (default) or json.
-        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
-        output: Output,
-        /// The image file.
-        image: PathBuf,
-    },
+    Map(lifecycle_cli::Map),
     /// Compare the disks of A and B (images with their chains, or raw files).
     ///
     /// Exit 0: the same; 1: they differ (the first differing offset is
     /// printed); 2: error. A larger disk that reads zeros past the end of
     /// the smaller one is the same (with a warning).
-    Compare {
-        /// Show progress on stderr.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// The first image or raw file.
-        a: PathBuf,
-        /// The second image or raw file.
-        b: PathBuf,
-    },
-    /// Write what IMAGE stores into its parent (or BASE further down), then
-    /// make IMAGE an empty child of it: both read the disk IMAGE showed.
+    Compare(lifecycle_cli::Compare),
+    /// Write IMAGE's data into its parent (or BASE), leaving IMAGE empty.
     ///
-    /// An interrupted commit leaves IMAGE reading as before. IMAGE gets a
+    /// What IMAGE stores is written into its parent (or BASE further down),
+    /// then IMAGE becomes an empty child of it: both read the disk IMAGE
+    /// showed. An interrupted commit leaves IMAGE reading as before. IMAGE gets a
     /// new identity (children of IMAGE must be rebased); images between
     /// IMAGE and BASE no longer read as before.
-    Commit {
-        /// Commit into this image of IMAGE's chain (default: its parent).
-        #[arg(short = 'b', value_name = "BASE")]
-        base: Option<PathBuf>,
-        /// Show progress on stderr.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// The differencing image.
-        image: PathBuf,
-    },
+    Commit(lifecycle_cli::Commit),
     /// Make NEW_PARENT the parent of IMAGE (-b "": standalone).
     ///
     /// Safe (default): first copies into IMAGE every range it does not store
@@ -271,41 +230,18 @@ enum Command {
     /// renamed; VHD locators, VHDX locator entries, VDI parent UUID), and
     /// refuses a parent whose identity is not the one IMAGE records unless
     /// --force.
-    Rebase {
-        /// The new parent ("" for none).
-        #[arg(short = 'b', value_name = "NEW_PARENT")]
-        new_parent: OsString,
-        /// Rewrite only the parent link.
-        #[arg(short = 'u')]
-        unsafe_link_only: bool,
-        /// With -u: link a parent whose identity differs.
-        #[arg(long)]
-        force: bool,
-        /// Show progress on stderr.
-        #[arg(short = 'p')]
-        progress: bool,
-        /// The differencing image.
-        image: PathBuf,
-    },
+    Rebase(lifecycle_cli::Rebase),
     /// Change the virtual size of IMAGE to SIZE, or by +SIZE / -SIZE.
     ///
     /// Any format and kind (VHD fixed: the footer moves; VHD dynamic:
     /// within the room of its BAT; VHDX: through its log; VDI: the block map
     /// grows in place). New space reads zeros. Shrinking needs --shrink and
     /// frees the blocks past the new end.
-    Resize {
-        /// Allow a smaller size (the data past the new end is lost).
-        #[arg(long)]
-        shrink: bool,
-        /// The image file.
-        image: PathBuf,
-        /// New size (suffixes K, M, G, T), or +SIZE / -SIZE.
-        #[arg(allow_hyphen_values = true, value_name = "[+|-]SIZE")]
-        size: String,
-    },
-    /// Print the completion script of SHELL (bash, zsh, fish, elvish,
-    /// powershell) for vhdio to stdout; `make install` installs bash, zsh
-    /// and fish ones.
+    Resize(lifecycle_cli::Resize),
+    /// Print the shell completion script of vhdio for SHELL.
+    ///
+    /// bash, zsh, fish, elvish or powershell, to stdout; `make install`
+    /// installs the bash, zsh and fish ones.
     Completions {
         /// The shell.
         shell: clap_complete::Shell,
@@ -314,26 +250,16 @@ enum Command {
 
 /// `--output` of info, check and map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Output {
+pub enum Output {
     Human,
     Json,
 }
 
-fn parse_output(s: &str) -> Result<Output, String> {
+pub fn parse_output(s: &str) -> Result<Output, String> {
     match s {
         "human" => Ok(Output::Human),
         "json" => Ok(Output::Json),
         _ => Err(format!("unknown output '{s}' (human or json)")),
-    }
-}
-
-fn parse_any_format(s: &str) -> Result<Format, String> {
-    match s.to_ascii_lowercase().as_str() {
-        "raw" => Ok(Format::Raw),
-        "vhd" | "vpc" => Ok(Format::Vhd),
-        "vhdx" => Ok(Format::Vhdx),
-        "vdi" => Ok(Format::Vdi),
-        _ => Err(format!("unknown format '{s}' (raw, vhd, vhdx or vdi)")),
     }
 }
 
@@ -423,48 +349,12 @@ fn main() -> ExitCode {
             size,
         } => create(format, options.as_deref(), &image, size),
         Command::Snapshot { image, child } => snapshot(&image, &child),
-        Command::Convert {
-            source_format,
-            output_format,
-            options,
-            backing,
-            progress,
-            source,
-            dest,
-        } => convert::convert(convert::ConvertArgs {
-            source_format,
-            output_format,
-            options: options.as_deref(),
-            backing: backing.as_deref(),
-            progress,
-            source: &source,
-            dest: &dest,
-        }),
-        Command::Map { output, image } => map::map(&image, output == Output::Json),
-        Command::Compare { progress, a, b } => compare::compare(&a, &b, progress),
-        Command::Commit {
-            base,
-            progress,
-            image,
-        } => commit::commit(&image, base.as_deref(), progress),
-        Command::Rebase {
-            new_parent,
-            unsafe_link_only,
-            force,
-            progress,
-            image,
-        } => rebase::rebase(rebase::RebaseArgs {
-            image: &image,
-            new_parent: Path::new(&new_parent),
-            unsafe_link_only,
-            force,
-            progress,
-        }),
-        Command::Resize {
-            shrink,
-            image,
-            size,
-        } => resize::resize(&image, &size, shrink),
+        Command::Convert(c) => c.run(),
+        Command::Map(c) => c.run(),
+        Command::Compare(c) => c.run(),
+        Command::Commit(c) => c.run(),
+        Command::Rebase(c) => c.run(),
+        Command::Resize(c) => c.run(),
         Command::Completions { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "vhdio", &mut std::io::stdout());

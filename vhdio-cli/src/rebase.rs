@@ -64,6 +64,10 @@ pub fn rebase(a: RebaseArgs) -> Result<u8, Failure> {
     let _lock = crate::lock::lock_writer(a.image)?;
     let top = chain::open_layer(chain::open_file(a.image)?, a.image)?;
     let link = top.image.parent_link().cloned();
+    if link.is_none() && new_parent.is_none() {
+        // Standalone already (as qemu-img rebase -b "" of such an image).
+        return Ok(EXIT_OK);
+    }
     if let Some(np) = &new_parent {
         // The new parent and its own chain must open.
         let parent_chain = chain::open_chain(np)?;
