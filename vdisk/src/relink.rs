@@ -44,3 +44,21 @@ pub fn relink(
         Format::Raw => Err(Error::unsupported("raw disks have no parent")),
     }
 }
+
+/// Makes the image in `child` store nothing: every block unallocated, so it
+/// reads its parent's disk. Each entry cleared is one block the parent now
+/// shows, so after a crash at any point the child reads as before if the
+/// parent holds what the child held (the end of a commit). The child keeps
+/// its identity; space of the freed blocks is given back where the format
+/// allows (VHD, VDI: the file is cut after its metadata).
+pub fn empty(child: &dyn Storage) -> Result<()> {
+    if !child.is_writable() {
+        return Err(Error::ReadOnly);
+    }
+    match probe(child)?.ok_or(Error::NotAnImage)? {
+        Format::Vhd => vhd::relink::empty(child),
+        Format::Vhdx => vhdx::relink::empty(child),
+        Format::Vdi => vdi::relink::empty(child),
+        Format::Raw => Err(Error::unsupported("emptying a raw disk")),
+    }
+}

@@ -153,3 +153,70 @@ fn relink_survives_power_loss() {
         assert_eq!(img.parent_link().unwrap().id, new_id, "{fmt:?}");
     }
 }
+
+#[test]
+fn emptying_a_child_whose_parent_holds_its_data_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in [Fmt::Vhd, Fmt::Vhdx, Fmt::Vdi] {
+        let ext = fmt.ext();
+        // The parent holds what the child holds (the end of a commit).
+        let (parent, data) = image_with_data(fmt);
+        let pp = dir.path().join(format!("p.{ext}"));
+        std::fs::write(&pp, &parent).unwrap();
+        let cp = dir.path().join(format!("c.{ext}"));
+        let child = vdisk::MemStorage::new(Vec::new());
+        vdisk::snapshot(&pp, &vdisk::MemStorage::read_only(parent), &child, &cp).unwrap();
+        std::fs::write(&cp, child.into_inner()).unwrap();
+        let disk = common::open(&cp, true).unwrap();
+        disk.write_at(&data[..2 * MIB as usize], MIB).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let view = read_disk(&common::open(&cp, false).unwrap()).unwrap();
+        let mut model = std::fs::read(&pp).unwrap();
+        {
+            // The parent as the commit left it: the child's view.
+            let d = vdisk::open_disk(
+                Box::new(vdisk::MemStorage::new(std::mem::take(&mut model))),
+                &pp,
+                vdisk::OpenOptions { writable: true },
+                &vdisk::StdParentOpener,
+            )
+            .unwrap();
+            d.write_at(&view, 0).unwrap();
+            d.close().unwrap();
+            let s = d.layers()[0].storage();
+            model = vec![0u8; s.len().unwrap() as usize];
+            s.read_exact_at(&mut model, 0).unwrap();
+        }
+        std::fs::write(&pp, &model).unwrap();
+        // Writing the parent renewed a VHDX DataWriteGuid: link it again.
+        let c = vdisk::MemStorage::new(std::fs::read(&cp).unwrap());
+        let p = vdisk::MemStorage::read_only(model.clone());
+        vdisk::relink::relink(&c, &cp, Some((&pp, &p))).unwrap();
+        let initial = c.into_inner();
+        std::fs::write(&cp, &initial).unwrap();
+        assert!(read_disk(&common::open(&cp, false).unwrap()).unwrap() == view);
+        let rec = Recorder::new(initial.clone());
+        vdisk::relink::empty(&rec.storage(true)).unwrap();
+        let r = recording(&format!("{fmt:?} empty"), fmt, initial, &rec);
+        each_state(&r, |file| {
+            std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+            let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+            let v = read_disk(&disk).map_err(|e| e.to_string())?;
+            if v != view {
+                return Err("reads differently".into());
+            }
+            Ok(())
+        });
+        // The end state stores nothing.
+        std::fs::write(&cp, rec.contents()).unwrap();
+        let disk = common::open(&cp, false).unwrap();
+        let top = &disk.layers()[0];
+        let mut at = 0;
+        while at < top.virtual_size() {
+            let (m, n) = top.map(at, top.virtual_size() - at).unwrap();
+            assert_eq!(m, vdisk::Mapping::Unallocated, "{fmt:?} at {at}");
+            at += n;
+        }
+    }
+}

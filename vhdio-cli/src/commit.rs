@@ -7,18 +7,16 @@
 //! while BASE is written. A VHDX BASE gets a new DataWriteGuid at its first
 //! write; it is chosen beforehand and recorded in the layer above BASE as
 //! parent_linkage2, so that layer finds BASE at every moment. BASE is
-//! flushed and closed; then the empty child is written under a temporary
-//! name and renamed over IMAGE. IMAGE gets a new identity (children of
-//! IMAGE must be rebased onto it); images between IMAGE and BASE no longer
-//! read as before and should be removed.
+//! flushed and closed; then IMAGE is relinked to BASE and emptied (every
+//! block unallocated), keeping its identity, so children of IMAGE still
+//! find it. Images between IMAGE and BASE no longer read as before and
+//! should be removed.
 
-use std::fs::File;
 use std::path::Path;
 
 use vdisk::copy::{CHUNK, GRANULE};
 use vdisk::{Disk, Format, Image, Mapping, OpenOptions, StdParentOpener};
 
-use crate::convert::{TempFile, absolute_new};
 use crate::progress::Progress;
 use crate::rebase::open_rw;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
@@ -133,7 +131,22 @@ pub fn commit(image: &Path, base: Option<&Path>, progress: bool) -> Result<u8, F
     base_disk.close().map_err(|e| err(&base_path, e))?;
     drop(base_disk);
     drop(view);
-    empty_child(image, &base_path)?;
+    // IMAGE's data over BASE reads as before, BASE now holding it too; and
+    // BASE alone reads as IMAGE's parent did where IMAGE stores nothing.
+    // So: IMAGE on its parent BASE is emptied, then relinked (VHDX: its
+    // parent_linkage2 becomes parent_linkage); IMAGE above intermediates
+    // names BASE first, then is emptied.
+    let empty = || -> Result<(), Failure> {
+        let child = (open_rw(image)?, true);
+        vdisk::relink::empty(&child).map_err(|e| err(image, e))
+    };
+    if k == 1 {
+        empty()?;
+        crate::rebase::relink(image, Some(&base_path))?;
+    } else {
+        crate::rebase::relink(image, Some(&base_path))?;
+        empty()?;
+    }
     for i in &intermediates {
         eprintln!(
             "vhdio: {}: between {} and its new parent: no longer reads as before (remove it)",
@@ -180,37 +193,6 @@ fn copy_decided(
         }
         offset += len;
         progress(offset, size);
-    }
-    Ok(())
-}
-
-/// Replaces `image` by an empty child of `base`: written under a temporary
-/// name in its folder, then renamed over it.
-fn empty_child(image: &Path, base: &Path) -> Result<(), Failure> {
-    let image_abs = absolute_new(image)?;
-    let base_abs = std::fs::canonicalize(base).map_err(|e| err(base, e))?;
-    let name = image
-        .file_name()
-        .ok_or_else(|| err(image, "not a file name"))?
-        .to_string_lossy();
-    let tmp = image.with_file_name(format!(".{name}.vhdio-commit-{}", std::process::id()));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| err(&tmp, e))?;
-    let mut guard = TempFile::new(tmp.clone());
-    let storage = (file, true);
-    let ps = (File::open(&base_abs).map_err(|e| err(base, e))?, false);
-    vdisk::snapshot(&base_abs, &ps, &storage, &image_abs).map_err(|e| err(image, e))?;
-    storage.0.sync_all().map_err(|e| err(&tmp, e))?;
-    std::fs::rename(&tmp, image).map_err(|e| err(image, e))?;
-    guard.disarm();
-    if let Some(dir) = image_abs.parent()
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
     }
     Ok(())
 }

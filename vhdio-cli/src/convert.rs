@@ -113,9 +113,6 @@ fn folder(p: &Path) -> Option<&Path> {
 pub struct TempFile(Option<PathBuf>);
 
 impl TempFile {
-    pub fn new(path: PathBuf) -> TempFile {
-        TempFile(Some(path))
-    }
     pub fn disarm(&mut self) {
         self.0 = None;
     }

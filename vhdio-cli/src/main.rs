@@ -218,9 +218,9 @@ enum Command {
     ///
     /// What IMAGE stores is written into its parent (or BASE further down),
     /// then IMAGE becomes an empty child of it: both read the disk IMAGE
-    /// showed. An interrupted commit leaves IMAGE reading as before. IMAGE gets a
-    /// new identity (children of IMAGE must be rebased); images between
-    /// IMAGE and BASE no longer read as before.
+    /// showed; it keeps its identity. An interrupted commit leaves IMAGE
+    /// reading as before. Images between IMAGE and BASE no longer read as
+    /// before.
     Commit(lifecycle_cli::Commit),
     /// Make NEW_PARENT the parent of IMAGE (-b "": standalone).
     ///

@@ -53,3 +53,18 @@ pub fn relink(child: &dyn Storage, parent: Option<&dyn Storage>) -> Result<()> {
     child.sync()?;
     Ok(())
 }
+
+/// Every block map entry free (then a barrier), no blocks allocated, the
+/// file cut at the data area.
+pub fn empty(child: &dyn Storage) -> Result<()> {
+    let (mut raw, h) = read(child)?;
+    let map = vec![0xFFu8; h.blocks as usize * 4];
+    child.write_all_at(&map, h.blocks_offset)?;
+    child.sync()?;
+    put_le32(&mut raw, 0x184, 0);
+    child.write_all_at(&raw, 0)?;
+    child.sync()?;
+    child.set_len(h.data_offset)?;
+    child.sync()?;
+    Ok(())
+}

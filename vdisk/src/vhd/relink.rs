@@ -126,3 +126,25 @@ pub fn relink(child: &dyn Storage, parent: Option<(&Links, &dyn Storage)>) -> Re
     child.sync()?;
     Ok(())
 }
+
+/// Every BAT entry unused (one write, then a barrier), then the file cut
+/// after the BAT and the locators, with the footer there.
+pub fn empty(child: &dyn Storage) -> Result<()> {
+    let (footer, footer_at, header) = read(child)?;
+    let bat_len = (header.max_table_entries as u64 * 4).next_multiple_of(512);
+    child.write_all_at(&vec![0xFF; bat_len as usize], header.table_offset)?;
+    child.sync()?;
+    let mut end = header.table_offset + bat_len;
+    end = end.max(footer.data_offset + HEADER_SIZE as u64);
+    for l in header.locators.iter().filter(|l| l.is_used()) {
+        end = end.max(l.data_offset + l.space_bytes());
+    }
+    let end = end.next_multiple_of(512);
+    if end < footer_at {
+        child.write_all_at(&footer.encode(), end)?;
+        child.sync()?;
+        child.set_len(end + FOOTER_SIZE as u64)?;
+        child.sync()?;
+    }
+    Ok(())
+}

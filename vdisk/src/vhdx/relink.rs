@@ -198,3 +198,43 @@ pub fn set_alternate_linkage(child: &dyn Storage, guid: Option<[u8; 16]>) -> Res
         }
     })
 }
+
+/// Every BAT entry not present (payload blocks and sector bitmaps), through
+/// the log in transactions of at most a log's worth of sectors; then the
+/// file cut after its last region (headers, log, BAT, metadata).
+pub fn empty(child: &dyn Storage) -> Result<()> {
+    let (h, _) = current_header(child)?;
+    let file_len = child.len()?;
+    let regions = region::read(child, file_len)?;
+    let bat = regions.bat;
+    let mut table = vec![0u8; bat.length as usize];
+    child.read_exact_at(&mut table, bat.offset)?;
+    let sector = log::SECTOR as usize;
+    let zero = vec![0u8; sector];
+    let changed: Vec<(u64, Vec<u8>)> = table
+        .chunks(sector)
+        .enumerate()
+        .filter(|(_, c)| c.iter().any(|&b| b != 0))
+        .map(|(i, _)| (bat.offset + (i * sector) as u64, zero.clone()))
+        .collect();
+    let half = (h.log_length as u64 / 2) & !(log::SECTOR - 1);
+    let per = log::capacity(half).max(1);
+    for group in changed.chunks(per) {
+        log_transaction(child, group)?;
+    }
+    let end = [
+        bat.end(),
+        regions.metadata.end(),
+        h.log_offset + h.log_length as u64,
+        region::SLOTS[1] + region::TABLE_SIZE as u64,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or(file_len)
+    .next_multiple_of(1 << 20);
+    if end < file_len {
+        child.set_len(end)?;
+        child.sync()?;
+    }
+    Ok(())
+}
