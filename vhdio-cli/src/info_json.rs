@@ -50,7 +50,7 @@ fn layer_object(layer: &Layer) -> Result<Json, Failure> {
     }
     o.push("format", Json::str(format_name(layer)));
     o.push("actual-size", Json::Num(actual_size(&layer.path)));
-    o.push("dirty-flag", Json::Bool(false));
+    o.push("dirty-flag", Json::Bool(dirty(layer)));
     o.push("subformat", Json::str(&layer.kind));
     o.push("identity", Json::str(&layer.id));
     o.push("allocated-size", Json::Num(data));
@@ -59,6 +59,16 @@ fn layer_object(layer: &Layer) -> Result<Json, Failure> {
         o.push("parent-link", Json::str(link));
     }
     Ok(o)
+}
+
+/// Whether the file holds changes not yet applied: a VHDX whose log is not
+/// empty (a writer did not finish; the next writable open replays it).
+fn dirty(layer: &Layer) -> bool {
+    layer.format == vdisk::Format::Vhdx
+        && chain::open_file(&layer.path)
+            .ok()
+            .and_then(|s| vdisk::vhdx::header::read_current(s.as_ref()).ok())
+            .is_some_and(|(h, _)| !h.log_guid.is_zero())
 }
 
 /// qemu-img's format names (vpc for VHD).

@@ -535,3 +535,51 @@ fn info_of_a_child_whose_parent_is_missing_shows_the_child() {
         "{out}"
     );
 }
+
+/// Leaves a one-entry log in the VHDX at `path` that was never applied (a
+/// writer killed between writing its log and the metadata): the entry
+/// rewrites the first BAT sector with what it holds.
+fn leave_pending_log(path: &Path) {
+    use vdisk::Storage;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let st = (f, true);
+    let (mut h, slot) = vdisk::vhdx::header::read_current(&st).unwrap();
+    let regions = vdisk::vhdx::region::read(&st, st.len().unwrap()).unwrap();
+    let mut sector = vec![0u8; 4096];
+    st.read_exact_at(&mut sector, regions.bat.offset).unwrap();
+    let guid = vdisk::vhdx::guid::Guid::random().unwrap();
+    let entry = vdisk::vhdx::log::encode_entry(
+        guid,
+        7,
+        0,
+        st.len().unwrap(),
+        &[(regions.bat.offset, &sector)],
+    );
+    st.write_all_at(&entry, h.log_offset).unwrap();
+    h.sequence += 1;
+    h.log_guid = guid;
+    st.write_all_at(&h.encode(), vdisk::vhdx::header::SLOTS[1 - slot])
+        .unwrap();
+    st.sync().unwrap();
+}
+
+#[test]
+fn dirty_flag_of_a_vhdx_with_a_pending_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("d.vhdx");
+    ok(&["create", "-f", "vhdx", s(&img), "8M"]);
+    assert!(ok(&["info", "--output=json", s(&img)]).contains("\"dirty-flag\": false"));
+    leave_pending_log(&img);
+    let json = ok(&["info", "--output=json", s(&img)]);
+    assert!(json.contains("\"dirty-flag\": true"), "{json}");
+    // Resize replays the log first, as a writer does.
+    ok(&["resize", s(&img), "+1M"]);
+    let json = ok(&["info", "--output=json", s(&img)]);
+    assert!(json.contains("\"dirty-flag\": false"), "{json}");
+    assert_eq!(field(&json, "virtual-size"), Some(9 << 20));
+    run("qemu-img", &["check", "-f", "vhdx", s(&img)]);
+}
