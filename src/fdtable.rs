@@ -119,6 +119,12 @@ fn slot(fd: c_int) -> Option<&'static AtomicPtr<OpenFile>> {
     SLOTS.get(usize::try_from(fd).ok()?)
 }
 
+/// Whether any fd is mapped (batch calls skip their per-fd checks if not).
+#[inline]
+pub fn any_mapped() -> bool {
+    MAPPED.load(Ordering::Relaxed) != 0
+}
+
 /// The fast check: might `fd` be an image? False for every other fd.
 #[inline]
 pub fn is_mapped(fd: c_int) -> bool {

@@ -41,6 +41,7 @@ type Held = (
     std::sync::MutexGuard<'static, Vec<std::sync::Weak<images::ImageObject>>>,
     std::sync::MutexGuard<'static, Vec<std::sync::Arc<std::sync::atomic::AtomicI32>>>,
     std::sync::MutexGuard<'static, ()>,
+    std::sync::MutexGuard<'static, Vec<crate::hooks::libaio::Queue>>,
 );
 
 thread_local! {
@@ -50,9 +51,15 @@ thread_local! {
 
 /// fork in a multi-threaded program: no other thread may hold one of the
 /// library's global locks at the moment of fork, or the child would wait for
-/// it forever. Taken in the one global order: registry, internal fds, fd table.
+/// it forever. Taken in the one global order: registry, internal fds, fd
+/// table, libaio queues.
 extern "C" fn fork_prepare() {
-    let held = (images::registry(), fdtable::lock_owners(), fdtable::lock());
+    let held = (
+        images::registry(),
+        fdtable::lock_owners(),
+        fdtable::lock(),
+        crate::hooks::libaio::lock(),
+    );
     HELD.with(|h| *h.borrow_mut() = Some(held));
 }
 
@@ -223,6 +230,10 @@ extern "C" fn fini() {
     if guard::inside() {
         return;
     }
+    // exit() flushes stdio after .fini_array: streams on images (cookie
+    // streams) must write their buffers now, while the disks are open.
+    // SAFETY: fflush(NULL) flushes every output stream.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
     let _g = guard::Guard::enter();
     let _ = std::panic::catch_unwind(images::close_all);
 }

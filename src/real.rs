@@ -9,7 +9,7 @@ use std::marker::PhantomData;
 use std::ptr::null_mut;
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use libc::{FILE, c_char, c_int, c_uint, c_ulong, mode_t, off_t, off64_t, size_t, ssize_t};
+use libc::{FILE, c_char, c_int, c_long, c_uint, c_ulong, mode_t, off_t, off64_t, size_t, ssize_t};
 
 pub struct Real<F> {
     ptr: AtomicPtr<c_void>,
@@ -77,6 +77,8 @@ macro_rules! reals {
 }
 
 type Stat = libc::stat64;
+use crate::hooks::libaio::{Ctx, IoEvent, Iocb};
+use crate::hooks::posix_aio::{Aiocb, Sigevent};
 
 reals! {
     OPEN = c"open": unsafe extern "C" fn(*const c_char, c_int, ...) -> c_int;
@@ -175,4 +177,28 @@ reals! {
     FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;
     FREOPEN = c"freopen": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
     FREOPEN64 = c"freopen64": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
+    // libaio.so.1 (absent unless the program links it: then never called).
+    IO_SETUP = c"io_setup": unsafe extern "C" fn(c_int, *mut Ctx) -> c_int;
+    IO_DESTROY = c"io_destroy": unsafe extern "C" fn(Ctx) -> c_int;
+    IO_SUBMIT = c"io_submit": unsafe extern "C" fn(Ctx, c_long, *mut *mut Iocb) -> c_int;
+    IO_CANCEL = c"io_cancel": unsafe extern "C" fn(Ctx, *mut Iocb, *mut IoEvent) -> c_int;
+    IO_GETEVENTS = c"io_getevents": unsafe extern "C" fn(Ctx, c_long, c_long, *mut IoEvent, *mut libc::timespec) -> c_int;
+    IO_PGETEVENTS = c"io_pgetevents": unsafe extern "C" fn(Ctx, c_long, c_long, *mut IoEvent, *mut libc::timespec, *mut libc::sigset_t) -> c_int;
+    // POSIX AIO (libc since glibc 2.34, librt before).
+    AIO_READ = c"aio_read": unsafe extern "C" fn(*mut Aiocb) -> c_int;
+    AIO_READ64 = c"aio_read64": unsafe extern "C" fn(*mut Aiocb) -> c_int;
+    AIO_WRITE = c"aio_write": unsafe extern "C" fn(*mut Aiocb) -> c_int;
+    AIO_WRITE64 = c"aio_write64": unsafe extern "C" fn(*mut Aiocb) -> c_int;
+    AIO_FSYNC = c"aio_fsync": unsafe extern "C" fn(c_int, *mut Aiocb) -> c_int;
+    AIO_FSYNC64 = c"aio_fsync64": unsafe extern "C" fn(c_int, *mut Aiocb) -> c_int;
+    AIO_ERROR = c"aio_error": unsafe extern "C" fn(*const Aiocb) -> c_int;
+    AIO_ERROR64 = c"aio_error64": unsafe extern "C" fn(*const Aiocb) -> c_int;
+    AIO_RETURN = c"aio_return": unsafe extern "C" fn(*mut Aiocb) -> ssize_t;
+    AIO_RETURN64 = c"aio_return64": unsafe extern "C" fn(*mut Aiocb) -> ssize_t;
+    AIO_SUSPEND = c"aio_suspend": unsafe extern "C" fn(*const *const Aiocb, c_int, *const libc::timespec) -> c_int;
+    AIO_SUSPEND64 = c"aio_suspend64": unsafe extern "C" fn(*const *const Aiocb, c_int, *const libc::timespec) -> c_int;
+    AIO_CANCEL = c"aio_cancel": unsafe extern "C" fn(c_int, *mut Aiocb) -> c_int;
+    AIO_CANCEL64 = c"aio_cancel64": unsafe extern "C" fn(c_int, *mut Aiocb) -> c_int;
+    LIO_LISTIO = c"lio_listio": unsafe extern "C" fn(c_int, *const *mut Aiocb, c_int, *mut Sigevent) -> c_int;
+    LIO_LISTIO64 = c"lio_listio64": unsafe extern "C" fn(c_int, *const *mut Aiocb, c_int, *mut Sigevent) -> c_int;
 }

@@ -4,14 +4,18 @@
 //! this path named like one?) and otherwise calls libc directly. Emulation runs
 //! inside [`emulate`]: re-entrancy guard on, panics caught, errno managed.
 
+pub mod aio;
 pub mod alloc;
 pub mod copy;
 pub mod exec;
 pub mod fd;
 pub mod ioctl;
+pub mod libaio;
+mod libaio_direct;
 pub mod mmap;
 pub mod open;
 pub mod path;
+pub mod posix_aio;
 pub mod rw;
 pub mod stat;
 pub mod stdio;

@@ -1,8 +1,8 @@
 //! open, openat, creat and their 64-bit and _FORTIFY variants.
 //!
 //! A path is a candidate when its file name looks like an image (`.vhd`,
-//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, optionally followed by a partition
-//! number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
+//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, `.vmdk`, `.qcow`, `.qcow2`, optionally
+//! followed by a partition number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
 //! regular file holding an image is opened by the library; the caller gets a
 //! dummy fd: a memfd named `vhdio:<absolute path>`, reopened through
 //! /proc/self/fd with the caller's access mode, whose file offset is the
@@ -18,7 +18,10 @@ use crate::fdtable::{self, OpenFile};
 use crate::images::{self, Opened};
 use crate::{guard, real, sys};
 
-const IMAGE_EXTENSIONS: [&[u8]; 5] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx"];
+// `qcow` also covers `.qcow2`: trailing digits are taken off first.
+const IMAGE_EXTENSIONS: [&[u8]; 7] = [
+    b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"vmdk", b"qcow",
+];
 
 /// Whether `path`'s file name looks like an image (or we probe everything).
 pub fn is_candidate(path: &CStr) -> bool {
@@ -63,7 +66,6 @@ pub fn partition_number(abs: &CStr) -> Option<u32> {
     if digits == 0 || digits == name.len() {
         return None;
     }
-    let stem = &name[..name.len() - digits];
     let st = sys::fstatat(libc::AT_FDCWD, abs, libc::AT_SYMLINK_NOFOLLOW).ok()?;
     if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
         return None;
@@ -72,10 +74,12 @@ pub fn partition_number(abs: &CStr) -> Option<u32> {
     let n = sys::readlink(abs, &mut target).ok()?;
     let target = &target[..n];
     let target_name = target.rsplit(|&b| b == b'/').next()?;
-    if target_name != stem {
+    // The target's name may end in digits too (`disk.qcow21 -> disk.qcow2`).
+    let number = name.strip_prefix(target_name)?;
+    if number.is_empty() || number.len() > digits {
         return None;
     }
-    std::str::from_utf8(&name[name.len() - digits..])
+    std::str::from_utf8(number)
         .ok()?
         .parse()
         .ok()
@@ -280,8 +284,21 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     name.extend_from_slice(suffix.as_bytes());
     name.truncate(248);
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
-    let memfd =
-        sys::memfd_create(&name, libc::MFD_CLOEXEC).map_err(|e| crate::errno::from_io(&e))?;
+    let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        .map_err(|e| crate::errno::from_io(&e))?;
+    // Sealed empty: an access that bypasses the hooks (io_uring, a raw
+    // syscall, a libc-internal call) fails with EPERM on write and reads EOF,
+    // instead of landing in RAM and vanishing. Seeking stays free (offsets
+    // past the end of shmem are allowed), so the offset signature still works.
+    if let Err(e) = sys::fcntl(
+        memfd,
+        libc::F_ADD_SEALS,
+        (libc::F_SEAL_WRITE | libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL)
+            as libc::c_long,
+    ) {
+        sys::close(memfd);
+        return Err(crate::errno::from_io(&e));
+    }
     let keep = libc::O_ACCMODE
         | libc::O_CLOEXEC
         | libc::O_NONBLOCK

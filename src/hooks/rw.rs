@@ -161,7 +161,7 @@ fn stream(
     Some(r)
 }
 
-fn as_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
+pub(crate) fn as_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
     if n == 0 || buf.is_null() {
         return &mut [];
     }
@@ -169,7 +169,7 @@ fn as_mut<'a>(buf: *mut c_void, n: size_t) -> &'a mut [u8] {
     unsafe { slice::from_raw_parts_mut(buf.cast(), n) }
 }
 
-fn as_ref<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
+pub(crate) fn as_ref<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
     if n == 0 || buf.is_null() {
         return &[];
     }
@@ -177,7 +177,7 @@ fn as_ref<'a>(buf: *const c_void, n: size_t) -> &'a [u8] {
     unsafe { slice::from_raw_parts(buf.cast(), n) }
 }
 
-fn iovecs<'a>(iov: *const iovec, cnt: c_int) -> Result<&'a [iovec], Errno> {
+pub(crate) fn iovecs<'a>(iov: *const iovec, cnt: c_int) -> Result<&'a [iovec], Errno> {
     if !(0..=libc::UIO_MAXIOV).contains(&cnt) {
         return Err(libc::EINVAL);
     }
@@ -196,7 +196,7 @@ fn to_ssize(r: usize) -> ssize_t {
 }
 
 /// Reads into each iovec in turn from `pos`, stopping at a short read.
-fn readv_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
+pub(crate) fn readv_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
     let mut done = 0usize;
     for v in iov {
         let n = of.read_at(as_mut(v.iov_base, v.iov_len), pos + done as u64)?;
@@ -208,7 +208,7 @@ fn readv_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
     Ok(done)
 }
 
-fn writev_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
+pub(crate) fn writev_at(of: &OpenFile, iov: &[iovec], pos: u64) -> Result<usize, Errno> {
     let mut done = 0usize;
     for v in iov {
         let n = match of.write_at(as_ref(v.iov_base, v.iov_len), pos + done as u64) {

@@ -80,6 +80,8 @@ pub fn default_block_size(format: Format, size: u64) -> u32 {
         Format::Vhdx if size <= 1 << 30 => 8 << 20,
         Format::Vhdx => 32 << 20,
         Format::Raw => 1 << 20,
+        Format::Vmdk => crate::vmdk::create::DEFAULT_GRAIN,
+        Format::Qcow2 => crate::qcow2::create::DEFAULT_CLUSTER_SIZE,
     }
 }
 
@@ -119,6 +121,24 @@ pub fn create(storage: &dyn Storage, opts: CreateOptions) -> Result<NewImage> {
         Format::Vhd => vhd::create::create(storage, size, opts.fixed, block_size),
         Format::Vdi => vdi::create::create(storage, size, opts.fixed, block_size),
         Format::Vhdx => create_vhdx(storage, size, opts.fixed, block_size, ss, None),
+        Format::Vmdk => crate::vmdk::create::create(storage, size, opts.fixed, block_size),
+        Format::Qcow2 => {
+            if opts.fixed {
+                return Err(Error::unsupported(
+                    "preallocated qcow2 images (use qemu-img create -o preallocation=)",
+                ));
+            }
+            crate::qcow2::create::create(storage, size, block_size, &Default::default())?;
+            Ok(NewImage {
+                format: Format::Qcow2,
+                size,
+                block_size: Some(block_size),
+                logical_sector_size: 512,
+                fixed: false,
+                link_id: qcow2_identity(storage)?,
+                parent_id: None,
+            })
+        }
         Format::Raw => {
             storage.set_len(size)?;
             Ok(NewImage {
@@ -168,7 +188,42 @@ pub fn snapshot(
         Format::Vdi => vdi::create::snapshot(parent, child),
         Format::Vhdx => snapshot_vhdx(parent, child, &links),
         Format::Raw => Err(Error::unsupported("differencing children of raw disks")),
+        Format::Vmdk => crate::vmdk::create::snapshot(parent, child, &links, child_path),
+        Format::Qcow2 => snapshot_qcow2(parent, child, &links),
     }
+}
+
+/// A qcow2 child: backing file name relative to the child's folder (as
+/// `qemu-img create -b` records it when given a relative name), format qcow2.
+fn snapshot_qcow2(parent: &dyn Storage, child: &dyn Storage, links: &Links) -> Result<NewImage> {
+    let len = parent.len()?;
+    let mut raw = vec![0u8; len.min(crate::qcow2::header::HEADER_AREA as u64) as usize];
+    parent.read_exact_at(&mut raw, 0)?;
+    let h = crate::qcow2::header::Header::parse(&raw, len)?;
+    let name = links.relative.strip_prefix("./").unwrap_or(&links.relative);
+    let o = crate::qcow2::create::Qcow2Options {
+        v2: h.version == 2,
+        backing: Some((name.to_string(), "qcow2".to_string())),
+    };
+    let cs = h.cluster_size() as u32;
+    crate::qcow2::create::create(child, h.size, cs, &o)?;
+    Ok(NewImage {
+        format: Format::Qcow2,
+        size: h.size,
+        block_size: Some(cs),
+        logical_sector_size: 512,
+        fixed: false,
+        link_id: qcow2_identity(child)?,
+        parent_id: Some(crate::qcow2::identity(&raw, len)),
+    })
+}
+
+/// What [`crate::Image::link_id`] of a qcow2 in `s` is.
+fn qcow2_identity(s: &dyn Storage) -> Result<[u8; 16]> {
+    let len = s.len()?;
+    let mut raw = vec![0u8; len.min(crate::qcow2::header::HEADER_AREA as u64) as usize];
+    s.read_exact_at(&mut raw, 0)?;
+    Ok(crate::qcow2::identity(&raw, len))
 }
 
 /// How a child names its parent: paths, already worked out.

@@ -129,6 +129,10 @@ impl Disk {
                     read(buf, runs.take())?;
                     self.read_layer(level + 1, &mut buf[at..at + n], offset + at as u64)?;
                 }
+                Mapping::Compressed => {
+                    read(buf, runs.take())?;
+                    image.read_compressed(&mut buf[at..at + n], offset + at as u64)?;
+                }
             }
             Ok(true)
         })?;
@@ -143,13 +147,30 @@ impl Disk {
         level: usize,
         offset: u64,
         len: usize,
+        f: impl FnMut(usize, Mapping, usize) -> Result<bool>,
+    ) -> Result<bool> {
+        self.each_run_mapped(level, offset, len, false, f)
+    }
+
+    /// [`Disk::each_run`], mapping with [`Image::map_for_overwrite`] if `overwrite`.
+    fn each_run_mapped(
+        &self,
+        level: usize,
+        offset: u64,
+        len: usize,
+        overwrite: bool,
         mut f: impl FnMut(usize, Mapping, usize) -> Result<bool>,
     ) -> Result<bool> {
         let image = &self.layers[level];
         let mut done = 0usize;
         while done < len {
             let want = (len - done) as u64;
-            let (mapping, run) = image.map(offset + done as u64, want)?;
+            let at = offset + done as u64;
+            let (mapping, run) = if overwrite {
+                image.map_for_overwrite(at, want)?
+            } else {
+                image.map(at, want)?
+            };
             if run == 0 || run > want {
                 return Err(Error::corrupt(
                     "mapping",
@@ -200,16 +221,16 @@ impl Disk {
     fn overwrite_in_place(&self, buf: &[u8], offset: u64) -> Result<bool> {
         // Every byte must have its place before the first one is written.
         let all_data = |_, mapping, _| Ok(matches!(mapping, Mapping::Data { .. }));
-        if !self.each_run(0, offset, buf.len(), all_data)? {
+        if !self.each_run_mapped(0, offset, buf.len(), true, all_data)? {
             return Ok(false);
         }
-        let storage = self.layers[0].storage();
+        let top = &self.layers[0];
         let write = |run: Option<(usize, u64, usize)>| match run {
-            Some((at, file_offset, n)) => storage.write_all_at(&buf[at..at + n], file_offset),
+            Some((at, file_offset, n)) => top.write_data(&buf[at..at + n], file_offset),
             None => Ok(()),
         };
         let mut runs = FileRuns::default();
-        self.each_run(0, offset, buf.len(), |at, mapping, n| {
+        self.each_run_mapped(0, offset, buf.len(), true, |at, mapping, n| {
             if let Mapping::Data { file_offset } = mapping {
                 write(runs.add(at, file_offset, n))?;
             }
@@ -271,7 +292,7 @@ impl Disk {
     /// Syncs the top layer's file without committing anything: for a process
     /// that holds a copy of the disk but is not its writer (a forked child).
     pub fn sync_file(&self) -> Result<()> {
-        Ok(self.layers[0].storage().sync()?)
+        self.layers[0].sync()
     }
 
     /// This copy of the disk is not the writer's (a forked child's copy of

@@ -45,7 +45,7 @@ impl Disk {
             ));
         }
         match mapping {
-            Mapping::Data { .. } => Ok((Allocation::Data, run)),
+            Mapping::Data { .. } | Mapping::Compressed => Ok((Allocation::Data, run)),
             Mapping::Zero => Ok((Allocation::Hole, run)),
             Mapping::Unallocated => self.map_layer(level + 1, offset, run),
         }

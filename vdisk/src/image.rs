@@ -11,8 +11,11 @@ pub enum Format {
     Vhd,
     Vhdx,
     Vdi,
+    /// VMware VMDK (descriptor and extents).
+    Vmdk,
     /// A plain disk file (never probed; see [`crate::RawImage`]).
     Raw,
+    Qcow2,
 }
 
 impl fmt::Display for Format {
@@ -21,7 +24,9 @@ impl fmt::Display for Format {
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
+            Format::Vmdk => "vmdk",
             Format::Raw => "raw",
+            Format::Qcow2 => "qcow2",
         })
     }
 }
@@ -43,6 +48,10 @@ pub enum Mapping {
     Zero,
     /// Not stored in this layer: the parent's bytes, or zeros in a base image.
     Unallocated,
+    /// Stored in this layer, but not as plain bytes at one file offset (a
+    /// compressed cluster), or not to be overwritten in place (a qcow2
+    /// cluster shared with a snapshot): read with [`Image::read_compressed`].
+    Compressed,
 }
 
 /// How a differencing image names its parent.
@@ -85,6 +94,28 @@ pub trait Image: Send + Sync {
     /// Reads bytes of a `Mapping::Data` run from this layer's file.
     fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
         Ok(self.storage().read_exact_at(buf, file_offset)?)
+    }
+    /// Overwrites bytes of a `Mapping::Data` run in place (no metadata
+    /// changes); formats whose data spans several files override it.
+    fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
+        Ok(self.storage().write_all_at(buf, file_offset)?)
+    }
+    /// Syncs the layer's files without committing anything.
+    fn sync(&self) -> Result<()> {
+        Ok(self.storage().sync()?)
+    }
+    /// Reads bytes of a `Mapping::Compressed` run at virtual `offset`.
+    fn read_compressed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let _ = (buf, offset);
+        Err(crate::Error::unsupported(format!(
+            "{} images have no compressed runs",
+            self.format()
+        )))
+    }
+    /// Like [`Image::map`], for a write in place: a run that must not be
+    /// overwritten where it lies (shared with a snapshot) is not `Data`.
+    fn map_for_overwrite(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.map(offset, len)
     }
     /// Writes sector-aligned data. `parent` reads the chain below this layer
     /// (zeros for a base image), for formats that copy whole blocks on write.
@@ -133,6 +164,20 @@ pub trait Image: Send + Sync {
     fn find_parent(&self, path: &Path, opener: &dyn ParentOpener) -> Result<Option<ParentLink>> {
         let _ = (path, opener);
         Ok(self.parent_link().cloned())
+    }
+    /// For an image that names its parent by path alone, recording no
+    /// identity (a qcow2 backing file): `Some(format)`, where `format` is the
+    /// one the child records (a raw parent cannot be probed). `None`: the
+    /// parent's [`Image::link_id`] must match the link.
+    fn parent_by_path(&self) -> Option<Option<Format>> {
+        None
+    }
+    /// Opens the other files the layer reads besides its parent (a qcow2
+    /// external data file), through `opener`, read-only. `path` is where
+    /// this image was found.
+    fn open_companions(&self, path: &Path, opener: &dyn ParentOpener) -> Result<()> {
+        let _ = (path, opener);
+        Ok(())
     }
     /// One line describing the layer, for logs and `vhdio info`.
     fn describe(&self) -> String {

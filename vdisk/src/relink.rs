@@ -42,6 +42,9 @@ pub fn relink(
         Format::Vhdx => vhdx::relink::relink(child, with_links),
         Format::Vdi => vdi::relink::relink(child, with_links.map(|(_, s)| s)),
         Format::Raw => Err(Error::unsupported("raw disks have no parent")),
+        f @ (Format::Vmdk | Format::Qcow2) => Err(Error::unsupported(format!(
+            "rewriting the parent link of a {f} image (VHD, VHDX and VDI only)"
+        ))),
     }
 }
 
@@ -60,5 +63,8 @@ pub fn empty(child: &dyn Storage) -> Result<()> {
         Format::Vhdx => vhdx::relink::empty(child),
         Format::Vdi => vdi::relink::empty(child),
         Format::Raw => Err(Error::unsupported("emptying a raw disk")),
+        f @ (Format::Vmdk | Format::Qcow2) => Err(Error::unsupported(format!(
+            "emptying a {f} image (VHD, VHDX and VDI only)"
+        ))),
     }
 }

@@ -16,6 +16,9 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
         Format::Vhd => vhd::resize::resize(storage, new_size),
         Format::Vhdx => vhdx::resize::resize(storage, new_size),
         Format::Vdi => vdi::resize::resize(storage, new_size),
+        f @ (Format::Vmdk | Format::Qcow2) => Err(Error::unsupported(format!(
+            "resizing a {f} image (VHD, VHDX and VDI only; qemu-img resize does qcow2)"
+        ))),
         Format::Raw => {
             let old = storage.len()?;
             storage.set_len(new_size)?;

@@ -23,6 +23,8 @@ fn ext(f: Format) -> &'static str {
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
         Format::Raw => "raw",
+        Format::Vmdk => "vmdk",
+        Format::Qcow2 => "qcow2",
     }
 }
 
@@ -33,6 +35,8 @@ fn qemu_fmt(f: Format) -> &'static str {
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
         Format::Raw => "raw",
+        Format::Vmdk => "vmdk",
+        Format::Qcow2 => "qcow2",
     }
 }
 
@@ -174,7 +178,7 @@ fn create_every_format_kind_size_and_block_size() {
                     let qemu_reads = match format {
                         Format::Vdi => bs.unwrap_or(1 << 20) == 1 << 20,
                         Format::Vhdx => ss == 512,
-                        Format::Vhd | Format::Raw => true,
+                        Format::Vhd | Format::Raw | Format::Vmdk | Format::Qcow2 => true,
                     };
                     if qemu_reads {
                         if format != Format::Vhd {
@@ -412,6 +416,11 @@ fn vhdx_chain() {
 #[test]
 fn vhdx_chain_4k_fixed_base() {
     chain(Format::Vhdx, true, 4096, Some(2 * MIB as u32), 1);
+}
+
+#[test]
+fn qcow2_chain() {
+    chain(Format::Qcow2, false, 512, Some(4 * KIB as u32), 1);
 }
 
 #[test]

@@ -15,13 +15,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const TARGETS: [&str; 6] = [
+const TARGETS: [&str; 8] = [
     "open_vhd",
     "open_vhdx",
     "open_vdi",
+    "open_qcow2",
     "open_any",
     "vhdx_log",
     "partitions",
+    "open_vmdk",
 ];
 
 fn manifest() -> &'static Path {
@@ -87,7 +89,14 @@ fn seed_corpus() {
 #[test]
 fn seeds_open() {
     let root = manifest().join("../fuzz/corpus-seed");
-    for target in ["open_vhd", "open_vhdx", "open_vdi", "open_any"] {
+    for target in [
+        "open_vhd",
+        "open_vhdx",
+        "open_vdi",
+        "open_qcow2",
+        "open_any",
+        "open_vmdk",
+    ] {
         for f in files(&root.join(target)) {
             let data = std::fs::read(&f).unwrap();
             assert_eq!(
@@ -321,4 +330,126 @@ fn generate_seed_corpus() {
         .sum();
     eprintln!("seed corpus: {total} bytes");
     assert!(total < 2 << 20, "seed corpus too big: {total}");
+}
+
+/// Rebuilds `fuzz/corpus-seed/open_vmdk` only: qemu-img's VMDK subformats
+/// of a patterned disk (flat and multi-extent ones as the target's
+/// descriptor + extent input).
+#[test]
+#[ignore = "rebuilds fuzz/corpus-seed/open_vmdk; needs qemu-img"]
+fn generate_vmdk_seed_corpus() {
+    let out = manifest().join("../fuzz/corpus-seed");
+    let _ = std::fs::remove_dir_all(out.join("open_vmdk"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut data = vec![0u8; 2 << 20];
+    data[..512].fill(0x11);
+    data[(1 << 20)..(1 << 20) + 70000].fill(0x22);
+    let raw = dir.join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    for sub in [
+        "monolithicSparse",
+        "streamOptimized",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir(&d).unwrap();
+        let img = d.join("d.vmdk");
+        common::run(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                raw.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+        );
+        let mut file = std::fs::read(&img).unwrap();
+        let extent = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p != &img);
+        if let Some(x) = extent {
+            file.resize(file.len().div_ceil(512) * 512, 0);
+            file.extend_from_slice(&std::fs::read(x).unwrap());
+        }
+        put(
+            &out,
+            "open_vmdk",
+            &format!("{sub}.vmdk.sparse"),
+            &vdisk::fuzz::encode_sparse(&file, false),
+        );
+    }
+}
+
+/// `cargo test -p vdisk --test fuzz_regressions -- --ignored generate_qcow2_seeds`
+/// writes the qcow2 seeds: qemu-img images of a patterned 3 MiB disk with
+/// an MBR (plain, 4 KiB and 512-byte clusters, version 2, extended L2,
+/// zlib and zstd compressed, an overlay naming a backing file).
+#[test]
+#[ignore]
+fn generate_qcow2_seeds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = manifest().join("../fuzz/corpus-seed");
+    let raw_data = patterned_raw(dir, "q.raw", 3 << 20, "label: dos\n,1M,83\n,,83\n");
+    let raw = dir.join("q.raw");
+    std::fs::write(&raw, &raw_data).unwrap();
+    let r = raw.to_str().unwrap();
+    for (name, args) in [
+        ("plain.qcow2", &["-o", "cluster_size=4k"][..]),
+        ("c512.qcow2", &["-o", "cluster_size=512"]),
+        ("v2.qcow2", &["-o", "compat=0.10,cluster_size=16k"]),
+        ("extl2.qcow2", &["-o", "extended_l2=on,cluster_size=16k"]),
+        ("zlib.qcow2", &["-c", "-o", "cluster_size=4k"]),
+        (
+            "zstd.qcow2",
+            &["-c", "-o", "compression_type=zstd,cluster_size=4k"],
+        ),
+    ] {
+        let img = dir.join(name);
+        let mut a = vec!["convert", "-q", "-f", "raw", "-O", "qcow2"];
+        a.extend_from_slice(args);
+        a.extend([r, img.to_str().unwrap()]);
+        common::run("qemu-img", &a);
+        let enc = vdisk::fuzz::encode_sparse(&std::fs::read(&img).unwrap(), false);
+        put(&out, "open_qcow2", &format!("{name}.sparse"), &enc);
+    }
+    let over = dir.join("over.qcow2");
+    common::run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            r,
+            "-F",
+            "raw",
+            over.to_str().unwrap(),
+        ],
+    );
+    common::run(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 3 1M 64k",
+            "-c",
+            "write -z 2M 64k",
+            over.to_str().unwrap(),
+        ],
+    );
+    let enc = vdisk::fuzz::encode_sparse(&std::fs::read(&over).unwrap(), false);
+    put(&out, "open_qcow2", "over.qcow2.sparse", &enc);
 }

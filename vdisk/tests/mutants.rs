@@ -30,13 +30,18 @@ use std::time::{Duration, Instant};
 use vdisk::{MemStorage, OpenOptions, ParentOpener, Storage};
 
 const CHILD_ENV: &str = "VDISK_MUTANTS_CHILD";
-const FORMATS: [&str; 6] = [
+const FORMATS: [&str; 11] = [
     "vhd-dynamic",
     "vhd-fixed",
     "vhdx",
     "vhdx-dirty-log",
     "vdi",
     "vhd-diff",
+    "vmdk-sparse",
+    "vmdk-stream",
+    "qcow2",
+    "qcow2-zlib",
+    "qcow2-overlay",
 ];
 /// Mutants per format.
 const PER_FORMAT: usize = 4000;
@@ -321,6 +326,69 @@ fn vdi_areas(d: &[u8]) -> Vec<Area> {
     v
 }
 
+/// VMDK sparse (and stream-optimized): the header, the embedded
+/// descriptor, both grain directories and the first tables they name, the
+/// footer and the first compressed grains.
+fn vmdk_areas(d: &[u8]) -> Vec<Area> {
+    let n = d.len();
+    let mut v = vec![area(0, 80, Seal::None, false)];
+    let mut h = 0;
+    if le64(d, 56) == u64::MAX && n >= 1536 {
+        h = n - 1024;
+        v.push(area(n - 1536, 1536, Seal::None, false));
+    }
+    let (desc, desc_len) = (le64(d, 28) as usize * 512, le64(d, 36) as usize * 512);
+    if desc > 0 && desc < n {
+        v.push(area(
+            desc,
+            desc_len.min(n - desc).min(1024),
+            Seal::None,
+            false,
+        ));
+    }
+    for dir in [le64(d, h + 48), le64(d, h + 56)] {
+        let dir = dir as usize * 512;
+        if dir == 0 || dir >= n {
+            continue;
+        }
+        v.push(area(dir, 64.min(n - dir), Seal::None, false));
+        for i in 0..4 {
+            let t = le32(d, dir + 4 * i) as usize * 512;
+            if t > 0 && t + 2048 <= n {
+                v.push(area(t, 2048, Seal::None, false));
+                let g = le32(d, t) as usize * 512;
+                if le32(d, 8) & (1 << 16) != 0 && g > 0 && g + 512 <= n {
+                    v.push(area(g, 512, Seal::None, false));
+                }
+            }
+        }
+    }
+    v
+}
+
+/// qcow2: header cluster, L1 table, refcount table, the L2 tables and
+/// the first refcount block.
+fn qcow2_areas(d: &[u8]) -> Vec<Area> {
+    let cs = 1usize << be32(d, 20);
+    let mut v = vec![area(0, cs.min(4096), Seal::None, true)];
+    let l1 = be64(d, 40) as usize;
+    let l1_len = be32(d, 36) as usize * 8;
+    v.push(area(l1, l1_len, Seal::None, true));
+    let rt = be64(d, 48) as usize;
+    v.push(area(rt, be32(d, 56) as usize * cs, Seal::None, true));
+    let rb = be64(d, rt) as usize;
+    if rb != 0 && rb < d.len() {
+        v.push(area(rb, cs.min(d.len() - rb), Seal::None, true));
+    }
+    for i in 0..l1_len / 8 {
+        let l2 = (be64(d, l1 + 8 * i) & 0x00ff_ffff_ffff_fe00) as usize;
+        if l2 != 0 && l2 + cs <= d.len() {
+            v.push(area(l2, cs, Seal::None, true));
+        }
+    }
+    v
+}
+
 const INTERESTING: [u64; 22] = [
     0,
     1,
@@ -450,6 +518,76 @@ fn base(format: &str) -> Base {
         "vhd-fixed" => (qemu(&raw, "vpc", "subformat=fixed,force_size=on"), None),
         "vhdx" => (qemu(&raw, "vhdx", "block_size=1M,log_size=1M"), None),
         "vdi" => (qemu(&raw, "vdi", ""), None),
+        "vmdk-sparse" => (qemu(&raw, "vmdk", ""), None),
+        "vmdk-stream" => (qemu(&raw, "vmdk", "subformat=streamOptimized"), None),
+        "qcow2" => (qemu(&raw, "qcow2", "cluster_size=4k,extended_l2=off"), None),
+        "qcow2-zlib" => {
+            let tmp = tempfile::tempdir().unwrap();
+            let (src, img) = (tmp.path().join("m.raw"), tmp.path().join("m.qcow2"));
+            // Compressible runs, so that clusters are stored compressed.
+            for (i, b) in expect[(1 << 20)..(1 << 20) + 8192].iter_mut().enumerate() {
+                *b = (i / 64) as u8;
+            }
+            std::fs::write(&src, &expect).unwrap();
+            common::run(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-c",
+                    "-f",
+                    "raw",
+                    "-O",
+                    "qcow2",
+                    "-o",
+                    "cluster_size=4k",
+                ]
+                .into_iter()
+                .chain([src.to_str().unwrap(), img.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            );
+            (std::fs::read(img).unwrap(), None)
+        }
+        "qcow2-overlay" => {
+            // A qcow2 over a raw backing file, served from memory.
+            let tmp = tempfile::tempdir().unwrap();
+            let img = tmp.path().join("child.qcow2");
+            std::fs::write(tmp.path().join("parent.raw"), &raw).unwrap();
+            common::run(
+                "qemu-img",
+                &["create", "-q", "-f", "qcow2", "-o", "cluster_size=4k"]
+                    .into_iter()
+                    .chain([
+                        "-b",
+                        "parent.raw",
+                        "-F",
+                        "raw",
+                        "-u",
+                        img.to_str().unwrap(),
+                        "4M",
+                    ])
+                    .collect::<Vec<_>>(),
+            );
+            common::run(
+                "qemu-io",
+                &[
+                    "-f",
+                    "qcow2",
+                    "-c",
+                    "write -P 209 4096 8192",
+                    "-c",
+                    "write -z 65536 4096",
+                ]
+                .into_iter()
+                .chain(["-c", "write -P 210 3M 4096", img.to_str().unwrap()])
+                .collect::<Vec<_>>(),
+            );
+            vhd_util::apply(
+                &mut expect,
+                &[(4096, vec![209; 8192]), (3 << 20, vec![210; 4096])],
+            );
+            expect[65536..65536 + 4096].fill(0);
+            (std::fs::read(img).unwrap(), Some(Arc::new(raw.clone())))
+        }
         "vhd-diff" => {
             let parent = qemu(&raw, "vpc", "subformat=dynamic");
             let tmp = tempfile::tempdir().unwrap();
@@ -487,6 +625,8 @@ fn base(format: &str) -> Base {
             v
         }
         "vdi" => vdi_areas(&image),
+        "vmdk-sparse" | "vmdk-stream" => vmdk_areas(&image),
+        f if f.starts_with("qcow2") => qcow2_areas(&image),
         _ => vhd_areas(&image),
     };
     Base {

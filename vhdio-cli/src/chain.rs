@@ -64,7 +64,11 @@ pub fn id_text(format: Format, id: &[u8; 16]) -> String {
     match format {
         Format::Vhdx => vdisk::vhdx::guid::Guid(*id).to_string(),
         Format::Vdi => vdisk::vdi::header::uuid_text(id),
-        Format::Raw => String::from("-"),
+        Format::Raw | Format::Qcow2 => String::from("-"),
+        Format::Vmdk => format!(
+            "CID {:08x}",
+            u32::from_le_bytes([id[4], id[5], id[6], id[7]])
+        ),
         // VHD ids are opaque bytes; QEMU and libvhdi print them in byte order.
         Format::Vhd => {
             let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -122,6 +126,21 @@ pub fn open_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenE
                 Box::new(img),
             )
         }
+        Format::Vmdk => {
+            let img =
+                vdisk::vmdk::VmdkImage::open(storage, path, opts, &StdParentOpener).map_err(err)?;
+            let grain = img.grain_bytes();
+            (img.descriptor().create_type.clone(), grain, Box::new(img))
+        }
+        Format::Qcow2 => {
+            let img = vdisk::qcow2::Qcow2Image::open(storage, path, opts).map_err(err)?;
+            let kind = if img.header().backing_file.is_some() {
+                "overlay"
+            } else {
+                "base"
+            };
+            (kind.into(), Some(img.cluster_size()), Box::new(img))
+        }
         // probe() never reports raw.
         Format::Raw => {
             return Err(OpenError::Unreadable(format!(
@@ -155,6 +174,23 @@ pub fn open_file(path: &Path) -> Result<Box<dyn Storage>, OpenError> {
     Ok(Box::new((file, false)))
 }
 
+/// A raw backing file of a qcow2, as a layer.
+fn raw_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenError> {
+    let file_len = storage
+        .len()
+        .map_err(|e| OpenError::Unreadable(format!("{}: {e}", path.display())))?;
+    let image = vdisk::RawImage::new(storage, 512).map_err(|e| OpenError::from_vdisk(path, e))?;
+    Ok(Layer {
+        path: path.to_path_buf(),
+        format: Format::Raw,
+        kind: "raw".into(),
+        block_size: None,
+        id: "-".into(),
+        file_len,
+        image: Box::new(image),
+    })
+}
+
 /// Opens the image at `path` and every parent, top first.
 pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
     let top = open_layer(open_file(path)?, path)?;
@@ -176,6 +212,8 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
         }
         let mut tried = Vec::new();
         let mut found = None;
+        // A qcow2 backing file: no identity to match, maybe raw.
+        let by_path = last.image.parent_by_path();
         for candidate in &link.candidates {
             let storage = match opener.open_parent(candidate) {
                 Ok(s) => s,
@@ -184,9 +222,20 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
                     continue;
                 }
             };
-            match open_layer(storage, candidate) {
+            let raw = match by_path {
+                Some(Some(Format::Raw)) => true,
+                Some(None) => matches!(vdisk::probe(storage.as_ref()), Ok(None)),
+                _ => false,
+            };
+            let layer = if raw {
+                raw_layer(storage, candidate)
+            } else {
+                open_layer(storage, candidate)
+            };
+            match layer {
                 Ok(l)
-                    if l.image.link_id() == link.id
+                    if by_path.is_some()
+                        || l.image.link_id() == link.id
                         || Some(l.image.link_id()) == link.alternate_id =>
                 {
                     found = Some(l);

@@ -44,7 +44,7 @@ fn decided_above(layers: &[&dyn Image], offset: u64, len: u64) -> vdisk::Result<
         ));
     }
     match m {
-        Mapping::Data { .. } | Mapping::Zero => Ok((true, run)),
+        Mapping::Data { .. } | Mapping::Zero | Mapping::Compressed => Ok((true, run)),
         Mapping::Unallocated => decided_above(below, offset, run),
     }
 }

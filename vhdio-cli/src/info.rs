@@ -20,7 +20,7 @@ pub fn allocation(image: &dyn Image) -> vdisk::Result<(u64, u64)> {
             break;
         }
         match m {
-            Mapping::Data { .. } => data += run,
+            Mapping::Data { .. } | Mapping::Compressed => data += run,
             Mapping::Zero => zero += run,
             Mapping::Unallocated => {}
         }

@@ -11,6 +11,7 @@ mod check;
 mod commit;
 mod compare;
 mod convert;
+mod create_vmdk;
 mod info;
 mod info_json;
 mod inspect;
@@ -171,10 +172,13 @@ enum Command {
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
-        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi")]
+        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|vmdk|qcow2")]
         format: Format,
         /// Comma-separated options: dynamic (default) or fixed, block_size=N
-        /// (suffixes allowed), sector_size=512|4096 (VHDX only).
+        /// or cluster_size=N (suffixes allowed), sector_size=512|4096 (VHDX
+        /// only), compat=0.10|1.1 (qcow2 only). VMDK:
+        /// subformat=monolithicSparse (default), monolithicFlat,
+        /// twoGbMaxExtentSparse or twoGbMaxExtentFlat, grain_size=N.
         #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
         options: Option<String>,
         /// The new image file (must not exist).
@@ -268,7 +272,11 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vhd" | "vpc" => Ok(Format::Vhd),
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx or vdi)")),
+        "vmdk" => Ok(Format::Vmdk),
+        "qcow2" => Ok(Format::Qcow2),
+        _ => Err(format!(
+            "unknown format '{s}' (vhd, vhdx, vdi, vmdk or qcow2)"
+        )),
     }
 }
 
@@ -455,11 +463,38 @@ fn apply_options(opts: &mut CreateOptions, text: &str) -> Result<(), String> {
 }
 
 fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Result<u8, Failure> {
-    let mut opts = CreateOptions::new(format, size);
-    if let Some(text) = options {
-        apply_options(&mut opts, text).map_err(|e| fail(EXIT_ERROR, e))?;
+    if format == Format::Vmdk {
+        return create_vmdk::create(options, image, size);
     }
-    let made = with_new_file(image, |s| vdisk::create(s, opts))?;
+    let mut opts = CreateOptions::new(format, size);
+    // qcow2 only: compat=0.10 (version 2) or compat=1.1 (version 3, the default).
+    let mut v2 = false;
+    let mut rest = Vec::new();
+    for item in options.unwrap_or("").split(',') {
+        match item.trim().strip_prefix("compat=") {
+            Some(v) if format == Format::Qcow2 => match v {
+                "0.10" | "v2" => v2 = true,
+                "1.1" | "v3" => v2 = false,
+                _ => return Err(fail(EXIT_ERROR, format!("option '{item}': 0.10 or 1.1"))),
+            },
+            _ => rest.push(item),
+        }
+    }
+    apply_options(&mut opts, &rest.join(",")).map_err(|e| fail(EXIT_ERROR, e))?;
+    let made = with_new_file(image, |s| {
+        let made = vdisk::create(s, opts)?;
+        if v2 {
+            // Rewritten as version 2 with the same geometry.
+            s.set_len(0)?;
+            let o = vdisk::qcow2::create::Qcow2Options {
+                v2: true,
+                ..Default::default()
+            };
+            let cs = made.block_size.unwrap_or(64 << 10);
+            vdisk::qcow2::create::create(s, made.size, cs, &o)?;
+        }
+        Ok(made)
+    })?;
     let kind = if made.fixed { "fixed" } else { "dynamic" };
     let block = made
         .block_size

@@ -21,6 +21,8 @@ pub struct Extent {
     pub zero: bool,
     /// File offset of data in layer `depth`.
     pub offset: Option<u64>,
+    /// Data stored compressed (qcow2): no plain file offset.
+    pub compressed: bool,
 }
 
 impl Extent {
@@ -28,6 +30,7 @@ impl Extent {
         prev.start + prev.length == self.start
             && prev.depth == self.depth
             && prev.zero == self.zero
+            && prev.compressed == self.compressed
             && match (prev.offset, self.offset) {
                 (Some(p), Some(o)) => p + prev.length == o,
                 (None, None) => true,
@@ -48,6 +51,7 @@ fn extent_at(layers: &[&dyn Image], level: usize, offset: u64, len: u64) -> vdis
         depth,
         zero: true,
         offset: None,
+        compressed: false,
     };
     if inside == 0 {
         // Past the end of a smaller parent: zeros, decided here.
@@ -68,6 +72,15 @@ fn extent_at(layers: &[&dyn Image], level: usize, offset: u64, len: u64) -> vdis
             depth: level,
             zero: false,
             offset: Some(file_offset),
+            compressed: false,
+        },
+        Mapping::Compressed => Extent {
+            start: offset,
+            length: run,
+            depth: level,
+            zero: false,
+            offset: None,
+            compressed: true,
         },
         Mapping::Zero => zero(level, run),
         Mapping::Unallocated if level == last => zero(level, run),
@@ -106,11 +119,13 @@ pub fn map(path: &Path, json: bool) -> Result<u8, Failure> {
                     ("depth", Json::Num(e.depth as u64)),
                     ("present", Json::Bool(true)),
                     ("zero", Json::Bool(e.zero)),
-                    ("data", Json::Bool(e.offset.is_some())),
-                    ("compressed", Json::Bool(false)),
+                    ("data", Json::Bool(e.offset.is_some() || e.compressed)),
+                    ("compressed", Json::Bool(e.compressed)),
                 ]);
                 if let Some(off) = e.offset {
                     o.push("offset", Json::Num(off));
+                }
+                if e.offset.is_some() || e.compressed {
                     o.push("file", Json::str(paths[e.depth].to_string_lossy()));
                 }
                 o.line()

@@ -143,6 +143,66 @@ impl BitmapCache {
     }
 }
 
+/// Bitmap changes of allocated blocks, kept in memory until the next commit
+/// (group commit). Setting a sector's bit on the disk before its data is
+/// durable would, after a power cut, show zeros or stale bytes where the
+/// parent's data (or older data) was: so bitmaps are written after the
+/// commit's barrier, like BAT entries. Reads look here first.
+#[derive(Default)]
+pub struct PendingBitmaps {
+    map: Mutex<HashMap<usize, Arc<[u8]>>>,
+    /// Entries in `map`: reads of partly written blocks skip the lock while 0.
+    count: AtomicU64,
+}
+
+impl PendingBitmaps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Arc<[u8]>>> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The bitmap of `block` as it will be committed, if it changed.
+    pub fn get(&self, block: usize) -> Option<Arc<[u8]>> {
+        if self.count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        self.lock().get(&block).cloned()
+    }
+
+    /// Records `block`'s new bitmap.
+    pub fn stage(&self, block: usize, bits: Arc<[u8]>) {
+        let mut map = self.lock();
+        map.insert(block, bits);
+        self.count.store(map.len() as u64, Ordering::Release);
+    }
+
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Acquire) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every pending bitmap (a copy: they stay visible until `committed`).
+    pub fn snapshot(&self) -> Vec<(usize, Arc<[u8]>)> {
+        self.lock()
+            .iter()
+            .map(|(&b, bits)| (b, bits.clone()))
+            .collect()
+    }
+
+    /// Drops the entries of `done` that were not staged again since.
+    pub fn committed(&self, done: &[(usize, Arc<[u8]>)]) {
+        let mut map = self.lock();
+        for (b, bits) in done {
+            if map.get(b).is_some_and(|now| Arc::ptr_eq(now, bits)) {
+                map.remove(b);
+            }
+        }
+        self.count.store(map.len() as u64, Ordering::Release);
+    }
+}
+
 #[cfg(test)]
 mod cache_tests {
     use super::*;

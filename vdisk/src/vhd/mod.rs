@@ -15,6 +15,8 @@ pub mod locator;
 pub mod relink;
 pub mod resize;
 
+mod alloc;
+
 use std::path::Path;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,17 +32,6 @@ use footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 /// Data of newly allocated blocks starts on this boundary in the file (as
 /// Windows and blktap do), so guest pages map to file pages.
 const DATA_ALIGN: u64 = 4096;
-
-/// New blocks go into space reserved at the end of the file, before the
-/// footer; the reservation grows by what this open has allocated so far,
-/// within these bounds. Each growth costs one barrier (the new footer must be
-/// durable before a block overwrites the old one); the unused part is given
-/// back at close, or by the next writable open after a crash.
-const RESERVE_MIN: u64 = 64 << 20;
-const RESERVE_MAX: u64 = 1 << 30;
-
-/// Staged BAT entries that trigger a commit without waiting for a flush.
-const COMMIT_BOUND: usize = 4096;
 
 /// A VHD file.
 pub struct VhdImage {
@@ -67,6 +58,10 @@ struct Sparse {
     full: Vec<AtomicU64>,
     /// Bitmaps of partly written blocks, for reads.
     bitmaps: bitmap::BitmapCache,
+    /// Bitmap changes waiting for the next commit.
+    pending_bitmaps: bitmap::PendingBitmaps,
+    /// Held for the whole of a commit.
+    commit_lock: Mutex<()>,
     /// Where the next block may start: past every structure and block.
     next_free: AtomicU64,
     /// `zeros_from..footer_at`, above `next_free`, is known to read zeros
@@ -180,149 +175,9 @@ impl VhdImage {
         }
         Ok(())
     }
-
-    fn read_bitmap(&self, s: &Sparse, bitmap_offset: u64) -> Result<Vec<u8>> {
-        let mut bits = vec![0u8; s.bitmap_size as usize];
-        self.storage.read_exact_at(&mut bits, bitmap_offset)?;
-        Ok(bits)
-    }
-
-    /// Writes sectors of one block (`offset..offset + buf.len()` inside block `b`).
-    fn write_in_block(&self, s: &Sparse, b: usize, buf: &[u8], offset: u64) -> Result<()> {
-        let in_block = offset % s.block_size;
-        let first = (in_block / 512) as u32;
-        let count = (buf.len() / 512) as u32;
-        match s.bat.get(b) {
-            Some(bitmap_offset) => {
-                // Data first, then the bitmap: a crash between them leaves the old
-                // view (the sectors still unmapped), never garbage mapped.
-                self.storage
-                    .write_all_at(buf, bitmap_offset + s.bitmap_size + in_block)?;
-                if !s.is_full(b) {
-                    let mut bits = self.read_bitmap(s, bitmap_offset)?;
-                    if bitmap::run(&bits, first, count) != (true, count) {
-                        bitmap::set_range(&mut bits, first, count);
-                        self.storage.write_all_at(&bits, bitmap_offset)?;
-                        s.bitmaps.written(b);
-                    }
-                    if bitmap::is_full(&bits, s.sectors_per_block()) {
-                        s.mark_full(b);
-                    }
-                }
-            }
-            None => self.allocate(s, b, buf, first, count)?,
-        }
-        Ok(())
-    }
-
-    /// Allocates block `b` in the reserved space and writes the first data.
-    ///
-    /// Power-loss order: the footer that ends the file is durable before a
-    /// block may overwrite the old one ([`VhdImage::reserve`]); bitmap and
-    /// data are written, and the BAT entry is only staged: it reaches the
-    /// file at the next commit, after a barrier. A crash before that leaks
-    /// the block; the BAT never points at data that is not on the disk.
-    fn allocate(&self, s: &Sparse, b: usize, buf: &[u8], first: u32, count: u32) -> Result<()> {
-        let start = s.next_free.load(Ordering::Acquire);
-        let data = align_up(start + s.bitmap_size, DATA_ALIGN)
-            .ok_or_else(|| Error::NoSpace("file offset".into()))?;
-        let bitmap_offset = data - s.bitmap_size;
-        let end = data + s.block_size;
-        self.reserve(s, end)?;
-        // The new block may cover bytes that held something: an old footer,
-        // leaked blocks, or a gap Windows leaves before the footer (formats.md
-        // trap 7). Sectors this write does not cover must read as zeros, also
-        // for readers that ignore bitmaps (qemu), so clear them before the BAT
-        // points here.
-        let zeros_from = s.zeros_from.load(Ordering::Acquire);
-        let written = data + first as u64 * 512..data + (first + count) as u64 * 512;
-        self.zero(data..written.start, zeros_from)?;
-        self.zero(written.end..end, zeros_from)?;
-        let mut bits = vec![0u8; s.bitmap_size as usize];
-        bitmap::set_range(&mut bits, first, count);
-        self.storage.write_all_at(&bits, bitmap_offset)?;
-        self.storage.write_all_at(buf, data + first as u64 * 512)?;
-        s.bat.stage(b, bitmap_offset)?;
-        s.next_free.store(end, Ordering::Release);
-        s.allocated_here.fetch_add(end - start, Ordering::AcqRel);
-        if count == s.sectors_per_block() {
-            s.mark_full(b);
-        }
-        if s.bat.pending() >= COMMIT_BOUND {
-            self.commit_sparse(s)?;
-        }
-        Ok(())
-    }
-
-    /// Makes room for blocks up to `end`: moves the footer past a new
-    /// reservation and makes it durable, then clears the old footer, whose
-    /// place new blocks take.
-    fn reserve(&self, s: &Sparse, end: u64) -> Result<()> {
-        let old_at = self.footer_at.load(Ordering::Acquire);
-        if end <= old_at {
-            return Ok(());
-        }
-        let unallocated = (s.bat.len() - s.bat.allocated().count()) as u64;
-        let most = unallocated * (s.bitmap_size + s.block_size + DATA_ALIGN);
-        let grow = s
-            .allocated_here
-            .load(Ordering::Acquire)
-            .clamp(RESERVE_MIN, RESERVE_MAX)
-            .min(most);
-        let new_at =
-            align_up(end + grow, 512).ok_or_else(|| Error::NoSpace("file offset".into()))?;
-        let len = self.storage.len()?;
-        self.storage.write_all_at(&self.footer().encode(), new_at)?;
-        self.storage.sync()?;
-        self.footer_at.store(new_at, Ordering::Release);
-        // Everything from the old footer on is now zeros, once it is cleared.
-        self.zero(old_at..len.min(new_at), u64::MAX)?;
-        s.zeros_from.fetch_min(old_at, Ordering::AcqRel);
-        Ok(())
-    }
-
-    /// Writes the staged BAT entries, after a barrier for their blocks.
-    fn commit_sparse(&self, s: &Sparse) -> Result<()> {
-        s.bat
-            .commit(self.storage.as_ref(), || Ok(self.storage.sync()?))?;
-        Ok(())
-    }
-
-    /// Gives back the unused reservation: the footer moves to just past the
-    /// last block (durably, in space nothing uses), then the file is cut.
-    fn trim_reservation(&self, s: &Sparse) -> Result<()> {
-        let used = align_up(s.next_free.load(Ordering::Acquire), 512).unwrap_or(u64::MAX);
-        if self.footer_at.load(Ordering::Acquire) <= used {
-            return Ok(());
-        }
-        self.storage.write_all_at(&self.footer().encode(), used)?;
-        self.storage.sync()?;
-        self.storage.set_len(used + FOOTER_SIZE as u64)?;
-        self.footer_at.store(used, Ordering::Release);
-        s.zeros_from.store(used, Ordering::Release);
-        Ok(())
-    }
 }
 
 impl VhdImage {
-    /// Writes zeros over the part of `range` that lies below `zeros_from`
-    /// (the rest reads as zeros already).
-    fn zero(&self, range: std::ops::Range<u64>, zeros_from: u64) -> Result<()> {
-        const CHUNK: u64 = 256 * 1024;
-        let end = range.end.min(zeros_from);
-        let mut pos = range.start;
-        if pos >= end {
-            return Ok(());
-        }
-        let zeros = vec![0u8; CHUNK.min(end - pos) as usize];
-        while pos < end {
-            let n = CHUNK.min(end - pos) as usize;
-            self.storage.write_all_at(&zeros[..n], pos)?;
-            pos += n as u64;
-        }
-        Ok(())
-    }
-
     /// Warns when the parent's footer time stamp differs from the one the
     /// child's header records for it (the parent may have been modified since
     /// the child was made). Never fails: identity is the unique id, checked
@@ -537,6 +392,8 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
     )?);
     Ok(Sparse {
         bitmaps: bitmap::BitmapCache::new(bitmap_size),
+        pending_bitmaps: Default::default(),
+        commit_lock: Mutex::new(()),
         full: (0..bat.len().div_ceil(64))
             .map(|_| AtomicU64::new(0))
             .collect(),
@@ -611,7 +468,7 @@ impl Image for VhdImage {
         if s.is_full(b) {
             return Ok((data, max));
         }
-        let bits = match s.bitmaps.get(b) {
+        let bits = match s.pending_bitmaps.get(b).or_else(|| s.bitmaps.get(b)) {
             Some(bits) => bits,
             None => {
                 let generation = s.bitmaps.generation();

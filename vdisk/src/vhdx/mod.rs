@@ -459,6 +459,7 @@ impl VhdxImage {
                 Mapping::Data { file_offset } => self.storage.read_exact_at(chunk, file_offset)?,
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => parent(chunk, off)?,
+                Mapping::Compressed => self.read_compressed(chunk, off)?,
             }
             done += run as usize;
         }
@@ -468,7 +469,7 @@ impl VhdxImage {
     /// The part of the log one entry may use: entries alternate between
     /// the two halves (see the module comment).
     fn log_half(&self) -> u64 {
-        self.log_region.length / 2 & !(log::SECTOR - 1)
+        (self.log_region.length / 2) & !(log::SECTOR - 1)
     }
 
     /// Commits the pending BAT sectors through the log (MS-VHDX 2.3).

@@ -162,6 +162,9 @@ pub enum Fmt {
     Vhd,
     Vhdx,
     Vdi,
+    /// monolithicSparse.
+    Vmdk,
+    Qcow2,
 }
 
 impl Fmt {
@@ -170,6 +173,8 @@ impl Fmt {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
     pub fn ext(self) -> &'static str {
@@ -177,6 +182,8 @@ impl Fmt {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
+            Fmt::Qcow2 => "qcow2",
         }
     }
 }
@@ -190,6 +197,8 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhd => "subformat=dynamic,force_size=on",
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
+        Fmt::Vmdk => "subformat=monolithicSparse",
+        Fmt::Qcow2 => "compat=1.1",
     };
     let o = if opts.is_empty() {
         base.to_string()
@@ -234,6 +243,8 @@ pub struct Flush {
 pub struct Recording {
     pub name: String,
     pub fmt: Fmt,
+    /// Where the image is said to live: parents are looked up from there.
+    pub path: PathBuf,
     pub initial_file: Vec<u8>,
     /// The virtual disk before the workload (zeros for a new image).
     pub initial_virtual: Vec<u8>,
@@ -247,6 +258,7 @@ pub struct Recording {
 pub struct Session {
     pub name: String,
     pub fmt: Fmt,
+    path: PathBuf,
     pub rec: Recorder,
     pub disk: vdisk::Disk,
     initial_file: Vec<u8>,
@@ -255,24 +267,9 @@ pub struct Session {
     flushes: Vec<Flush>,
 }
 
-/// Where the image is said to live (only parent lookup would use it).
+/// Where an image without parent is said to live (nothing is looked up there).
 pub fn image_path(fmt: Fmt) -> PathBuf {
     Path::new("/crashsim").join(format!("disk.{}", fmt.ext()))
-}
-
-/// Opens `file` as a disk on a plain in-memory storage.
-pub fn open_mem(fmt: Fmt, file: Vec<u8>, writable: bool) -> vdisk::Result<vdisk::Disk> {
-    let storage = if writable {
-        vdisk::MemStorage::new(file)
-    } else {
-        vdisk::MemStorage::read_only(file)
-    };
-    vdisk::open_disk(
-        Box::new(storage),
-        &image_path(fmt),
-        vdisk::OpenOptions { writable },
-        &vdisk::StdParentOpener,
-    )
 }
 
 /// The whole virtual disk, read in 1 MiB pieces.
@@ -293,7 +290,7 @@ pub fn read_disk_into(disk: &vdisk::Disk, data: &mut Vec<u8>) -> vdisk::Result<(
 
 /// Opens a crash state without copying it: read-only straight on the bytes,
 /// writable on an overlay that keeps its writes to itself.
-pub fn open_shared(fmt: Fmt, file: Arc<Vec<u8>>, writable: bool) -> vdisk::Result<vdisk::Disk> {
+pub fn open_shared(path: &Path, file: Arc<Vec<u8>>, writable: bool) -> vdisk::Result<vdisk::Disk> {
     let len = file.len() as u64;
     vdisk::open_disk(
         Box::new(Overlay {
@@ -301,16 +298,19 @@ pub fn open_shared(fmt: Fmt, file: Arc<Vec<u8>>, writable: bool) -> vdisk::Resul
             writes: Mutex::new((len, Vec::new())),
             writable,
         }),
-        &image_path(fmt),
+        path,
         vdisk::OpenOptions { writable },
         &vdisk::StdParentOpener,
     )
 }
 
-/// Shared bytes plus the writes made on top of them (length, (offset, data) in order).
+/// The overlay's file length and its writes, (offset, data) in order.
+type OverlayWrites = (u64, Vec<(u64, Vec<u8>)>);
+
+/// Shared bytes plus the writes made on top of them.
 struct Overlay {
     base: Arc<Vec<u8>>,
-    writes: Mutex<(u64, Vec<(u64, Vec<u8>)>)>,
+    writes: Mutex<OverlayWrites>,
     writable: bool,
 }
 
@@ -374,12 +374,20 @@ impl vdisk::Storage for Overlay {
 impl Session {
     /// Opens `image` (bytes of an image file) writable on a recording storage.
     pub fn new(name: &str, fmt: Fmt, image: Vec<u8>) -> Session {
-        let initial_virtual = read_disk(&open_mem(fmt, image.clone(), false).unwrap()).unwrap();
+        Self::at(name, fmt, image, image_path(fmt))
+    }
+    /// [`Session::new`] for an image said to live at `path` (a differencing
+    /// child: its parent is opened from the real file system).
+    pub fn at(name: &str, fmt: Fmt, image: Vec<u8>, path: PathBuf) -> Session {
+        let initial = open_shared(&path, Arc::new(image.clone()), false)
+            .unwrap_or_else(|e| panic!("{name}: the initial image does not open: {e}"));
+        let initial_virtual = read_disk(&initial).unwrap();
         let rec = Recorder::new(image.clone());
-        let disk = Self::open(fmt, &rec, true);
+        let disk = Self::open(&path, &rec, true);
         Session {
             name: name.to_string(),
             fmt,
+            path,
             rec,
             disk,
             initial_file: image,
@@ -388,10 +396,10 @@ impl Session {
             flushes: Vec::new(),
         }
     }
-    fn open(fmt: Fmt, rec: &Recorder, writable: bool) -> vdisk::Disk {
+    fn open(path: &Path, rec: &Recorder, writable: bool) -> vdisk::Disk {
         vdisk::open_disk(
             Box::new(rec.storage(writable)),
-            &image_path(fmt),
+            path,
             vdisk::OpenOptions { writable },
             &vdisk::StdParentOpener,
         )
@@ -428,13 +436,14 @@ impl Session {
     /// then opens the same file read-only (the disk is forgotten, not
     /// dropped, so no destructor can flush behind the test's back).
     pub fn kill_and_reopen_read_only(&mut self) {
-        let reader = Self::open(self.fmt, &self.rec, false);
+        let reader = Self::open(&self.path, &self.rec, false);
         std::mem::forget(std::mem::replace(&mut self.disk, reader));
     }
     pub fn finish(self) -> Recording {
         Recording {
             name: self.name,
             fmt: self.fmt,
+            path: self.path,
             initial_file: self.initial_file,
             initial_virtual: self.initial_virtual,
             ops: self.rec.ops(),

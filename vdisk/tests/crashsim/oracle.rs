@@ -32,14 +32,17 @@ pub struct Counts {
 pub struct Report {
     pub name: String,
     pub families: Vec<(Family, Counts)>,
-    /// Full descriptions of the first failures.
-    pub failures: Vec<String>,
-    /// Failure kinds (message with numbers masked) and how often each occurred.
-    pub kinds: Vec<(String, usize)>,
+    /// Failure kinds (message with numbers masked), how often each
+    /// occurred, and its first occurrence in full with the state.
+    pub kinds: Vec<(String, usize, String)>,
     pub checker_runs: usize,
+    /// What the checkers noted on passing states (log replays, leaks), by kind.
+    pub notes: Vec<(String, usize)>,
     pub ops: usize,
     pub syncs: usize,
     pub seconds: f64,
+    /// Seconds spent building states, opening and reading them, in the checkers, comparing.
+    pub phases: [f64; 4],
 }
 
 impl Report {
@@ -51,14 +54,18 @@ impl Report {
     }
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "{}: {} ops ({} syncs), {} distinct crash states checked, {} failed, {} checker runs, {:.1} s:",
+            "{}: {} ops ({} syncs), {} distinct crash states checked, {} failed, {} checker runs, {:.1} s (build {:.1}, open+read {:.1}, check {:.1}, compare {:.1}):",
             self.name,
             self.ops,
             self.syncs,
             self.checked(),
             self.failed(),
             self.checker_runs,
-            self.seconds
+            self.seconds,
+            self.phases[0],
+            self.phases[1],
+            self.phases[2],
+            self.phases[3],
         );
         for (f, c) in &self.families {
             let _ = write!(
@@ -72,25 +79,33 @@ impl Report {
     /// Everything a reader needs: the summary, each kind of failure, the first few in full.
     pub fn details(&self) -> String {
         let mut s = self.summary();
-        for (k, n) in &self.kinds {
-            let _ = write!(s, "\n  {n} x {k}");
+        for (k, n) in &self.notes {
+            let _ = write!(s, "\n  note: {n} x {k}");
         }
-        for f in self.failures.iter().take(6) {
-            let _ = write!(s, "\n  - {f}");
+        for (k, n, first) in &self.kinds {
+            let _ = write!(s, "\n  {n} x {k}\n    first: {first}");
         }
         s
     }
     pub fn assert_clean(&self) {
         assert!(self.failed() == 0, "{}", self.details());
-        println!("{}", self.summary());
+        println!("{}", self.details());
     }
 }
 
-/// Replaces numbers (decimal or 0x hex) with '#', so failures group by kind.
+/// Replaces numbers (decimal, 0x hex, {GUID}) with '#', so failures group by kind.
 fn kind(msg: &str) -> String {
     let mut out = String::new();
     let mut in_num = false;
+    let mut in_guid = false;
     for ch in msg.chars() {
+        if in_guid || ch == '{' {
+            in_guid = ch != '}';
+            if ch == '{' {
+                out.push_str("{#}");
+            }
+            continue;
+        }
         let digit = ch.is_ascii_digit();
         if digit || in_num && (ch.is_ascii_hexdigit() || ch == 'x') {
             if !in_num {
@@ -239,6 +254,22 @@ fn structural(fmt: Fmt, file: &[u8], dir: &Path) -> Result<String, String> {
                 String::new()
             })
         }
+        Fmt::Vmdk | Fmt::Qcow2 => {
+            let path = dir.join(format!("state.{}", fmt.ext()));
+            std::fs::write(&path, file).unwrap();
+            let (corrupt, leaks, errors, err) = qemu_check(fmt, &path, false);
+            if corrupt != 0 || errors != 0 {
+                return Err(format!(
+                    "qemu-img check: {corrupt} corruptions, {errors} check errors: {}",
+                    err.replace('\n', " | ")
+                ));
+            }
+            Ok(if leaks > 0 {
+                format!("{leaks} leaks")
+            } else {
+                String::new()
+            })
+        }
         Fmt::Vhdx => {
             let path = dir.join("state.vhdx");
             std::fs::write(&path, file).unwrap();
@@ -367,16 +398,19 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
     let mut counts: HashMap<Family, Counts> = HashMap::new();
     // Structural verdicts by file hash (checker runs are the cost);
     // full verdicts by (file hash, crash points).
-    let mut structure: HashMap<u64, Result<(), String>> = HashMap::new();
+    let mut structure: HashMap<u64, Result<String, String>> = HashMap::new();
+    let mut notes: HashMap<String, usize> = HashMap::new();
+    let dump = std::env::var_os("CRASHSIM_DUMP").map(std::path::PathBuf::from);
     let mut actual = Vec::new();
     let mut file = Vec::new();
     let mut seen: HashSet<(u64, Vec<(usize, usize)>)> = HashSet::new();
-    let mut failures = Vec::new();
-    let mut kinds: HashMap<String, usize> = HashMap::new();
+    let mut kinds: HashMap<String, (usize, String)> = HashMap::new();
     let mut checker_runs = 0;
+    let mut phases = [0f64; 4];
     for st in &states {
         let cnt = counts.entry(st.family).or_default();
         cnt.generated += 1;
+        let t0 = Instant::now();
         builder.build(st, &mut file);
         let h = hash(&file);
         let points = crash_points(rec, st);
@@ -395,38 +429,67 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
         }
         cnt.checked += 1;
         let shared = Arc::new(std::mem::take(&mut file));
-        let result = read_only(rec.fmt, &shared, &mut actual).and_then(|()| {
-            structure
+        let t1 = Instant::now();
+        phases[0] += (t1 - t0).as_secs_f64();
+        let result = read_only(&rec.path, &shared, &mut actual).and_then(|()| {
+            let t2 = Instant::now();
+            phases[1] += (t2 - t1).as_secs_f64();
+            let note = structure
                 .entry(h)
                 .or_insert_with(|| {
                     checker_runs += 1;
-                    writable_and_structural(rec.fmt, &shared, dir.path())
+                    writable_and_structural(rec.fmt, &rec.path, &shared, dir.path())
                 })
                 .clone()?;
-            points
+            if !note.is_empty() {
+                *notes.entry(kind(&note)).or_default() += 1;
+            }
+            let t3 = Instant::now();
+            phases[2] += (t3 - t2).as_secs_f64();
+            let r = points
                 .iter()
-                .try_for_each(|&c| check_content(rec, &mut shadows, &actual, c))
+                .try_for_each(|&c| check_content(rec, &mut shadows, &actual, c));
+            phases[3] += t3.elapsed().as_secs_f64();
+            r
         });
         // Every disk on it is gone: the buffer comes back for the next state.
         file = Arc::try_unwrap(shared).unwrap_or_default();
         if let Err(e) = result {
             cnt.failed += 1;
-            *kinds.entry(kind(&e)).or_default() += 1;
-            if failures.len() < 20 {
-                failures.push(format!("{}\n      state: {}", e, states::describe(rec, st)));
+            let k = kinds
+                .entry(kind(&e))
+                .or_insert_with(|| (0, format!("{e}\n    state: {}", states::describe(rec, st))));
+            k.0 += 1;
+            if let Some(d) = &dump {
+                let name: String = rec
+                    .name
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric())
+                    .collect();
+                let path = d.join(format!("{name}-{}.{}", cnt.failed, rec.fmt.ext()));
+                std::fs::create_dir_all(d).unwrap();
+                std::fs::write(&path, &file).unwrap();
             }
         }
     }
-    let mut kinds: Vec<(String, usize)> = kinds.into_iter().collect();
-    kinds.sort_by(|a, b| b.1.cmp(&a.1));
+    let sorted = |m: HashMap<String, usize>| {
+        let mut v: Vec<(String, usize)> = m.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    };
     Report {
         name: rec.name.clone(),
         families: FAMILIES
             .iter()
             .map(|f| (*f, counts.get(f).copied().unwrap_or_default()))
             .collect(),
-        failures,
-        kinds,
+        kinds: {
+            let mut v: Vec<(String, usize, String)> =
+                kinds.into_iter().map(|(k, (n, f))| (k, n, f)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            v
+        },
+        notes: sorted(notes),
         checker_runs,
         ops: rec.ops.len(),
         syncs: rec
@@ -435,6 +498,7 @@ pub fn run(rec: &Recording, budget: &Budget) -> Report {
             .filter(|o| matches!(o, super::Op::Sync))
             .count(),
         seconds: t.elapsed().as_secs_f64(),
+        phases,
     }
 }
 
@@ -454,15 +518,20 @@ fn crash_points(rec: &Recording, st: &CrashState) -> Vec<usize> {
 }
 
 /// (a), read-only: the image opens and its whole virtual disk reads (into `actual`).
-fn read_only(fmt: Fmt, file: &Arc<Vec<u8>>, actual: &mut Vec<u8>) -> Result<(), String> {
-    let disk = super::open_shared(fmt, file.clone(), false)
+fn read_only(path: &Path, file: &Arc<Vec<u8>>, actual: &mut Vec<u8>) -> Result<(), String> {
+    let disk = super::open_shared(path, file.clone(), false)
         .map_err(|e| format!("does not open read-only: {e}"))?;
     super::read_disk_into(&disk, actual).map_err(|e| format!("read after open: {e}"))
 }
 
 /// (a), writable (writes go to an overlay, not the state), then (b).
-fn writable_and_structural(fmt: Fmt, file: &Arc<Vec<u8>>, dir: &Path) -> Result<(), String> {
-    super::open_shared(fmt, file.clone(), true)
+fn writable_and_structural(
+    fmt: Fmt,
+    path: &Path,
+    file: &Arc<Vec<u8>>,
+    dir: &Path,
+) -> Result<String, String> {
+    super::open_shared(path, file.clone(), true)
         .map_err(|e| format!("does not open writable: {e}"))?;
-    structural(fmt, file, dir).map(|_| ())
+    structural(fmt, file, dir)
 }

@@ -114,7 +114,7 @@ fn tear(n: usize, rng: &mut Rng, prefix: bool) -> Vec<bool> {
         m[..k].fill(true);
     } else {
         for b in &mut m {
-            *b = rng.next() % 2 == 0;
+            *b = rng.next().is_multiple_of(2);
         }
         // Neither all nor nothing: those are other states.
         m[rng.next() as usize % n] = true;
@@ -207,11 +207,11 @@ pub fn generate(rec: &Recording, budget: &super::Budget) -> Vec<CrashState> {
         if pending.is_empty() {
             continue;
         }
-        if rng.next() % 3 == 0
+        if rng.next().is_multiple_of(3)
             && let Some(last) = pending.last_mut()
             && sectors(&ops[last.0]) >= 2
         {
-            let prefix = rng.next() % 2 == 0;
+            let prefix = rng.next().is_multiple_of(2);
             last.1 = Some(tear(sectors(&ops[last.0]), &mut rng, prefix));
         }
         let c_min = pending.last().unwrap().0 + 1;
