@@ -14,7 +14,22 @@ mod vhd_util;
 
 use std::path::Path;
 
-use crashsim::{Budget, Fmt, Recorder, Recording, open_mem, qemu_create, read_disk, states};
+use crashsim::{Budget, Fmt, Recorder, Recording, image_path, qemu_create, read_disk, states};
+
+/// `file` opened as a disk (no parents) on an in-memory storage.
+fn open_mem(fmt: Fmt, file: Vec<u8>, writable: bool) -> vdisk::Result<vdisk::Disk> {
+    let storage = if writable {
+        vdisk::MemStorage::new(file)
+    } else {
+        vdisk::MemStorage::read_only(file)
+    };
+    vdisk::open_disk(
+        Box::new(storage),
+        &image_path(fmt),
+        vdisk::OpenOptions { writable },
+        &vdisk::StdParentOpener,
+    )
+}
 
 const MIB: u64 = 1 << 20;
 
@@ -37,6 +52,7 @@ fn recording(name: &str, fmt: Fmt, initial: Vec<u8>, rec: &Recorder) -> Recordin
     Recording {
         name: name.to_string(),
         fmt,
+        path: image_path(fmt),
         initial_file: initial,
         initial_virtual: Vec::new(),
         ops: rec.ops(),
