@@ -17,17 +17,21 @@ fn parse_any_format(s: &str) -> Result<Format, String> {
         "vhd" | "vpc" => Ok(Format::Vhd),
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
-        _ => Err(format!("unknown format '{s}' (raw, vhd, vhdx or vdi)")),
+        "vmdk" => Ok(Format::Vmdk),
+        "qcow2" => Ok(Format::Qcow2),
+        _ => Err(format!(
+            "unknown format '{s}' (raw, vhd, vhdx, vdi, vmdk or qcow2)"
+        )),
     }
 }
 
 #[derive(Args, Debug)]
 pub struct Convert {
-    /// Format of SOURCE (vhd, vhdx, vdi, raw); default: probed.
+    /// Format of SOURCE (vhd, vhdx, vdi, vmdk, qcow2, raw); default: probed.
     #[arg(short = 'f', value_parser = parse_any_format, value_name = "FMT")]
     source_format: Option<Format>,
     /// Format of DEST.
-    #[arg(short = 'O', value_parser = parse_any_format, value_name = "raw|vhd|vhdx|vdi")]
+    #[arg(short = 'O', value_parser = parse_any_format, value_name = "raw|vhd|vhdx|vdi|vmdk|qcow2")]
     output_format: Format,
     /// Options of DEST as for create (dynamic, fixed, block_size=N,
     /// sector_size=N), plus azure (VHD: fixed, size rounded up to a whole
