@@ -13,8 +13,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bytes;
-pub mod crc;
 pub mod copy;
+pub mod crc;
 pub mod create;
 mod disk;
 mod disk_map;
@@ -25,11 +25,11 @@ mod image;
 pub mod lock;
 mod open;
 pub mod part;
-pub mod relink;
-pub mod resize;
 mod probe;
 pub mod qcow2;
 mod raw;
+pub mod relink;
+pub mod resize;
 mod storage;
 mod table;
 pub mod vdi;
@@ -42,7 +42,9 @@ pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use disk_map::Allocation;
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};
-pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with};
+pub use open::{
+    OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with,
+};
 pub use probe::probe;
 pub use raw::RawImage;
 pub use storage::{MemStorage, Storage};

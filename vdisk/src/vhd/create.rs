@@ -76,7 +76,12 @@ fn timestamp() -> u32 {
 }
 
 /// A new footer.
-pub(crate) fn footer(kind: DiskType, size: u64, geometry: Geometry, id: [u8; 16]) -> Result<Footer> {
+pub(crate) fn footer(
+    kind: DiskType,
+    size: u64,
+    geometry: Geometry,
+    id: [u8; 16],
+) -> Result<Footer> {
     let mut b = [0u8; FOOTER_SIZE];
     b[..8].copy_from_slice(COOKIE);
     put_be32(&mut b, 8, 2); // features: reserved bit, always set
