@@ -22,6 +22,7 @@ const FORMATS: &[(&str, &str, &str)] = &[
     ("vpc", "vhd", "subformat=dynamic"),
     ("vhdx", "vhdx", "subformat=dynamic"),
     ("vdi", "vdi", ""),
+    ("vmdk", "vmdk", "subformat=monolithicSparse"),
 ];
 
 fn create(dir: &Path, fmt: &str, ext: &str, opts: &str) -> PathBuf {

@@ -17,11 +17,12 @@ mod preload;
 use std::path::Path;
 
 /// One image of each kind the tests use: (name, qemu-img format, -o options).
-const IMAGES: [(&str, &str, &str); 4] = [
+const IMAGES: [(&str, &str, &str); 5] = [
     ("d32.vhdx", "vhdx", "subformat=dynamic,block_size=32M"),
     ("d8.vhdx", "vhdx", "subformat=dynamic,block_size=8M"),
     ("d.vhd", "vpc", "subformat=dynamic"),
     ("d.vdi", "vdi", "static=off"),
+    ("d.vmdk", "vmdk", "subformat=monolithicSparse"),
 ];
 
 fn create(dir: &Path, name: &str, fmt: &str, opts: &str, size: &str) -> std::path::PathBuf {

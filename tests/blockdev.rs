@@ -65,7 +65,7 @@ fn blockdev_queries_on_each_format_and_partition() {
                 ],
             );
             let want: Vec<String> = [
-                "256", "256", "2048", "512", "0", "0", "512", "512", "4096", "0",
+                "256", "256", "2048", "512", "0", "0", "512", "512", "4096", "1",
             ]
             .iter()
             .map(|s| s.to_string())

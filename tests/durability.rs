@@ -18,7 +18,12 @@ mod vhd_util;
 use std::path::Path;
 use std::process::Command;
 
-const FORMATS: [(&str, &str); 3] = [("vpc", "vhd"), ("vhdx", "vhdx"), ("vdi", "vdi")];
+const FORMATS: [(&str, &str); 4] = [
+    ("vpc", "vhd"),
+    ("vhdx", "vhdx"),
+    ("vdi", "vdi"),
+    ("vmdk", "vmdk"),
+];
 
 fn new_image(dir: &Path, qemu: &str, ext: &str) -> std::path::PathBuf {
     let img = dir.join(format!("d.{ext}"));

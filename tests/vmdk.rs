@@ -8,7 +8,6 @@
 mod common;
 mod preload;
 #[path = "../vdisk/tests/vhd_util/mod.rs"]
-#[allow(dead_code)]
 mod vhd_util;
 
 use std::path::Path;

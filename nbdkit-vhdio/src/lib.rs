@@ -60,34 +60,28 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-/// Zeros for `zero` requests, written in chunks of this size.
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
-
 impl Vhdio {
     fn disk(&self) -> &vdisk::Disk {
         &self.export.disk
     }
 
     /// Makes `len` bytes at `offset` (of the disk, not the window) read as
-    /// zeros. Runs that already read as zeros (holes through the chain) are
-    /// left alone, so zeroing never allocates what is not allocated.
-    // When the image layer can discard (unmap), a request with MAY_TRIM
-    // calls it here, for the runs that are data.
-    fn zero_range(&self, offset: u64, len: u64) -> vdisk::Result<()> {
+    /// zeros: the image layer's discard for whole sectors (`unmap`: whole
+    /// blocks may give their space back; never allocates where zeros are
+    /// read already), zeros written for the unaligned head and tail.
+    fn zero_range(&self, offset: u64, len: u64, unmap: bool) -> vdisk::Result<()> {
         let disk = self.disk();
+        let ss = disk.logical_sector_size() as u64;
         let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let (allocation, run) = disk.map_allocation(pos, end - pos)?;
-            if allocation == Allocation::Data {
-                let mut done = 0u64;
-                while done < run {
-                    let n = (run - done).min(ZEROS.len() as u64) as usize;
-                    disk.write_at(&ZEROS[..n], pos + done)?;
-                    done += n as u64;
-                }
+        let head = offset.next_multiple_of(ss).min(end);
+        let tail = (end / ss * ss).max(head);
+        for (a, b) in [(offset, head), (tail, end)] {
+            if a < b {
+                disk.write_at(&vec![0u8; (b - a) as usize], a)?;
             }
-            pos += run;
+        }
+        if head < tail {
+            disk.write_zeroes(head, tail - head, unmap)?;
         }
         Ok(())
     }
@@ -218,16 +212,23 @@ impl Server for Vhdio {
     fn can_fast_zero(&self) -> Result<bool> {
         Ok(false)
     }
-    fn zero(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
+    fn zero(&self, count: u32, offset: u64, flags: Flags) -> Result<()> {
         guarded("zero", || {
-            self.zero_range(self.export.start + offset, count as u64)
+            let unmap = flags.contains(Flags::MAY_TRIM);
+            self.zero_range(self.export.start + offset, count as u64, unmap)
                 .map_err(vdisk_error)
         })
     }
-    /// No trim until the image layer can unmap: trim as zeroing would
-    /// allocate blocks in a differencing child instead of freeing them.
+    /// Trim reads as zeros afterwards (the image layer's promise); whole
+    /// blocks give their space back.
     fn can_trim(&self) -> Result<bool> {
-        Ok(false)
+        Ok(!self.readonly && self.export.writable())
+    }
+    fn trim(&self, count: u32, offset: u64, _flags: Flags) -> Result<()> {
+        guarded("trim", || {
+            self.zero_range(self.export.start + offset, count as u64, true)
+                .map_err(vdisk_error)
+        })
     }
 
     fn can_extents(&self) -> Result<bool> {

@@ -80,6 +80,7 @@ pub extern "C" fn plugin_init() -> *const nbdkit::Plugin {
         &mut b.can_zero,
         &mut b.can_fast_zero,
         &mut b.can_trim,
+        &mut b.trim,
         &mut b.extents,
         &mut b.can_extents,
     ] {

@@ -10,17 +10,19 @@ use super::{disk_error, emulate, image_fd};
 use crate::fdtable::is_mapped;
 use crate::{guard, images, real, sys};
 
-/// fallocate on a dummy: EOPNOTSUPP, as for a device without it. Always
-/// safe: mke2fs and others then write zeros themselves.
-fn fallocate_common(fd: c_int) -> Option<c_int> {
-    let _of = image_fd(fd)?;
-    Some(emulate(-1, || Err(libc::EOPNOTSUPP)))
+/// fallocate on a dummy: discard or zeroing as a block device does it
+/// (see `hooks::discard`).
+fn fallocate_common(fd: c_int, mode: c_int, off: i64, len: i64) -> Option<c_int> {
+    let of = image_fd(fd)?;
+    Some(emulate(-1, || {
+        super::discard::fallocate(&of, mode, off, len)
+    }))
 }
 
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_t) -> c_int {
     if is_mapped(fd)
-        && let Some(r) = fallocate_common(fd)
+        && let Some(r) = fallocate_common(fd, mode, off, len)
     {
         return r;
     }
@@ -30,7 +32,7 @@ pub unsafe extern "C" fn fallocate(fd: c_int, mode: c_int, off: off_t, len: off_
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn fallocate64(fd: c_int, mode: c_int, off: off64_t, len: off64_t) -> c_int {
     if is_mapped(fd)
-        && let Some(r) = fallocate_common(fd)
+        && let Some(r) = fallocate_common(fd, mode, off, len)
     {
         return r;
     }

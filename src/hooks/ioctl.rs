@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use libc::{c_int, c_uint, c_ulong, c_ushort};
 
 use super::open::call;
-use super::{Errno, disk_error, emulate, image_fd};
+use super::{Errno, discard, disk_error, emulate, image_fd};
 use crate::fdtable::{OpenFile, is_mapped};
 use crate::images::ImageObject;
 use crate::real;
@@ -110,8 +110,12 @@ fn block_ioctl(of: &OpenFile, req: c_ulong, arg: *mut c_void) -> Result<c_int, E
             of.image.flush().map_err(|e| disk_error("flush", of, e))?;
             Ok(0)
         }
-        BLKDISCARDZEROES => put(arg, 0 as c_uint),
-        BLKDISCARD | BLKSECDISCARD | BLKZEROOUT => Err(libc::EOPNOTSUPP),
+        // Discarded sectors read as zeros here, always (see hooks::discard).
+        BLKDISCARDZEROES => put(arg, 1 as c_uint),
+        BLKDISCARD => discard::blk_discard(of, arg),
+        BLKZEROOUT => discard::blk_zeroout(of, arg),
+        // No secure erase: the old bytes may stay in the container file.
+        BLKSECDISCARD => Err(libc::EOPNOTSUPP),
         HDIO_GETGEO => {
             // The image's CHS where it has one, else the conventional 255/63.
             let g = disk.geometry().unwrap_or(vdisk::Geometry {

@@ -7,6 +7,7 @@
 pub mod aio;
 pub mod alloc;
 pub mod copy;
+pub mod discard;
 pub mod exec;
 pub mod fd;
 pub mod ioctl;

@@ -6,6 +6,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::{Error, Format, Geometry, Image, Mapping, Result};
 
+#[path = "disk_discard.rs"]
+mod discard;
+pub(crate) use discard::{is_zero, zero_fill};
+
 /// Deepest parent chain accepted; a deeper one is refused as corrupt (or a loop).
 pub const MAX_CHAIN_DEPTH: usize = 256;
 
@@ -199,6 +203,7 @@ impl Disk {
         if offset.is_multiple_of(ss)
             && (buf.len() as u64).is_multiple_of(ss)
             && self.writes_begun.load(Ordering::Acquire)
+            && !Disk::unmaps_zeros(buf)
         {
             let _shared = self.write_lock.read().unwrap_or_else(|e| e.into_inner());
             if self.overwrite_in_place(buf, offset)? {
@@ -256,7 +261,7 @@ impl Disk {
         }
         let whole = (end - pos) / ss * ss;
         if whole > 0 {
-            self.write_top(&buf[consumed..consumed + whole as usize], pos)?;
+            self.write_whole_sectors(&buf[consumed..consumed + whole as usize], pos)?;
             pos += whole;
             consumed += whole as usize;
         }

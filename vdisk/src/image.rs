@@ -183,6 +183,39 @@ pub trait Image: Send + Sync {
     fn describe(&self) -> String {
         format!("{} image, {} bytes", self.format(), self.virtual_size())
     }
+    /// Makes `offset..offset + len` (sector-aligned, inside the disk) read
+    /// as zeros in this layer, whatever its parents hold (never stale data,
+    /// never the parent's). With `unmap`, whole blocks may give their space
+    /// up (unallocated in a base image, the format's zero state in a child);
+    /// without, blocks this layer holds keep it and get zeros written.
+    /// `parent` reads the chain below, as for [`Image::write`]. The default
+    /// writes zeros, which is right for every format.
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        let _ = unmap;
+        crate::disk::zero_fill(self, offset, len, parent)
+    }
+    /// The unit in which this layer allocates space (its block size), for
+    /// formats that allocate in blocks; `None` for fixed and raw files.
+    fn allocation_block(&self) -> Option<u64> {
+        None
+    }
+    /// Offline compaction (`vhdio compact`): moves the blocks this layer
+    /// stores down into free space of its file and cuts the file after the
+    /// last one. Crash-safe: a block is copied and made durable before its
+    /// table entry switches, and its old place is reused only after that
+    /// switch is durable. The caller holds the image alone and has flushed.
+    /// `progress(done, total)` counts moved blocks. Returns the blocks moved.
+    /// The default moves nothing (formats without blocks).
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        let _ = progress;
+        Ok(0)
+    }
     /// The identity ([`Image::link_id`]) this layer takes at its first
     /// write, for formats whose identity changes when written (VHDX
     /// DataWriteGuid): a commit records it in the child beforehand, so the

@@ -29,7 +29,9 @@ mod probe;
 pub mod qcow2;
 mod raw;
 pub mod relink;
+mod relocate;
 pub mod resize;
+mod space;
 mod storage;
 mod table;
 pub mod vdi;
@@ -47,4 +49,5 @@ pub use open::{
 };
 pub use probe::probe;
 pub use raw::RawImage;
+pub use space::{BlockUsage, block_usage};
 pub use storage::{MemStorage, Storage};

@@ -52,6 +52,15 @@ pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
     let mut chain_note = None;
     match chain::open_chain(path) {
         Ok(layers) => {
+            // Not a problem: space that a discard or `vhdio compact` gives back.
+            if let Ok(Some(u)) = vdisk::block_usage(layers[0].image.as_ref(), true) {
+                println!(
+                    "{}: {} of {} allocated blocks hold only zeros",
+                    path.display(),
+                    u.zero,
+                    u.allocated
+                );
+            }
             for l in &layers[1..] {
                 let s = chain::open_file(&l.path)?;
                 files.push(examine_file(&l.path, l.format, s.as_ref())?);

@@ -49,6 +49,8 @@ pub fn info(path: &Path) -> Result<u8, Failure> {
                 .map_err(|e| fail(EXIT_ERROR, format!("{}: {e}", l.path.display())))?,
         );
     }
+    let blocks = vdisk::block_usage(layers[0].image.as_ref(), false)
+        .map_err(|e| fail(EXIT_ERROR, format!("{}: {e}", path.display())))?;
     let describe: Vec<String> = layers.iter().map(|l| l.image.describe()).collect();
     let (disk, infos) = chain::into_disk(layers);
     let top: &LayerInfo = &infos[0];
@@ -89,6 +91,17 @@ pub fn info(path: &Path) -> Result<u8, Failure> {
         human(top.file_len),
         top.file_len
     );
+    if let Some(u) = blocks {
+        // Space of the file that holds no block: metadata, and space freed
+        // by discards that `vhdio compact` gives back.
+        let other = top.file_len.saturating_sub(u.allocated * u.block_size);
+        println!(
+            "blocks: {} of {} allocated; {} of the file not in blocks (metadata, free space)",
+            u.allocated,
+            u.blocks,
+            human(other)
+        );
+    }
     println!("identity: {}", top.id);
     println!("details: {}", describe[0]);
     if infos.len() > 1 {

@@ -9,6 +9,7 @@
 mod chain;
 mod check;
 mod commit;
+mod compact;
 mod compare;
 mod convert;
 mod create_vmdk;
@@ -250,6 +251,23 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
+    /// Give space back: unmap blocks holding only zeros, move the others
+    /// down into the holes, cut the file.
+    ///
+    /// Offline: refused while another process (qemu, the library, vhdio
+    /// serve) writes the image. Crash-safe: a kill at any point leaves an
+    /// image that reads the same disk. Zero blocks of a VHD child stay (VHD
+    /// has no zero state: unmapping would show the parent).
+    Compact {
+        /// Only report what would be freed.
+        #[arg(short = 'n', long)]
+        dry_run: bool,
+        /// Show progress on a terminal.
+        #[arg(short = 'p', long)]
+        progress: bool,
+        /// The image file.
+        image: PathBuf,
+    },
 }
 
 /// `--output` of info, check and map.
@@ -368,6 +386,15 @@ fn main() -> ExitCode {
             clap_complete::generate(shell, &mut Cli::command(), "vhdio", &mut std::io::stdout());
             Ok(EXIT_OK)
         }
+        Command::Compact {
+            dry_run,
+            progress,
+            image,
+        } => compact::compact(compact::CompactOptions {
+            image: &image,
+            dry_run,
+            progress,
+        }),
     };
     match result {
         Ok(status) => ExitCode::from(status),

@@ -113,8 +113,9 @@ fn served_chain(fmt: &str) {
     drop(server);
     let mut expect = view;
     expect[MIB as usize..(MIB + 65536) as usize].fill(0x5a);
-    // discard: advisory, and the plugin does not trim yet (no unmap in the
-    // image layer): the range keeps its data.
+    // discard: the plugin trims through the image layer, which promises
+    // zeros afterwards (never the parent's data).
+    expect[4 * MIB as usize..5 * MIB as usize].fill(0);
     let after = library_view(&child, &d.join("after.raw"));
     assert!(after == expect, "child after qemu-io differs");
     assert!(fs::read(&base).unwrap() == base_before, "parent changed");
@@ -413,5 +414,79 @@ fn dirty_vhdx_served_read_only() {
     assert!(
         fs::read(&img).unwrap() == before,
         "a read-only serve wrote the image"
+    );
+}
+
+/// A VMDK chain (monolithicFlat base, child by `vhdio snapshot`) served by
+/// `vhdio serve`: qemu-img reads over NBD what qemu-img reads from the
+/// files (qemu opens VMDK chains itself), and a write over NBD lands.
+#[test]
+fn vmdk_chain_served_to_real_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = d.join("base.vmdk");
+    let child = d.join("child.vmdk");
+    ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "vmdk",
+            "-o",
+            "subformat=monolithicFlat",
+            s(&base),
+            "64M",
+        ],
+    );
+    ok(
+        "qemu-io",
+        &["-f", "vmdk", "-c", "write -P 0x11 0 8M", s(&base)],
+    );
+    ok(VHDIO, &["snapshot", s(&base), s(&child)]);
+    let o = library_write(&child, 2 * MIB, MIB, 0x55);
+    assert!(o.status.success(), "library write: {}", text(&o));
+    let flat_before = fs::read(d.join("base-flat.vmdk")).unwrap();
+    let direct = d.join("direct.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "vmdk", "-O", "raw", s(&child), s(&direct)],
+    );
+    let mut server = Server::vhdio(d, &[s(&child)]);
+    let uri = server.uri.clone();
+    let served = d.join("served.raw");
+    ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, s(&served)],
+    );
+    assert!(
+        fs::read(&served).unwrap() == fs::read(&direct).unwrap(),
+        "NBD view differs"
+    );
+    ok(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 20M 1M", &uri],
+    );
+    let _ = server.output();
+    let r = ok(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "vmdk",
+            "-c",
+            "read -P 0x66 20M 1M",
+            "-c",
+            "read -P 0x55 2M 1M",
+            "-c",
+            "read -P 0x11 4M 1M",
+            s(&child),
+        ],
+    );
+    assert!(!r.contains("failed"), "{r}");
+    assert!(ok("qemu-img", &["check", "-f", "vmdk", s(&child)]).contains("No errors"));
+    assert!(
+        fs::read(d.join("base-flat.vmdk")).unwrap() == flat_before,
+        "parent changed"
     );
 }

@@ -20,6 +20,7 @@
 
 pub mod block_map;
 pub mod create;
+mod discard;
 pub mod header;
 pub mod parent;
 pub mod relink;
@@ -77,6 +78,11 @@ struct State {
     free_slots: Vec<u32>,
     /// Whether this open has written (uuidModify is renewed once).
     modified: bool,
+    /// A discard moved blocks down: the file is cut at close.
+    gave_back: bool,
+    /// Discards freed slots that the next commit gives back (until then
+    /// no allocation takes them: their old entries may still be durable).
+    holes: bool,
 }
 
 impl VdiImage {
@@ -96,6 +102,11 @@ impl VdiImage {
             );
         }
         let (next_slot, free_slots) = check_map(&map, &header, size, len, opts.writable, path)?;
+        if opts.writable && !free_slots.is_empty() {
+            // Unused slots may have been freed by a discard whose entries
+            // are not durable yet: they must be before a slot is reused.
+            storage.sync()?;
+        }
         let parent = (header.image_type == ImageType::Diff).then(|| ParentLink {
             candidates: Vec::new(),
             id: header.uuid_linkage,
@@ -120,6 +131,8 @@ impl VdiImage {
                 next_slot,
                 free_slots,
                 modified: false,
+                gave_back: false,
+                holes: false,
             }),
             storage,
         })
@@ -424,8 +437,32 @@ impl Image for VdiImage {
     }
 
     fn commit(&self) -> Result<()> {
-        let mut st = self.state();
-        self.commit_state(&mut st)
+        self.commit_with_holes()
+    }
+
+    fn close(&self) -> Result<()> {
+        if self.storage.is_writable() {
+            self.cut_tail()?;
+        }
+        Ok(())
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
+    }
+
+    fn allocation_block(&self) -> Option<u64> {
+        (self.image_type != ImageType::Fixed).then_some(self.block_size)
+    }
+
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
     }
 
     fn link_id(&self) -> [u8; 16] {

@@ -108,12 +108,19 @@ impl VhdImage {
     /// file at the next commit, after a barrier. A crash before that leaks
     /// the block; the BAT never points at data that is not on the disk.
     fn allocate(&self, s: &Sparse, b: usize, buf: &[u8], first: u32, count: u32) -> Result<()> {
-        let start = s.next_free.load(Ordering::Acquire);
-        let data = align_up(start + s.bitmap_size, DATA_ALIGN)
-            .ok_or_else(|| Error::NoSpace("file offset".into()))?;
+        // The place of a block a discard freed (durably), else new space.
+        let reused = self.take_reusable(s);
+        let start = reused.unwrap_or(s.next_free.load(Ordering::Acquire));
+        let data = match reused {
+            Some(bitmap_offset) => bitmap_offset + s.bitmap_size,
+            None => align_up(start + s.bitmap_size, DATA_ALIGN)
+                .ok_or_else(|| Error::NoSpace("file offset".into()))?,
+        };
         let bitmap_offset = data - s.bitmap_size;
         let end = data + s.block_size;
-        self.reserve(s, end)?;
+        if reused.is_none() {
+            self.reserve(s, end)?;
+        }
         // The new block may cover bytes that held something: an old footer,
         // leaked blocks, or a gap Windows leaves before the footer (formats.md
         // trap 7). Sectors this write does not cover must read as zeros, also
@@ -128,8 +135,10 @@ impl VhdImage {
         self.storage.write_all_at(&bits, bitmap_offset)?;
         self.storage.write_all_at(buf, data + first as u64 * 512)?;
         s.bat.stage(b, bitmap_offset)?;
-        s.next_free.store(end, Ordering::Release);
-        s.allocated_here.fetch_add(end - start, Ordering::AcqRel);
+        if reused.is_none() {
+            s.next_free.store(end, Ordering::Release);
+            s.allocated_here.fetch_add(end - start, Ordering::AcqRel);
+        }
         if count == s.sectors_per_block() {
             s.mark_full(b);
         }

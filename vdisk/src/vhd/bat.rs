@@ -54,6 +54,12 @@ impl BlockAllocationTable {
         Ok(())
     }
 
+    /// Marks block `b` unused in memory (it reads as zeros, or the parent);
+    /// the file's entry follows at the next commit.
+    pub fn unmap(&self, b: usize) {
+        self.table.stage(b, UNUSED);
+    }
+
     /// Entries staged and not committed.
     pub fn pending(&self) -> usize {
         self.table.pending()

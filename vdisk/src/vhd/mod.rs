@@ -8,7 +8,9 @@
 pub mod azure;
 pub mod bat;
 pub mod bitmap;
+mod compact;
 pub mod create;
+mod discard;
 pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
@@ -69,6 +71,11 @@ struct Sparse {
     zeros_from: AtomicU64,
     /// Bytes of blocks this open allocated (sizes the next reservation).
     allocated_here: AtomicU64,
+    /// File extents of the structures (footer copy, header, BAT, batmap,
+    /// parent locators): compaction moves no block over them.
+    structures: Vec<(u64, u64)>,
+    /// File space freed by discards, and when it may be reused.
+    freed: Mutex<discard::Freed>,
 }
 
 impl Sparse {
@@ -385,11 +392,22 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
             next_free = next_free.max(end);
         }
     }
-    next_free = next_free.max(batmap_end(
-        storage,
-        header.table_offset + align_up(entries * 4, 512).unwrap_or(0),
-        len,
-    )?);
+    let batmap_at = header.table_offset + align_up(entries * 4, 512).unwrap_or(0);
+    let batmap = batmap_end(storage, batmap_at, len)?;
+    next_free = next_free.max(batmap);
+    // What compaction must not move blocks over.
+    let mut structures = metadata.to_vec();
+    structures.push((
+        header.table_offset,
+        align_up(bat_end, 512).unwrap_or(bat_end),
+    ));
+    if batmap > 0 {
+        structures.push((batmap_at, batmap));
+    }
+    for loc in header.locators.iter().filter(|l| l.is_used()) {
+        let n = loc.space_bytes().max(loc.data_length as u64);
+        structures.push((loc.data_offset, loc.data_offset.saturating_add(n)));
+    }
     Ok(Sparse {
         bitmaps: bitmap::BitmapCache::new(bitmap_size),
         pending_bitmaps: Default::default(),
@@ -405,6 +423,8 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         next_free: AtomicU64::new(next_free),
         zeros_from: AtomicU64::new(len),
         allocated_here: AtomicU64::new(0),
+        structures,
+        freed: Default::default(),
     })
 }
 
@@ -514,11 +534,36 @@ impl Image for VhdImage {
         Ok(())
     }
 
+    fn flush(&self) -> Result<()> {
+        match &self.sparse {
+            Some(s) if self.storage.is_writable() => self.flush_sparse(s),
+            _ => Ok(self.storage.sync()?),
+        }
+    }
+
     fn commit(&self) -> Result<()> {
         match &self.sparse {
             Some(s) => self.commit_sparse(s),
             None => Ok(()),
         }
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
+    }
+
+    fn allocation_block(&self) -> Option<u64> {
+        self.sparse.as_ref().map(|s| s.block_size)
+    }
+
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
     }
 
     fn close(&self) -> Result<()> {

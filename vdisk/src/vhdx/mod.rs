@@ -29,7 +29,9 @@
 //!   new values through the two-header update.
 
 pub mod bat;
+mod compact;
 pub mod create;
+mod discard;
 pub mod guid;
 pub mod header;
 pub mod log;
@@ -104,6 +106,11 @@ struct State {
     log_sequence: u64,
     /// File offsets of BAT sectors changed in memory and not yet committed.
     pending: std::collections::BTreeSet<u64>,
+    /// Block offsets that discards freed, with BAT changes not committed
+    /// yet (the file's BAT may still point there).
+    freed: Vec<u64>,
+    /// Freed block offsets whose BAT change is durable: new blocks take them.
+    reusable: Vec<u64>,
 }
 
 /// A VHDX file.
@@ -220,6 +227,8 @@ impl VhdxImage {
                 next_data_guid: None,
                 log_sequence: 0,
                 pending: Default::default(),
+                freed: Vec::new(),
+                reusable: Vec::new(),
             }),
         };
         image.check_bat(file_len)?;
@@ -400,8 +409,11 @@ impl VhdxImage {
         }
         let start = b * l.block_size;
         let visible = l.block_size.min(self.meta.virtual_size - start);
+        // A block freed by a discard holds old data: not fresh.
         let (target, fresh) = if state == bat::PARTIALLY_PRESENT {
             (bat::offset(e), false)
+        } else if let Some(off) = st.reusable.pop() {
+            (off, false)
         } else {
             (self.allocate()?, true)
         };
@@ -525,6 +537,10 @@ impl VhdxImage {
                 st.pending.remove(offset);
             }
         }
+        // The BAT sectors are durable (synced in place): blocks freed by
+        // the changes committed here may now be reused.
+        let freed = std::mem::take(&mut st.freed);
+        st.reusable.extend(freed);
         Ok(())
     }
 }
@@ -645,6 +661,24 @@ impl Image for VhdxImage {
     fn commit(&self) -> Result<()> {
         let mut st = self.lock();
         self.commit_pending(&mut st)
+    }
+
+    fn discard(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    ) -> Result<()> {
+        self.discard_range(offset, len, unmap, parent)
+    }
+
+    fn allocation_block(&self) -> Option<u64> {
+        (!self.meta.leave_blocks_allocated).then_some(self.layout.block_size)
+    }
+
+    fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+        self.relocate_blocks(progress)
     }
 
     fn is_writable(&self) -> bool {

@@ -21,7 +21,9 @@
 
 pub mod create;
 pub mod descriptor;
+mod extents;
 pub mod header;
+mod link;
 pub mod sesparse;
 pub mod sparse;
 
@@ -31,8 +33,11 @@ use std::sync::Mutex;
 use crate::{
     Error, Format, Geometry, Image, Mapping, OpenOptions, ParentLink, ParentOpener, Result, Storage,
 };
-use descriptor::{Access, Descriptor, ExtentKind, NO_PARENT};
+use descriptor::{Descriptor, NO_PARENT};
+use extents::{Body, Extent, checked_bytes, open_extents, sparse_writable};
 use header::{COWD, KDMV};
+pub use link::cid_id;
+use link::{new_cid, parent_link};
 use sparse::{Grain, SparseExtent};
 
 const EXTENT_SHIFT: u32 = 48;
@@ -58,31 +63,6 @@ pub fn probe(head: &[u8], len: u64) -> bool {
         || (len <= descriptor::MAX_TEXT && descriptor::looks_like_text(head))
 }
 
-enum Body {
-    Flat {
-        file: usize,
-        start: u64,
-    },
-    Sparse {
-        file: usize,
-        sparse: Box<SparseExtent>,
-    },
-    SeSparse {
-        file: usize,
-        extent: Box<sesparse::SeSparseExtent>,
-    },
-    Zero,
-    NoAccess,
-}
-
-struct Extent {
-    start: u64,
-    len: u64,
-    body: Body,
-    writable: bool,
-    name: String,
-}
-
 /// A VMDK disk: its descriptor and extents.
 pub struct VmdkImage {
     /// `files[0]` is the file opened; extent files follow.
@@ -98,13 +78,6 @@ pub struct VmdkImage {
     /// The current CID and whether this open has changed it.
     cid: Mutex<(u32, bool)>,
     path: PathBuf,
-}
-
-fn open_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io(std::io::Error::new(
-        e.kind(),
-        format!("VMDK extent {}: {e}", path.display()),
-    ))
 }
 
 impl VmdkImage {
@@ -345,203 +318,6 @@ impl VmdkImage {
             done += n;
         }
         Ok(())
-    }
-}
-
-/// Whether a sparse extent can be written here; if not, why (into `why`).
-fn sparse_writable(sp: &SparseExtent, why: &mut Option<String>) -> bool {
-    let h = &sp.header;
-    let reason = if h.compressed() {
-        Some("stream-optimized (compressed) VMDK extents are read-only here")
-    } else if h.cowd {
-        Some("VMFSSPARSE (COWD) extents are read-only here")
-    } else if h.version == 3 {
-        Some("version-3 sparse extents (changed block tracking) are read-only, as in qemu")
-    } else {
-        None
-    };
-    if let Some(r) = reason {
-        why.get_or_insert_with(|| r.to_string());
-    }
-    reason.is_none()
-}
-
-fn checked_bytes(sectors: u64) -> Result<u64> {
-    sectors
-        .checked_mul(512)
-        .filter(|&b| b <= OFFSET_MASK)
-        .ok_or_else(|| Error::corrupt("VMDK extent", format!("{sectors} sectors is too large")))
-}
-
-/// `name` as written in a descriptor, against the descriptor's folder.
-fn resolve(path: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
-    if p.is_absolute() {
-        return p.to_path_buf();
-    }
-    path.parent().unwrap_or(Path::new("")).join(p)
-}
-
-fn open_extents(
-    d: &Descriptor,
-    path: &Path,
-    opts: OpenOptions,
-    opener: &dyn ParentOpener,
-    files: &mut Vec<Box<dyn Storage>>,
-    read_only: &mut Option<String>,
-) -> Result<Vec<Extent>> {
-    if d.extents.len() > MAX_EXTENTS {
-        return Err(Error::unsupported(format!(
-            "{} VMDK extents (at most {MAX_EXTENTS})",
-            d.extents.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(d.extents.len());
-    let mut start = 0u64;
-    for line in &d.extents {
-        let len = checked_bytes(line.sectors)?;
-        let name = line.file.clone().unwrap_or_else(|| line.type_name.clone());
-        let want_write = opts.writable && line.access == Access::ReadWrite;
-        let open_file = |files: &mut Vec<Box<dyn Storage>>| -> Result<usize> {
-            let p = resolve(path, line.file.as_deref().unwrap_or_default());
-            let s = opener
-                .open_extent(&p, want_write)
-                .map_err(|e| open_err(&p, e))?;
-            files.push(s);
-            Ok(files.len() - 1)
-        };
-        let (body, writable) = match (line.access, line.kind) {
-            (Access::NoAccess, _) => (Body::NoAccess, false),
-            (_, ExtentKind::Zero) => (Body::Zero, false),
-            (_, ExtentKind::SeSparse) => {
-                let file = open_file(files)?;
-                let extent = sesparse::SeSparseExtent::open(files[file].as_ref())?;
-                if extent.capacity < line.sectors {
-                    log::warn!(
-                        "{}: seSparse extent {name} holds {} sectors of {}; the rest reads as unallocated",
-                        path.display(),
-                        extent.capacity,
-                        line.sectors
-                    );
-                }
-                if want_write {
-                    read_only.get_or_insert_with(|| {
-                        "seSparse extents are read-only here (as in qemu)".to_string()
-                    });
-                }
-                (
-                    Body::SeSparse {
-                        file,
-                        extent: Box::new(extent),
-                    },
-                    false,
-                )
-            }
-            (_, ExtentKind::Flat) => {
-                let file = open_file(files)?;
-                let start = checked_bytes(line.offset)?;
-                let end = start.checked_add(len).filter(|&e| e <= OFFSET_MASK);
-                let flen = files[file].len()?;
-                if end.is_none_or(|e| e > flen) {
-                    return Err(Error::corrupt(
-                        "VMDK flat extent",
-                        format!("{name}: {flen} bytes, the extent needs {len} from {start}"),
-                    ));
-                }
-                (Body::Flat { file, start }, want_write)
-            }
-            (_, ExtentKind::Sparse) => {
-                let file = open_file(files)?;
-                let f = files[file].as_ref();
-                let mut head = [0u8; 512];
-                f.read_exact_at(&mut head, 0)?;
-                let sparse = SparseExtent::open(f, &head)?;
-                if sparse.header.capacity < line.sectors {
-                    log::warn!(
-                        "{}: sparse extent {name} holds {} sectors of {}; the rest reads as unallocated",
-                        path.display(),
-                        sparse.header.capacity,
-                        line.sectors
-                    );
-                }
-                let w = want_write && sparse_writable(&sparse, read_only);
-                (
-                    Body::Sparse {
-                        file,
-                        sparse: Box::new(sparse),
-                    },
-                    w,
-                )
-            }
-        };
-        out.push(Extent {
-            start,
-            len,
-            body,
-            writable,
-            name,
-        });
-        start = start
-            .checked_add(len)
-            .ok_or_else(|| Error::corrupt("VMDK descriptor", "extents too large"))?;
-    }
-    Ok(out)
-}
-
-fn parent_link(d: &Descriptor, path: &Path) -> Result<Option<ParentLink>> {
-    if d.parent_cid == NO_PARENT {
-        return Ok(None);
-    }
-    let Some(hint) = &d.parent_hint else {
-        return Err(Error::corrupt(
-            "VMDK descriptor",
-            format!("parentCID={:08x} but no parentFileNameHint", d.parent_cid),
-        ));
-    };
-    let mut candidates = vec![resolve(path, hint)];
-    // A hint written on another machine (or Windows): the name alone, beside the child.
-    if let Some(base) = hint.rsplit(['/', '\\']).next()
-        && let Some(dir) = path.parent()
-    {
-        let c = dir.join(base);
-        if !candidates.contains(&c) {
-            candidates.push(c);
-        }
-    }
-    Ok(Some(ParentLink {
-        candidates,
-        id: cid_id(d.parent_cid),
-        alternate_id: None,
-        description: format!(
-            "VMDK parent \"{hint}\" with CID {:08x} (the child's parentCID; a parent written after the child was made has another CID)",
-            d.parent_cid
-        ),
-    }))
-}
-
-/// The link identity of a CID.
-pub fn cid_id(cid: u32) -> [u8; 16] {
-    let mut id = [0u8; 16];
-    id[..4].copy_from_slice(b"VMDK");
-    id[4..8].copy_from_slice(&cid.to_le_bytes());
-    id
-}
-
-/// A new CID, different from `old` and from "no parent".
-fn new_cid(old: u32) -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let mut z = nanos ^ ((std::process::id() as u64) << 32) ^ old as u64;
-    // splitmix64
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    let c = (z ^ (z >> 31)) as u32;
-    if c == old || c == NO_PARENT || c == DEFAULT_CID {
-        c ^ 0x5A5A_0001
-    } else {
-        c
     }
 }
 

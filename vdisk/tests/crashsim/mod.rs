@@ -419,6 +419,22 @@ impl Session {
             op_start,
         });
     }
+    /// A discard through `Disk::discard` (or `write_zeroes` without unmap):
+    /// for the oracle, a write of zeros.
+    pub fn discard(&mut self, offset: u64, len: u64, unmap: bool) {
+        let op_start = self.rec.op_count();
+        let done = if unmap {
+            self.disk.discard(offset, len)
+        } else {
+            self.disk.write_zeroes(offset, len, false)
+        };
+        done.unwrap_or_else(|e| panic!("{}: discard {len} @ {offset}: {e}", self.name));
+        self.writes.push(DiskWrite {
+            offset,
+            data: vec![0; len as usize],
+            op_start,
+        });
+    }
     pub fn flush(&mut self) {
         let op_start = self.rec.op_count();
         self.disk

@@ -1,0 +1,190 @@
+//! `vhdio compact IMAGE`: gives the space of a dynamic image back. Blocks
+//! that hold only zeros are unmapped (a discard: unallocated in a base image,
+//! the format's zero state in a VHDX or VDI child), the remaining blocks move
+//! down into the holes and the file is cut (`Image::relocate`). Crash-safe
+//! at every step (see `vdisk::Image::relocate`). Offline: refused while
+//! another process (qemu, the library, `vhdio serve`) writes the image.
+
+use std::io::{IsTerminal, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use vdisk::{Format, Image, Mapping};
+
+use crate::units::human;
+use crate::{EXIT_ERROR, EXIT_OK, Failure, fail};
+
+pub struct CompactOptions<'a> {
+    pub image: &'a Path,
+    pub dry_run: bool,
+    pub progress: bool,
+}
+
+/// Bytes that a writer's lock covers (vdisk::lock: permissions write and
+/// resize held, and consistent read, write and resize denied).
+const WRITER_BYTES: [u64; 5] = [101, 103, 200, 201, 203];
+
+/// Whether /proc/locks shows another process's lock on a writer byte of the
+/// file (qemu, the library and nbdkit take OFD locks; this tool takes none).
+fn other_writer(path: &Path) -> std::io::Result<bool> {
+    let meta = std::fs::metadata(path)?;
+    let dev = meta.dev();
+    let major = ((dev >> 8) & 0xfff) | ((dev >> 32) & !0xfff);
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+        return Ok(false);
+    };
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "N: OFDLCK ADVISORY READ -1 fd:01:1234 100 100" (waiters: "N: -> ...").
+        let Some(at) = f.iter().position(|w| w.matches(':').count() == 2) else {
+            continue;
+        };
+        let id: Vec<&str> = f[at].split(':').collect();
+        let same_file = u64::from_str_radix(id[0], 16).ok() == Some(major)
+            && u64::from_str_radix(id[1], 16).ok() == Some(minor)
+            && id[2].parse::<u64>().ok() == Some(meta.ino());
+        if !same_file || f.len() < at + 3 {
+            continue;
+        }
+        let start: u64 = f[at + 1].parse().unwrap_or(0);
+        let end: u64 = f[at + 2].parse().unwrap_or(u64::MAX);
+        if WRITER_BYTES.iter().any(|&b| (start..=end).contains(&b)) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// The blocks of `image` that store only zeros, as (first byte, length) runs.
+/// In a child (`child`), only blocks stored whole: a part it does not store
+/// shows the parent, which an unmapped block would hide.
+fn zero_block_runs(image: &dyn Image, bs: u64, child: bool) -> vdisk::Result<Vec<(u64, u64)>> {
+    let size = image.virtual_size();
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut buf = Vec::new();
+    for b in 0..size.div_ceil(bs) {
+        let (start, end) = (b * bs, ((b + 1) * bs).min(size));
+        let (mut stored, mut zeros, mut pos) = (false, true, start);
+        while pos < end && zeros {
+            let (m, n) = image.map(pos, end - pos)?;
+            match m {
+                Mapping::Data { file_offset } => {
+                    stored = true;
+                    buf.resize(n as usize, 0);
+                    image.read_data(&mut buf, file_offset)?;
+                    zeros = buf.iter().all(|&x| x == 0);
+                }
+                Mapping::Unallocated if child => zeros = false,
+                Mapping::Unallocated | Mapping::Zero => {}
+                // Stored, but not as plain bytes: kept.
+                Mapping::Compressed => {
+                    stored = true;
+                    zeros = false;
+                }
+            }
+            pos += n.max(1);
+        }
+        if stored && zeros {
+            match runs.last_mut() {
+                Some((s, l)) if *s + *l == start => *l += end - start,
+                _ => runs.push((start, end - start)),
+            }
+        }
+    }
+    Ok(runs)
+}
+
+pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
+    let shown = o.image.display();
+    let err = |e: vdisk::Error| fail(EXIT_ERROR, format!("{shown}: {e}"));
+    if !o.dry_run && other_writer(o.image).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))? {
+        return Err(fail(
+            EXIT_ERROR,
+            format!(
+                "{shown}: {}; compact it when it is closed",
+                vdisk::lock::BUSY_MESSAGE
+            ),
+        ));
+    }
+    let before = std::fs::metadata(o.image)
+        .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
+        .len();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(!o.dry_run)
+        .open(o.image)
+        .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
+    let disk = vdisk::open_disk(
+        Box::new((file, !o.dry_run)),
+        o.image,
+        vdisk::OpenOptions {
+            writable: !o.dry_run,
+        },
+        &vdisk::StdParentOpener,
+    )
+    .map_err(err)?;
+    let top = &disk.layers()[0];
+    let Some(bs) = top.allocation_block() else {
+        println!("{shown}: no blocks to move (a fixed layout): nothing to compact");
+        return Ok(EXIT_OK);
+    };
+    let usage = vdisk::block_usage(top.as_ref(), false)
+        .map_err(err)?
+        .unwrap_or_default();
+    // A VHD child has no zero state: its zero blocks hide the parent's data.
+    let unmappable = !(top.format() == Format::Vhd && disk.layers().len() > 1);
+    let runs = if unmappable {
+        zero_block_runs(top.as_ref(), bs, disk.layers().len() > 1).map_err(err)?
+    } else {
+        Vec::new()
+    };
+    let zero: u64 = runs.iter().map(|r| r.1.div_ceil(bs)).sum();
+    let keep = usage.allocated - zero;
+    println!(
+        "{shown}: {} blocks of {} allocated, {zero} of them only zeros; file {}",
+        usage.allocated,
+        human(bs),
+        human(before)
+    );
+    if o.dry_run {
+        let data = keep * bs;
+        println!(
+            "would unmap {zero} blocks ({}) and move the rest down: about {} of blocks stay, \
+             {} of the file not in them would go (less its metadata)",
+            human(zero * bs),
+            human(data),
+            human(before.saturating_sub(data))
+        );
+        return Ok(EXIT_OK);
+    }
+    for &(start, len) in &runs {
+        disk.discard(start, len).map_err(err)?;
+    }
+    disk.flush().map_err(err)?;
+    let tty = o.progress && std::io::stderr().is_terminal();
+    let mut report = |done: u64, total: u64| {
+        if tty {
+            eprint!("\rcompacting: {done}/{total} blocks moved");
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let moved = disk.layers()[0].relocate(&mut report).map_err(err)?;
+    if tty {
+        eprintln!();
+    }
+    disk.close().map_err(err)?;
+    drop(disk);
+    let after = std::fs::metadata(o.image)
+        .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
+        .len();
+    // (VDI moves blocks into freed slots already at the flush after the
+    // unmapping: those moves are not counted here.)
+    println!(
+        "unmapped {zero} zero blocks, then moved {moved} blocks; file {} -> {} ({} freed)",
+        human(before),
+        human(after),
+        human(before.saturating_sub(after))
+    );
+    Ok(EXIT_OK)
+}
