@@ -1,9 +1,19 @@
 //! The fd table: fd -> open file (the fd context shared by dup'ed fds).
 //!
 //! A lookup for an fd that is not an image is one atomic load and takes no
-//! lock. Entries are `Arc<OpenFile>` stored as raw pointers; taking a
-//! reference (or replacing an entry) happens under `LOCK`, so a concurrent
-//! close never frees an entry another thread is about to use.
+//! lock. A lookup of an image fd takes no lock either: each slot is one word
+//! holding a pointer to its entry (low 48 bits) and the number of readers
+//! using that entry (high 16 bits). A reader adds itself with one
+//! compare-and-swap that also proves the pointer is still there, and leaves
+//! with another ([`FdRef`]). Whoever takes an entry out of its slot (close,
+//! dup2 over it, a stale entry dropped) swaps the whole word, so it learns how
+//! many readers were inside and hands that count to the entry; the last of
+//! those readers to leave frees it (split reference counting). Nobody waits
+//! for anybody: a signal handler doing image I/O, or closing the very fd the
+//! interrupted code is reading, cannot deadlock, and a fork can happen at any
+//! moment (a reader that does not exist in the child only leaks its entry
+//! there). Slots are one cache line each, so threads using different fds do
+//! not share lines.
 //!
 //! Entries can go stale behind our back (a close inside libc, a raw close
 //! syscall) and the number be reused for another file: every use validates the
@@ -18,8 +28,8 @@
 //!   write, pread, pwrite and their variants use it: half the cost of a
 //!   random 4 KiB read through the library was the fstat.
 
-use std::ptr::null_mut;
-use std::sync::atomic::{AtomicI32, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use libc::c_int;
@@ -28,16 +38,38 @@ use crate::images::ImageObject;
 use crate::sys;
 
 /// Fds at or above this number are never images: opening an image there fails
-/// with EMFILE. 64 Ki pointers of address space, touched only where used.
+/// with EMFILE. 64 Ki cache lines of address space, touched only where used.
 pub const MAX_FDS: usize = 1 << 16;
 
-static SLOTS: [AtomicPtr<OpenFile>; MAX_FDS] = [const { AtomicPtr::new(null_mut()) }; MAX_FDS];
+/// One fd's word: entry pointer | readers << ENTRY_BITS (0: not mapped).
+#[repr(align(64))]
+struct Slot(AtomicU64);
+
+/// User-space pointers fit in 48 bits (x86-64 and aarch64 with 4-level page
+/// tables; an entry that does not fit is refused, not truncated).
+const ENTRY_BITS: u32 = 48;
+const ENTRY_MASK: u64 = (1 << ENTRY_BITS) - 1;
+const ONE_READER: u64 = 1 << ENTRY_BITS;
+const MAX_READERS: u64 = u64::MAX >> ENTRY_BITS;
+
+static SLOTS: [Slot; MAX_FDS] = [const { Slot(AtomicU64::new(0)) }; MAX_FDS];
 /// The library's own fds (containers, parents): one bit each.
 static INTERNAL: [AtomicU64; MAX_FDS / 64] = [const { AtomicU64::new(0) }; MAX_FDS / 64];
-static LOCK: Mutex<()> = Mutex::new(());
-/// How many slots are mapped (changed under LOCK): the whole-table scans of
-/// exec and closefrom/close_range cost nothing in a process without images.
+/// At least the number of mapped slots (raised before a slot is filled,
+/// lowered after it is emptied): the whole-table scans of exec and
+/// closefrom/close_range cost nothing in a process without images.
 static MAPPED: AtomicUsize = AtomicUsize::new(0);
+/// One more than the highest fd ever mapped: where the scans stop.
+static END: AtomicUsize = AtomicUsize::new(0);
+
+/// What a slot points to: one mapping of an fd (dup'ed fds have one each,
+/// sharing the open file).
+struct Entry {
+    of: Arc<OpenFile>,
+    /// Readers still inside after the entry left its slot, as handed over by
+    /// the one who took it out, minus those who have left since.
+    pending: AtomicI64,
+}
 
 /// One open of an image (or partition): what dup'ed fds share. The file offset
 /// is not here: it lives in the dummy memfd, so the kernel shares it across
@@ -115,7 +147,7 @@ impl OpenFile {
     }
 }
 
-fn slot(fd: c_int) -> Option<&'static AtomicPtr<OpenFile>> {
+fn slot(fd: c_int) -> Option<&'static Slot> {
     SLOTS.get(usize::try_from(fd).ok()?)
 }
 
@@ -129,24 +161,74 @@ pub fn any_mapped() -> bool {
 #[inline]
 pub fn is_mapped(fd: c_int) -> bool {
     match slot(fd) {
-        Some(s) => !s.load(Ordering::Relaxed).is_null(),
+        Some(s) => s.0.load(Ordering::Relaxed) != 0,
         None => false,
     }
 }
 
-pub(crate) fn lock() -> std::sync::MutexGuard<'static, ()> {
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// A counted use of the open file mapped to an fd: while it lives, the entry
+/// it came from is not freed (see the module docs). Dropping it is one
+/// compare-and-swap, or, if the entry left its slot meanwhile, one atomic
+/// decrement (and the free, for the last reader).
+pub struct FdRef {
+    slot: &'static Slot,
+    entry: NonNull<Entry>,
+}
+
+impl FdRef {
+    /// A reference of its own to the open file, to map another fd to it.
+    pub fn arc(&self) -> Arc<OpenFile> {
+        self.entry().of.clone()
+    }
+    fn entry(&self) -> &Entry {
+        // SAFETY: our reader count keeps the entry allocated (module docs).
+        unsafe { self.entry.as_ref() }
+    }
+    fn addr(&self) -> u64 {
+        self.entry.as_ptr() as u64
+    }
+}
+
+impl std::ops::Deref for FdRef {
+    type Target = OpenFile;
+    fn deref(&self) -> &OpenFile {
+        &self.entry().of
+    }
+}
+
+impl Drop for FdRef {
+    fn drop(&mut self) {
+        let mut cur = self.slot.0.load(Ordering::Relaxed);
+        // An entry is never put back into a slot, and its address cannot be
+        // reused while we count in it: same address, same entry.
+        while cur & ENTRY_MASK == self.addr() {
+            match self.slot.0.compare_exchange_weak(
+                cur,
+                cur - ONE_READER,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(now) => cur = now,
+            }
+        }
+        // Taken out with us counted in it: settle with whoever took it.
+        if self.entry().pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // SAFETY: the last reader of an entry out of its slot frees it.
+            drop(unsafe { Box::from_raw(self.entry.as_ptr()) });
+        }
+    }
 }
 
 /// The open file behind `fd`, if `fd` is still the dummy it was mapped to
 /// (exact check).
-pub fn lookup(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn lookup(fd: c_int) -> Option<FdRef> {
     let of = entry(fd)?;
     validated(fd, of, false)
 }
 
 /// [`lookup`] for the data path: the offset signature, where the open has one.
-pub fn lookup_io(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn lookup_io(fd: c_int) -> Option<FdRef> {
     let of = entry(fd)?;
     validated(fd, of, true)
 }
@@ -154,7 +236,7 @@ pub fn lookup_io(fd: c_int) -> Option<Arc<OpenFile>> {
 /// [`lookup_io`] for read, write, readv and writev, which read the offset
 /// anyway: they check its signature themselves ([`OpenFile::signed`]) and
 /// call [`drop_stale`] when it fails. Opens without one are checked here.
-pub fn lookup_stream(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn lookup_stream(fd: c_int) -> Option<FdRef> {
     let of = entry(fd)?;
     if of.offset_base != 0 {
         return Some(of);
@@ -162,25 +244,30 @@ pub fn lookup_stream(fd: c_int) -> Option<Arc<OpenFile>> {
     validated(fd, of, false)
 }
 
-fn entry(fd: c_int) -> Option<Arc<OpenFile>> {
+/// Enters the entry in `fd`'s slot as a reader: no lock, no wait.
+fn entry(fd: c_int) -> Option<FdRef> {
     let s = slot(fd)?;
-    let of = {
-        let _l = lock();
-        let p = s.load(Ordering::Acquire);
-        if p.is_null() {
-            return None;
+    let mut cur = s.0.load(Ordering::Acquire);
+    loop {
+        let p = NonNull::new((cur & ENTRY_MASK) as *mut Entry)?;
+        if cur >> ENTRY_BITS == MAX_READERS {
+            // 65535 calls on one fd at once: wait for one to leave.
+            sys::sched_yield();
+            cur = s.0.load(Ordering::Acquire);
+            continue;
         }
-        // SAFETY: p came from Arc::into_raw and the table holds a count on it,
-        // which cannot be released while we hold LOCK.
-        unsafe {
-            Arc::increment_strong_count(p);
-            Arc::from_raw(p)
+        // Succeeds only if the slot still holds p: then p is ours to use.
+        match s
+            .0
+            .compare_exchange_weak(cur, cur + ONE_READER, Ordering::Acquire, Ordering::Acquire)
+        {
+            Ok(_) => return Some(FdRef { slot: s, entry: p }),
+            Err(now) => cur = now,
         }
-    };
-    Some(of)
+    }
 }
 
-fn validated(fd: c_int, of: Arc<OpenFile>, signature: bool) -> Option<Arc<OpenFile>> {
+fn validated(fd: c_int, of: FdRef, signature: bool) -> Option<FdRef> {
     let valid = if signature && of.offset_base != 0 {
         sys::lseek(fd, 0, libc::SEEK_CUR).is_ok_and(|raw| of.signed(raw))
     } else {
@@ -194,65 +281,84 @@ fn validated(fd: c_int, of: Arc<OpenFile>, signature: bool) -> Option<Arc<OpenFi
 }
 
 /// Unmaps `fd` after a failed check, unless it was remapped meanwhile.
-pub fn drop_stale(fd: c_int, of: &Arc<OpenFile>) {
+pub fn drop_stale(fd: c_int, of: &FdRef) {
     let _guard = crate::guard::Guard::enter();
     log::debug!("fd {fd}: stale mapping to {} dropped", of.image.path_str());
-    remove_if(fd, of);
+    let mut cur = of.slot.0.load(Ordering::Acquire);
+    while cur & ENTRY_MASK == of.addr() {
+        match of
+            .slot
+            .0
+            .compare_exchange_weak(cur, 0, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                MAPPED.fetch_sub(1, Ordering::Relaxed);
+                retire(cur);
+                return;
+            }
+            Err(now) => cur = now,
+        }
+    }
+}
+
+/// An entry taken out of its slot, with the word it had: freed now if no
+/// reader was inside, else by the last of them.
+fn retire(word: u64) {
+    let Some(p) = NonNull::new((word & ENTRY_MASK) as *mut Entry) else {
+        return;
+    };
+    let readers = (word >> ENTRY_BITS) as i64;
+    // SAFETY: p is allocated until its readers and we are done with it; each
+    // reader's decrement and our hand-over meet in `pending`, and whoever
+    // brings it to zero frees it.
+    let last = readers == 0
+        || unsafe { p.as_ref() }
+            .pending
+            .fetch_add(readers, Ordering::AcqRel)
+            + readers
+            == 0;
+    if last {
+        // SAFETY: as above; nobody else can reach p any more.
+        drop(unsafe { Box::from_raw(p.as_ptr()) });
+    }
 }
 
 /// Maps `fd` to `of`, replacing any earlier mapping.
 pub fn insert(fd: c_int, of: Arc<OpenFile>) -> bool {
     let Some(s) = slot(fd) else { return false };
-    let old = {
-        let _l = lock();
-        let old = s.swap(Arc::into_raw(of).cast_mut(), Ordering::AcqRel);
-        if old.is_null() {
-            MAPPED.fetch_add(1, Ordering::Relaxed);
-        }
-        old
-    };
-    release(old);
+    let e = Box::into_raw(Box::new(Entry {
+        of,
+        pending: AtomicI64::new(0),
+    }));
+    if e as u64 & !ENTRY_MASK != 0 {
+        // SAFETY: e came from Box::into_raw just now.
+        drop(unsafe { Box::from_raw(e) });
+        log::error!("fd {fd}: entry address above 2^48; the image stays unmapped");
+        return false;
+    }
+    END.fetch_max(fd as usize + 1, Ordering::Relaxed);
+    MAPPED.fetch_add(1, Ordering::Relaxed);
+    let old = s.0.swap(e as u64, Ordering::AcqRel);
+    if old != 0 {
+        MAPPED.fetch_sub(1, Ordering::Relaxed);
+    }
+    retire(old);
     true
 }
 
 /// Unmaps `fd`, returning what it was mapped to.
 pub fn remove(fd: c_int) -> Option<Arc<OpenFile>> {
     let s = slot(fd)?;
-    let old = {
-        let _l = lock();
-        let old = s.swap(null_mut(), Ordering::AcqRel);
-        if !old.is_null() {
-            MAPPED.fetch_sub(1, Ordering::Relaxed);
-        }
-        old
-    };
-    // SAFETY: old came from Arc::into_raw; the table's count moves to the caller.
-    (!old.is_null()).then(|| unsafe { Arc::from_raw(old) })
-}
-
-fn remove_if(fd: c_int, of: &Arc<OpenFile>) {
-    let Some(s) = slot(fd) else { return };
-    let p = Arc::as_ptr(of).cast_mut();
-    let won = {
-        let _l = lock();
-        let won = s
-            .compare_exchange(p, null_mut(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok();
-        if won {
-            MAPPED.fetch_sub(1, Ordering::Relaxed);
-        }
-        won
-    };
-    if won {
-        release(p);
+    if s.0.load(Ordering::Relaxed) == 0 {
+        return None;
     }
-}
-
-fn release(p: *mut OpenFile) {
-    if !p.is_null() {
-        // SAFETY: p came from Arc::into_raw and was removed from the table.
-        drop(unsafe { Arc::from_raw(p) });
-    }
+    let old = s.0.swap(0, Ordering::AcqRel);
+    let p = NonNull::new((old & ENTRY_MASK) as *mut Entry)?;
+    MAPPED.fetch_sub(1, Ordering::Relaxed);
+    // SAFETY: out of the slot but not yet retired: still allocated.
+    let of = unsafe { p.as_ref() }.of.clone();
+    retire(old);
+    Some(of)
 }
 
 /// Unmaps every fd in `lo..=hi` (after close_range or closefrom).
@@ -261,9 +367,9 @@ pub fn remove_range(lo: c_int, hi: c_int) {
         return;
     }
     let lo = lo.max(0) as usize;
-    let hi = (hi.max(0) as usize).min(MAX_FDS - 1);
-    for (fd, slot) in SLOTS.iter().enumerate().take(hi + 1).skip(lo) {
-        if !slot.load(Ordering::Relaxed).is_null() {
+    let end = (hi.max(0) as usize + 1).min(END.load(Ordering::Relaxed));
+    for (fd, s) in SLOTS.iter().enumerate().take(end).skip(lo) {
+        if s.0.load(Ordering::Relaxed) != 0 {
             drop(remove(fd as c_int));
         }
     }
@@ -357,8 +463,9 @@ pub fn inheritable_dummies() -> usize {
         return 0;
     }
     let mut n = 0;
-    for (fd, s) in SLOTS.iter().enumerate() {
-        if !s.load(Ordering::Relaxed).is_null()
+    let end = END.load(Ordering::Relaxed);
+    for (fd, s) in SLOTS.iter().enumerate().take(end) {
+        if s.0.load(Ordering::Relaxed) != 0
             && let Ok(flags) = sys::fcntl(fd as c_int, libc::F_GETFD, 0)
             && flags & libc::FD_CLOEXEC as libc::c_long == 0
         {

@@ -40,7 +40,6 @@ extern "C" fn init() {
 type Held = (
     std::sync::MutexGuard<'static, Vec<std::sync::Weak<images::ImageObject>>>,
     std::sync::MutexGuard<'static, Vec<std::sync::Arc<std::sync::atomic::AtomicI32>>>,
-    std::sync::MutexGuard<'static, ()>,
     std::sync::MutexGuard<'static, Vec<crate::hooks::libaio::Queue>>,
 );
 
@@ -51,13 +50,13 @@ thread_local! {
 
 /// fork in a multi-threaded program: no other thread may hold one of the
 /// library's global locks at the moment of fork, or the child would wait for
-/// it forever. Taken in the one global order: registry, internal fds, fd
-/// table, libaio queues.
+/// it forever. Taken in the one global order: registry, internal fds,
+/// libaio queues. (The fd table has no lock: a fork in the middle of a
+/// lookup is harmless.)
 extern "C" fn fork_prepare() {
     let held = (
         images::registry(),
         fdtable::lock_owners(),
-        fdtable::lock(),
         crate::hooks::libaio::lock(),
     );
     HELD.with(|h| *h.borrow_mut() = Some(held));

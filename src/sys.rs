@@ -147,6 +147,11 @@ pub fn random_u64() -> u64 {
     u64::from_ne_bytes(v)
 }
 
+pub fn sched_yield() {
+    // SAFETY: plain syscall.
+    unsafe { libc::syscall(libc::SYS_sched_yield) };
+}
+
 pub fn getpid() -> c_int {
     // SAFETY: plain syscall.
     unsafe { libc::syscall(libc::SYS_getpid) as c_int }

@@ -3,13 +3,11 @@
 //! would copy from or into the empty memfd (cat and cp use copy_file_range,
 //! libblkid and libfdisk sendfile).
 
-use std::sync::Arc;
-
 use libc::{c_int, c_uint, loff_t, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
 use super::{Errno, emulate, image_fd};
-use crate::fdtable::{OpenFile, is_mapped};
+use crate::fdtable::{FdRef, is_mapped};
 use crate::real;
 
 const BOUNCE: usize = 1 << 20;
@@ -18,7 +16,7 @@ const BOUNCE: usize = 1 << 20;
 /// (updated in place) or at the fd's own offset.
 struct Side<'a> {
     fd: c_int,
-    image: Option<Arc<OpenFile>>,
+    image: Option<FdRef>,
     offset: Option<&'a mut i64>,
 }
 

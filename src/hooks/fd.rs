@@ -63,7 +63,8 @@ pub unsafe extern "C" fn closefrom(lo: c_int) {
 
 /// After a successful dup of `old` to `new`, `new` shares `old`'s mapping.
 fn after_dup(old: c_int, new: c_int) {
-    if new < 0 || guard::inside() {
+    // dup2(fd, fd) does nothing (and used to lose the mapping here).
+    if new < 0 || new == old || guard::inside() {
         return;
     }
     let _g = guard::Guard::enter();
@@ -74,7 +75,7 @@ fn after_dup(old: c_int, new: c_int) {
         && let Some(of) = fdtable::lookup(old)
     {
         log::debug!("dup dummy fd {old} -> {new}");
-        fdtable::insert(new, of);
+        fdtable::insert(new, of.arc());
     }
 }
 

@@ -99,7 +99,11 @@ fn image_of(iocb: *const Iocb) -> Option<Arc<OpenFile>> {
     }
     // SAFETY: a non-NULL iocb pointer from the caller's batch.
     let fd = unsafe { (*iocb).aio_fildes } as c_int;
-    if is_mapped(fd) { image_fd_io(fd) } else { None }
+    if is_mapped(fd) {
+        image_fd_io(fd).map(|r| r.arc())
+    } else {
+        None
+    }
 }
 
 fn maybe_image(iocb: *const Iocb) -> bool {

@@ -22,11 +22,10 @@ pub mod stat;
 pub mod stdio;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 
 use libc::c_int;
 
-use crate::fdtable::{self, OpenFile};
+use crate::fdtable::{self, FdRef, OpenFile};
 use crate::guard::Guard;
 use crate::logger::{errno, set_errno};
 
@@ -71,25 +70,22 @@ pub(crate) use pass_through;
 
 /// The image behind `fd` if it is one of our dummies; `None` sends the call to libc.
 /// Callers test `fdtable::is_mapped` first, so this runs only for image fds.
-pub fn image_fd(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn image_fd(fd: c_int) -> Option<FdRef> {
     image_fd_checked(fd, fdtable::lookup)
 }
 
 /// [`image_fd`] for the data path (read, write and their variants): checks
 /// the dummy's offset signature instead of its identity (see `fdtable`).
-pub fn image_fd_io(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn image_fd_io(fd: c_int) -> Option<FdRef> {
     image_fd_checked(fd, fdtable::lookup_io)
 }
 
 /// [`image_fd`] for read, write, readv and writev: see `fdtable::lookup_stream`.
-pub fn image_fd_stream(fd: c_int) -> Option<Arc<OpenFile>> {
+pub fn image_fd_stream(fd: c_int) -> Option<FdRef> {
     image_fd_checked(fd, fdtable::lookup_stream)
 }
 
-fn image_fd_checked(
-    fd: c_int,
-    lookup: fn(c_int) -> Option<Arc<OpenFile>>,
-) -> Option<Arc<OpenFile>> {
+fn image_fd_checked(fd: c_int, lookup: fn(c_int) -> Option<FdRef>) -> Option<FdRef> {
     if crate::guard::inside() {
         return None;
     }

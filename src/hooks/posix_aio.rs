@@ -68,7 +68,11 @@ fn image_of(cb: *const Aiocb) -> Option<Arc<OpenFile>> {
     }
     // SAFETY: the caller's aiocb.
     let fd = unsafe { (*cb).fildes };
-    if is_mapped(fd) { image_fd_io(fd) } else { None }
+    if is_mapped(fd) {
+        image_fd_io(fd).map(|r| r.arc())
+    } else {
+        None
+    }
 }
 
 /// Stores the result where glibc's aio_error and aio_return read it.

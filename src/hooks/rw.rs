@@ -5,13 +5,12 @@
 
 use std::ffi::c_void;
 use std::slice;
-use std::sync::Arc;
 
 use libc::{c_int, iovec, off_t, off64_t, size_t, ssize_t};
 
 use super::open::call;
 use super::{Errno, disk_error, emulate, image_fd_io, image_fd_stream, pass_through};
-use crate::fdtable::{self, OpenFile, is_mapped};
+use crate::fdtable::{self, FdRef, OpenFile, is_mapped};
 use crate::{config, logger, real, sys};
 
 impl OpenFile {
@@ -146,11 +145,7 @@ const STALE: Errno = -1;
 /// Emulates read, write, readv or writev on `fd`; `None` when the offset's
 /// signature shows the fd is no longer ours (the entry is dropped and the
 /// caller passes the call to libc, with errno untouched).
-fn stream(
-    fd: c_int,
-    of: &Arc<OpenFile>,
-    f: impl FnOnce() -> Result<ssize_t, Errno>,
-) -> Option<ssize_t> {
+fn stream(fd: c_int, of: &FdRef, f: impl FnOnce() -> Result<ssize_t, Errno>) -> Option<ssize_t> {
     let saved = logger::errno();
     let r = emulate(-1, f);
     if r == -1 && logger::errno() == STALE {
