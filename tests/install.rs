@@ -60,9 +60,23 @@ fn make_install_then_vhdio_run() {
         "share/man/man8/vhdpartx.8",
         "share/man/man1/vhdio.1",
         "lib/nbdkit/plugins/nbdkit-vhdio-plugin.so",
+        "share/bash-completion/completions/vhdio",
+        "share/zsh/site-functions/_vhdio",
+        "share/fish/vendor_completions.d/vhdio.fish",
     ] {
         assert!(prefix.path().join(f).exists(), "{f} not installed");
     }
+    // Completions are generated from the command line definition.
+    let bash = std::fs::read_to_string(
+        prefix
+            .path()
+            .join("share/bash-completion/completions/vhdio"),
+    )
+    .unwrap();
+    assert!(
+        bash.contains("convert") && bash.contains("rebase"),
+        "{bash}"
+    );
     // The installed vhdio finds the installed library (../lib) by itself.
     let tmp = tempfile::tempdir().unwrap();
     let (data, _) = pattern(21, 5 << 20);

@@ -216,4 +216,12 @@ pub trait Image: Send + Sync {
         let _ = progress;
         Ok(0)
     }
+    /// The identity ([`Image::link_id`]) this layer takes at its first
+    /// write, for formats whose identity changes when written (VHDX
+    /// DataWriteGuid): a commit records it in the child beforehand, so the
+    /// child finds its parent at every moment. Others ignore it.
+    fn set_next_data_write_guid(&self, guid: [u8; 16]) -> Result<()> {
+        let _ = guid;
+        Ok(())
+    }
 }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bytes;
+pub mod copy;
 pub mod crc;
 pub mod create;
 mod disk;
@@ -31,7 +32,9 @@ pub mod part;
 mod probe;
 pub mod qcow2;
 mod raw;
+pub mod relink;
 mod relocate;
+pub mod resize;
 mod space;
 mod storage;
 mod table;
@@ -45,7 +48,9 @@ pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use disk_map::Allocation;
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};
-pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with};
+pub use open::{
+    OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with,
+};
 pub use probe::probe;
 pub use raw::RawImage;
 pub use space::{BlockUsage, block_usage};

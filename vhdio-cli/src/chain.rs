@@ -233,7 +233,11 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
                 open_layer(storage, candidate)
             };
             match layer {
-                Ok(l) if by_path.is_some() || l.image.link_id() == link.id => {
+                Ok(l)
+                    if by_path.is_some()
+                        || l.image.link_id() == link.id
+                        || Some(l.image.link_id()) == link.alternate_id =>
+                {
                     found = Some(l);
                     break;
                 }

@@ -36,17 +36,20 @@ impl Report {
     }
 }
 
-pub fn check(path: &Path) -> Result<u8, Failure> {
+/// `check`, with `json`: one qemu-img style object (`filename`, `format`,
+/// `check-errors`, and vhdio's `problems`, `notes`, `images`) instead of text.
+pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
     let storage = chain::open_file(path)?;
     let format = vdisk::probe(storage.as_ref())
         .map_err(|e| OpenError::Unreadable(format!("{}: {e}", path.display())))?
         .ok_or_else(|| {
             OpenError::Unreadable(format!("{}: not a VHD, VHDX or VDI image", path.display()))
         })?;
-    let mut total_problems = 0;
+    let mut files = Vec::new();
     // The top file's own structure, even when it does not open.
-    let mut checked = vec![path.to_path_buf()];
-    total_problems += report_file(path, format, storage.as_ref())?;
+    files.push(examine_file(path, format, storage.as_ref())?);
+    let mut chain_problem = None;
+    let mut chain_note = None;
     match chain::open_chain(path) {
         Ok(layers) => {
             // Not a problem: space that a discard or `vhdio compact` gives back.
@@ -60,35 +63,128 @@ pub fn check(path: &Path) -> Result<u8, Failure> {
             }
             for l in &layers[1..] {
                 let s = chain::open_file(&l.path)?;
-                total_problems += report_file(&l.path, l.format, s.as_ref())?;
-                checked.push(l.path.clone());
+                files.push(examine_file(&l.path, l.format, s.as_ref())?);
             }
             if layers.len() > 1 {
-                println!(
-                    "chain: {} images, every parent found with a matching identity",
+                chain_note = Some(format!(
+                    "{} images, every parent found with a matching identity",
                     layers.len()
-                );
+                ));
             }
         }
-        Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => {
+        Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => chain_problem = Some(m),
+    }
+    let total_problems =
+        files.iter().map(|f| f.report.problems.len()).sum::<usize>() + chain_problem.iter().count();
+    if json {
+        print_json(
+            path,
+            format,
+            &files,
+            chain_problem.as_deref(),
+            total_problems,
+        );
+    } else {
+        for f in &files {
+            f.print();
+        }
+        if let Some(n) = &chain_note {
+            println!("chain: {n}");
+        }
+        if let Some(m) = &chain_problem {
             println!("chain: problem: {m}");
-            total_problems += 1;
+        }
+        if total_problems == 0 {
+            println!("No problems found.");
+        } else {
+            println!(
+                "{total_problems} problem{} found.",
+                if total_problems == 1 { "" } else { "s" }
+            );
         }
     }
-    if total_problems == 0 {
-        println!("No problems found.");
-        Ok(EXIT_OK)
+    Ok(if total_problems == 0 {
+        EXIT_OK
     } else {
-        println!(
-            "{total_problems} problem{} found.",
-            if total_problems == 1 { "" } else { "s" }
-        );
-        Ok(EXIT_PROBLEMS)
+        EXIT_PROBLEMS
+    })
+}
+
+fn print_json(
+    path: &Path,
+    format: Format,
+    files: &[Examined],
+    chain_problem: Option<&str>,
+    total: usize,
+) {
+    use crate::json::Json;
+    let strs = |v: &[String]| Json::Arr(v.iter().map(Json::str).collect());
+    let mut problems: Vec<String> = files
+        .iter()
+        .flat_map(|f| {
+            f.report
+                .problems
+                .iter()
+                .map(move |p| format!("{}: {p}", f.path.display()))
+        })
+        .collect();
+    problems.extend(chain_problem.map(|m| format!("chain: {m}")));
+    let notes: Vec<String> = files
+        .iter()
+        .flat_map(|f| {
+            f.report
+                .notes
+                .iter()
+                .map(move |n| format!("{}: {n}", f.path.display()))
+        })
+        .collect();
+    let images = files
+        .iter()
+        .map(|f| {
+            Json::obj(vec![
+                ("filename", Json::str(f.path.to_string_lossy())),
+                ("summary", Json::str(&f.summary)),
+                ("problems", strs(&f.report.problems)),
+                ("notes", strs(&f.report.notes)),
+            ])
+        })
+        .collect();
+    let qemu_name = match format {
+        Format::Vhd => "vpc".to_string(),
+        f => f.to_string(),
+    };
+    let o = Json::obj(vec![
+        ("check-errors", Json::Num(total as u64)),
+        ("filename", Json::str(path.to_string_lossy())),
+        ("format", Json::str(qemu_name)),
+        ("problems", strs(&problems)),
+        ("notes", strs(&notes)),
+        ("images", Json::Arr(images)),
+    ]);
+    println!("{}", o.pretty());
+}
+
+/// One file's findings.
+struct Examined {
+    path: std::path::PathBuf,
+    summary: String,
+    report: Report,
+}
+
+impl Examined {
+    fn print(&self) {
+        println!("{}: {}", self.path.display(), self.summary);
+        for p in &self.report.problems {
+            println!("  problem: {p}");
+        }
+        for n in &self.report.notes {
+            println!("  note: {n}");
+        }
     }
 }
 
-/// Checks one file and prints its findings; returns the number of problems.
-fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usize, Failure> {
+/// Checks one file.
+fn examine_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<Examined, Failure> {
     let mut r = Report::default();
     let io = |e: std::io::Error| OpenError::Unreadable(format!("{}: {e}", path.display()));
     match format {
@@ -114,14 +210,11 @@ fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usi
             format!("{format} image")
         }
     };
-    println!("{}: {summary}", path.display());
-    for p in &r.problems {
-        println!("  problem: {p}");
-    }
-    for n in &r.notes {
-        println!("  note: {n}");
-    }
-    Ok(r.problems.len())
+    Ok(Examined {
+        path: path.to_path_buf(),
+        summary,
+        report: r,
+    })
 }
 
 fn read_at(s: &dyn Storage, len: usize, off: u64) -> std::io::Result<Vec<u8>> {

@@ -38,7 +38,10 @@ fn percent(part: u64, whole: u64) -> String {
 }
 
 pub fn info(path: &Path) -> Result<u8, Failure> {
-    let layers = chain::open_chain(path)?;
+    let layers = match chain::open_chain(path) {
+        Ok(l) => l,
+        Err(e) => return crate::info_json::broken_chain(path, e, false),
+    };
     let mut alloc = Vec::new();
     for l in &layers {
         alloc.push(

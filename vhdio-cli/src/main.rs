@@ -8,10 +8,21 @@
 
 mod chain;
 mod check;
+mod commit;
 mod compact;
+mod compare;
+mod convert;
 mod create_vmdk;
 mod info;
+mod info_json;
 mod inspect;
+mod json;
+mod lifecycle_cli;
+mod lock;
+mod map;
+mod progress;
+mod rebase;
+mod resize;
 mod run;
 mod serve;
 mod units;
@@ -37,8 +48,8 @@ pub const EXIT_CANNOT_EXEC: u8 = 126;
 pub const EXIT_NOT_FOUND: u8 = 127;
 
 const AFTER_HELP: &str = "\
-Exit status: 0 success (check: no problem found), 1 check found problems,
-2 error (bad command line; image unreadable, not an image, cannot be created;
+Exit status: 0 success (check: no problem found), 1 check found problems
+(compare: the disks differ), 2 error (bad command line; image unreadable, not an image, cannot be created;
 library not found), 126 the command of 'run' cannot be executed, 127 it was
 not found. Otherwise 'run' exits with the command's status, and 'serve' with
 nbdkit's (127: nbdkit is not installed).
@@ -50,7 +61,10 @@ Examples:
   vhdio run dd if=disk-snap.vhdx of=disk.raw bs=1M
   vhdio info disk-snap.vhdx
   vhdio serve --socket /tmp/disk.sock disk-snap.vhdx
-  vhdio check disk.vhdx";
+  vhdio check disk.vhdx
+  vhdio convert -O vdi disk-snap.vhdx flat.vdi
+  vhdio commit disk-snap.vhdx
+  vhdio resize disk.vhdx +1G";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -137,6 +151,9 @@ enum Command {
     },
     /// Show format, virtual size, block size, allocation, the parent chain and partitions.
     Info {
+        /// human (default) or json (qemu-img info's keys).
+        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+        output: Output,
         /// The image file.
         image: PathBuf,
     },
@@ -147,6 +164,9 @@ enum Command {
     /// blocks and locators, the sector bitmaps. Exit 0: clean; 1: problems
     /// found; 2: the image cannot be read at all.
     Check {
+        /// human (default) or json (qemu-img check's keys).
+        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+        output: Output,
         /// The image file.
         image: PathBuf,
     },
@@ -179,6 +199,58 @@ enum Command {
         /// The new differencing image (must not exist).
         child: PathBuf,
     },
+    /// Copy the disk of SOURCE (its whole chain, or a raw file) into DEST.
+    ///
+    /// SOURCE is probed: a file that is not an image is a raw disk (-f
+    /// forces a format). DEST is sparse: blocks that read as zeros are not
+    /// written (a raw DEST gets holes). DEST is written under a temporary
+    /// name in its folder and renamed at the end, replacing DEST.
+    Convert(lifecycle_cli::Convert),
+    /// Show the allocation map of IMAGE through its chain (as qemu-img map).
+    ///
+    /// human: the data extents (offset, length, offset in the file, file).
+    /// json: every extent with start, length, depth (0 = IMAGE, 1 its
+    /// parent...), present, zero, data, and for data offset and file.
+    /// Adjacent extents of the same kind are merged.
+    Map(lifecycle_cli::Map),
+    /// Compare the disks of A and B (images with their chains, or raw files).
+    ///
+    /// Exit 0: the same; 1: they differ (the first differing offset is
+    /// printed); 2: error. A larger disk that reads zeros past the end of
+    /// the smaller one is the same (with a warning).
+    Compare(lifecycle_cli::Compare),
+    /// Write IMAGE's data into its parent (or BASE), leaving IMAGE empty.
+    ///
+    /// What IMAGE stores is written into its parent (or BASE further down),
+    /// then IMAGE becomes an empty child of it: both read the disk IMAGE
+    /// showed; it keeps its identity. An interrupted commit leaves IMAGE
+    /// reading as before. Images between IMAGE and BASE no longer read as
+    /// before.
+    Commit(lifecycle_cli::Commit),
+    /// Make NEW_PARENT the parent of IMAGE (-b "": standalone).
+    ///
+    /// Safe (default): first copies into IMAGE every range it does not store
+    /// where the old and the new parent read differently, so IMAGE reads as
+    /// before. -u: rewrites only the link (after the parent was moved or
+    /// renamed; VHD locators, VHDX locator entries, VDI parent UUID), and
+    /// refuses a parent whose identity is not the one IMAGE records unless
+    /// --force.
+    Rebase(lifecycle_cli::Rebase),
+    /// Change the virtual size of IMAGE to SIZE, or by +SIZE / -SIZE.
+    ///
+    /// Any format and kind (VHD fixed: the footer moves; VHD dynamic:
+    /// within the room of its BAT; VHDX: through its log; VDI: the block map
+    /// grows in place). New space reads zeros. Shrinking needs --shrink and
+    /// frees the blocks past the new end.
+    Resize(lifecycle_cli::Resize),
+    /// Print the shell completion script of vhdio for SHELL.
+    ///
+    /// bash, zsh, fish, elvish or powershell, to stdout; `make install`
+    /// installs the bash, zsh and fish ones.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Give space back: unmap blocks holding only zeros, move the others
     /// down into the holes, cut the file.
     ///
@@ -198,6 +270,21 @@ enum Command {
     },
 }
 
+/// `--output` of info, check and map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+pub fn parse_output(s: &str) -> Result<Output, String> {
+    match s {
+        "human" => Ok(Output::Human),
+        "json" => Ok(Output::Json),
+        _ => Err(format!("unknown output '{s}' (human or json)")),
+    }
+}
+
 fn parse_format(s: &str) -> Result<Format, String> {
     match s.to_ascii_lowercase().as_str() {
         "vhd" | "vpc" => Ok(Format::Vhd),
@@ -205,7 +292,9 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vdi" => Ok(Format::Vdi),
         "vmdk" => Ok(Format::Vmdk),
         "qcow2" => Ok(Format::Qcow2),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi, vmdk or qcow2)")),
+        _ => Err(format!(
+            "unknown format '{s}' (vhd, vhdx, vdi, vmdk or qcow2)"
+        )),
     }
 }
 
@@ -274,8 +363,11 @@ fn main() -> ExitCode {
                 verbose: cli.verbose,
             })
         }
-        Command::Info { image } => info::info(&image),
-        Command::Check { image } => check::check(&image),
+        Command::Info { output, image } => match output {
+            Output::Human => info::info(&image),
+            Output::Json => info_json::info_json(&image),
+        },
+        Command::Check { output, image } => check::check_output(&image, output == Output::Json),
         Command::Create {
             format,
             options,
@@ -283,6 +375,17 @@ fn main() -> ExitCode {
             size,
         } => create(format, options.as_deref(), &image, size),
         Command::Snapshot { image, child } => snapshot(&image, &child),
+        Command::Convert(c) => c.run(),
+        Command::Map(c) => c.run(),
+        Command::Compare(c) => c.run(),
+        Command::Commit(c) => c.run(),
+        Command::Rebase(c) => c.run(),
+        Command::Resize(c) => c.run(),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "vhdio", &mut std::io::stdout());
+            Ok(EXIT_OK)
+        }
         Command::Compact {
             dry_run,
             progress,

@@ -23,6 +23,8 @@ pub mod create;
 mod discard;
 pub mod header;
 pub mod parent;
+pub mod relink;
+pub mod resize;
 
 use std::io::Read;
 use std::path::Path;

@@ -76,7 +76,12 @@ fn timestamp() -> u32 {
 }
 
 /// A new footer.
-fn footer(kind: DiskType, size: u64, geometry: Geometry, id: [u8; 16]) -> Result<Footer> {
+pub(crate) fn footer(
+    kind: DiskType,
+    size: u64,
+    geometry: Geometry,
+    id: [u8; 16],
+) -> Result<Footer> {
     let mut b = [0u8; FOOTER_SIZE];
     b[..8].copy_from_slice(COOKIE);
     put_be32(&mut b, 8, 2); // features: reserved bit, always set
@@ -170,7 +175,7 @@ struct ParentFields<'a> {
 }
 
 /// The locators of a child: (platform code, payload).
-fn locators(links: &Links) -> Vec<([u8; 4], Vec<u8>)> {
+pub(crate) fn locators(links: &Links) -> Vec<([u8; 4], Vec<u8>)> {
     let utf16le = |s: &str| {
         s.encode_utf16()
             .flat_map(u16::to_le_bytes)

@@ -5,6 +5,7 @@
 //! [dynamic header][BAT][blocks...][footer]`, where each block is a sector
 //! bitmap followed by `block_size` bytes of data.
 
+pub mod azure;
 pub mod bat;
 pub mod bitmap;
 mod compact;
@@ -13,6 +14,8 @@ mod discard;
 pub mod dynamic_header;
 pub mod footer;
 pub mod locator;
+pub mod relink;
+pub mod resize;
 
 mod alloc;
 

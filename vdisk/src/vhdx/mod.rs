@@ -37,6 +37,8 @@ pub mod header;
 pub mod log;
 pub mod metadata;
 pub mod region;
+pub mod relink;
+pub mod resize;
 mod write;
 
 use std::path::{Path, PathBuf};
@@ -98,6 +100,9 @@ struct State {
     session: Option<Guid>,
     /// Whether DataWriteGuid was renewed for this session.
     data_guid_renewed: bool,
+    /// The DataWriteGuid the next session takes, if the caller chose it
+    /// (see `Image::set_next_data_write_guid`).
+    next_data_guid: Option<Guid>,
     log_sequence: u64,
     /// File offsets of BAT sectors changed in memory and not yet committed.
     pending: std::collections::BTreeSet<u64>,
@@ -219,6 +224,7 @@ impl VhdxImage {
                 headers,
                 session,
                 data_guid_renewed: false,
+                next_data_guid: None,
                 log_sequence: 0,
                 pending: Default::default(),
                 freed: Vec::new(),
@@ -509,5 +515,15 @@ impl Image for VhdxImage {
             "VHDX {kind}, {} bytes, {} byte blocks, {} byte sectors",
             self.meta.virtual_size, self.meta.block_size, self.meta.logical_sector_size
         )
+    }
+    fn set_next_data_write_guid(&self, guid: [u8; 16]) -> Result<()> {
+        let mut st = self.lock();
+        if st.data_guid_renewed {
+            return Err(Error::unsupported(
+                "VHDX DataWriteGuid chosen after the first write",
+            ));
+        }
+        st.next_data_guid = Some(Guid(guid));
+        Ok(())
     }
 }

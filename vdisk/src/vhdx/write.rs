@@ -16,7 +16,10 @@ impl VhdxImage {
             Some(g) => g,
             None => Guid::random()?,
         };
-        let data = Guid::random()?;
+        let data = match st.next_data_guid.take() {
+            Some(g) => g,
+            None => Guid::random()?,
+        };
         st.headers.update(self.storage.as_ref(), |h| {
             h.file_write_guid = session;
             h.data_write_guid = data;

@@ -1,0 +1,238 @@
+//! Power loss during `vdisk::resize` and `vdisk::relink` (the format-level
+//! steps of `vhdio resize`, `rebase -u` and the end of commit and rebase):
+//! every crash state the power-loss harness rebuilds from the recorded
+//! writes and syncs opens, and reads either the old or the new disk: resize
+//! keeps the data and the old or the new size (new space zeros); a relinked
+//! child names the old or the new parent, never something else.
+
+#[path = "common/mod.rs"]
+mod common;
+#[path = "crashsim/mod.rs"]
+mod crashsim;
+#[path = "vhd_util/mod.rs"]
+mod vhd_util;
+
+use std::path::Path;
+
+use crashsim::{Budget, Fmt, Recorder, Recording, image_path, qemu_create, read_disk, states};
+
+/// `file` opened as a disk (no parents) on an in-memory storage.
+fn open_mem(fmt: Fmt, file: Vec<u8>, writable: bool) -> vdisk::Result<vdisk::Disk> {
+    let storage = if writable {
+        vdisk::MemStorage::new(file)
+    } else {
+        vdisk::MemStorage::read_only(file)
+    };
+    vdisk::open_disk(
+        Box::new(storage),
+        &image_path(fmt),
+        vdisk::OpenOptions { writable },
+        &vdisk::StdParentOpener,
+    )
+}
+
+const MIB: u64 = 1 << 20;
+
+/// A qemu-made dynamic image of 8 MiB with data in its first 3 MiB.
+fn image_with_data(fmt: Fmt) -> (Vec<u8>, Vec<u8>) {
+    let file = qemu_create(fmt, "8M", "");
+    let disk = open_mem(fmt, file, true).unwrap();
+    let mut rng = common::Rng(11);
+    let data: Vec<u8> = (0..3 * MIB).map(|_| rng.next() as u8).collect();
+    disk.write_at(&data, 0).unwrap();
+    disk.flush().unwrap();
+    disk.close().unwrap();
+    let layer = &disk.layers()[0];
+    let mut file = vec![0u8; layer.storage().len().unwrap() as usize];
+    layer.storage().read_exact_at(&mut file, 0).unwrap();
+    (file, data)
+}
+
+fn recording(name: &str, fmt: Fmt, initial: Vec<u8>, rec: &Recorder) -> Recording {
+    Recording {
+        name: name.to_string(),
+        fmt,
+        path: image_path(fmt),
+        initial_file: initial,
+        initial_virtual: Vec::new(),
+        ops: rec.ops(),
+        writes: Vec::new(),
+        flushes: Vec::new(),
+    }
+}
+
+/// Every crash state of `rec`, built, to `judge` (which says what is wrong).
+fn each_state(rec: &Recording, judge: impl Fn(Vec<u8>) -> Result<(), String>) {
+    let all = states::generate(rec, &Budget::from_env(20));
+    assert!(!all.is_empty());
+    let mut builder = states::Builder::new(rec);
+    let mut failed = Vec::new();
+    for st in &all {
+        let mut file = Vec::new();
+        builder.build(st, &mut file);
+        if let Err(e) = judge(file) {
+            failed.push(format!("{}: {e}", states::describe(rec, st)));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{}: {} of {} crash states wrong:\n{}",
+        rec.name,
+        failed.len(),
+        all.len(),
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn resize_survives_power_loss() {
+    for fmt in [Fmt::Vhd, Fmt::Vhdx, Fmt::Vdi] {
+        for new_size in [40 * MIB, 4 * MIB] {
+            let (file, data) = image_with_data(fmt);
+            let rec = Recorder::new(file.clone());
+            let old = vdisk::resize::resize(&rec.storage(true), new_size).unwrap();
+            assert_eq!(old, 8 * MIB);
+            let r = recording(&format!("{fmt:?} resize to {new_size}"), fmt, file, &rec);
+            each_state(&r, |file| {
+                let disk = open_mem(fmt, file, false).map_err(|e| format!("does not open: {e}"))?;
+                let size = disk.size();
+                if size != 8 * MIB && size != new_size {
+                    return Err(format!("size {size}"));
+                }
+                let v = read_disk(&disk).map_err(|e| e.to_string())?;
+                let kept = (size.min(3 * MIB)) as usize;
+                if v[..kept] != data[..kept] {
+                    return Err("old data changed".into());
+                }
+                if v[kept..].iter().any(|&b| b != 0) && size > 3 * MIB {
+                    return Err("new space not zeros".into());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+#[test]
+fn relink_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in [Fmt::Vhd, Fmt::Vhdx, Fmt::Vdi] {
+        let old_parent = qemu_create(fmt, "8M", "");
+        let new_parent = qemu_create(fmt, "8M", "");
+        let ext = fmt.ext();
+        let (po, pn) = (
+            dir.path().join(format!("old.{ext}")),
+            dir.path().join(format!("new.{ext}")),
+        );
+        std::fs::write(&po, &old_parent).unwrap();
+        std::fs::write(&pn, &new_parent).unwrap();
+        let child_path = dir.path().join(format!("child.{ext}"));
+        let child = vdisk::MemStorage::new(Vec::new());
+        let po_store = vdisk::MemStorage::read_only(old_parent.clone());
+        vdisk::snapshot(&po, &po_store, &child, &child_path).unwrap();
+        let initial = child.into_inner();
+        let id = |file: &[u8]| {
+            let s = vdisk::MemStorage::read_only(file.to_vec());
+            let f = vdisk::probe(&s).unwrap().unwrap();
+            vdisk::open_image(
+                Box::new(s),
+                f,
+                Path::new("/p"),
+                vdisk::OpenOptions::default(),
+            )
+            .unwrap()
+            .link_id()
+        };
+        let (old_id, new_id) = (id(&old_parent), id(&new_parent));
+        let rec = Recorder::new(initial.clone());
+        let pn_store = vdisk::MemStorage::read_only(new_parent.clone());
+        vdisk::relink::relink(&rec.storage(true), &child_path, Some((&pn, &pn_store))).unwrap();
+        let r = recording(&format!("{fmt:?} relink"), fmt, initial, &rec);
+        each_state(&r, |file| {
+            let s = vdisk::MemStorage::read_only(file);
+            let f = vdisk::probe(&s)
+                .map_err(|e| e.to_string())?
+                .ok_or("not an image")?;
+            let img = vdisk::open_image(Box::new(s), f, &child_path, vdisk::OpenOptions::default())
+                .map_err(|e| format!("does not open: {e}"))?;
+            let link = img.parent_link().ok_or("no parent link")?;
+            if link.id != old_id && link.id != new_id {
+                return Err("names neither parent".into());
+            }
+            Ok(())
+        });
+        // And the end state names the new parent.
+        let s = vdisk::MemStorage::read_only(rec.contents());
+        let f = vdisk::probe(&s).unwrap().unwrap();
+        let img =
+            vdisk::open_image(Box::new(s), f, &child_path, vdisk::OpenOptions::default()).unwrap();
+        assert_eq!(img.parent_link().unwrap().id, new_id, "{fmt:?}");
+    }
+}
+
+#[test]
+fn emptying_a_child_whose_parent_holds_its_data_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    for fmt in [Fmt::Vhd, Fmt::Vhdx, Fmt::Vdi] {
+        let ext = fmt.ext();
+        // The parent holds what the child holds (the end of a commit).
+        let (parent, data) = image_with_data(fmt);
+        let pp = dir.path().join(format!("p.{ext}"));
+        std::fs::write(&pp, &parent).unwrap();
+        let cp = dir.path().join(format!("c.{ext}"));
+        let child = vdisk::MemStorage::new(Vec::new());
+        vdisk::snapshot(&pp, &vdisk::MemStorage::read_only(parent), &child, &cp).unwrap();
+        std::fs::write(&cp, child.into_inner()).unwrap();
+        let disk = common::open(&cp, true).unwrap();
+        disk.write_at(&data[..2 * MIB as usize], MIB).unwrap();
+        disk.close().unwrap();
+        drop(disk);
+        let view = read_disk(&common::open(&cp, false).unwrap()).unwrap();
+        let mut model = std::fs::read(&pp).unwrap();
+        {
+            // The parent as the commit left it: the child's view.
+            let d = vdisk::open_disk(
+                Box::new(vdisk::MemStorage::new(std::mem::take(&mut model))),
+                &pp,
+                vdisk::OpenOptions { writable: true },
+                &vdisk::StdParentOpener,
+            )
+            .unwrap();
+            d.write_at(&view, 0).unwrap();
+            d.close().unwrap();
+            let s = d.layers()[0].storage();
+            model = vec![0u8; s.len().unwrap() as usize];
+            s.read_exact_at(&mut model, 0).unwrap();
+        }
+        std::fs::write(&pp, &model).unwrap();
+        // Writing the parent renewed a VHDX DataWriteGuid: link it again.
+        let c = vdisk::MemStorage::new(std::fs::read(&cp).unwrap());
+        let p = vdisk::MemStorage::read_only(model.clone());
+        vdisk::relink::relink(&c, &cp, Some((&pp, &p))).unwrap();
+        let initial = c.into_inner();
+        std::fs::write(&cp, &initial).unwrap();
+        assert!(read_disk(&common::open(&cp, false).unwrap()).unwrap() == view);
+        let rec = Recorder::new(initial.clone());
+        vdisk::relink::empty(&rec.storage(true)).unwrap();
+        let r = recording(&format!("{fmt:?} empty"), fmt, initial, &rec);
+        each_state(&r, |file| {
+            std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+            let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+            let v = read_disk(&disk).map_err(|e| e.to_string())?;
+            if v != view {
+                return Err("reads differently".into());
+            }
+            Ok(())
+        });
+        // The end state stores nothing.
+        std::fs::write(&cp, rec.contents()).unwrap();
+        let disk = common::open(&cp, false).unwrap();
+        let top = &disk.layers()[0];
+        let mut at = 0;
+        while at < top.virtual_size() {
+            let (m, n) = top.map(at, top.virtual_size() - at).unwrap();
+            assert_eq!(m, vdisk::Mapping::Unallocated, "{fmt:?} at {at}");
+            at += n;
+        }
+    }
+}

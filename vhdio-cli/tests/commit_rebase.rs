@@ -1,0 +1,283 @@
+//! `vhdio commit` and `vhdio rebase` on VHD, VHDX and VDI: parents made by
+//! qemu-img and read back by it, children written through vdisk.
+
+#[path = "../../vdisk/tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::{qemu_image_from, qemu_raw, run};
+
+const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
+const MIB: usize = 1 << 20;
+
+fn vhdio(args: &[&str]) -> Output {
+    Command::new(VHDIO)
+        .args(args)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vhdio(args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "vhdio {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// (extension, qemu format, qemu options).
+const FORMATS: [(&str, &str, &str); 3] = [
+    ("vhd", "vpc", "subformat=dynamic,force_size=on"),
+    ("vhdx", "vhdx", "block_size=1M"),
+    ("vdi", "vdi", ""),
+];
+
+fn random(seed: u64, len: usize) -> Vec<u8> {
+    let mut rng = common::Rng(seed);
+    (0..len).map(|_| rng.next() as u8).collect()
+}
+
+/// 12 MiB: data in the first 6 MiB, a hole, data at 9 MiB.
+fn parent_data(seed: u64) -> Vec<u8> {
+    let mut d = vec![0u8; 12 * MIB];
+    d[..6 * MIB].copy_from_slice(&random(seed, 6 * MIB));
+    d[9 * MIB..10 * MIB].copy_from_slice(&random(seed + 1, MIB));
+    d
+}
+
+fn write_through_library(path: &Path, writes: &[(u64, Vec<u8>)]) {
+    let disk = common::open(path, true).unwrap();
+    for (off, b) in writes {
+        disk.write_at(b, *off).unwrap();
+    }
+    disk.close().unwrap();
+}
+
+fn library_view(path: &Path) -> Vec<u8> {
+    let disk = common::open(path, false).unwrap();
+    let mut v = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut v, 0).unwrap();
+    v
+}
+
+/// What the child's writes are: data over parent data, zeros over parent
+/// data, data in the parent's hole, an unaligned small write.
+fn child_writes() -> Vec<(u64, Vec<u8>)> {
+    vec![
+        (MIB as u64, random(50, MIB)),
+        (4 * MIB as u64, vec![0u8; 512 * 1024]),
+        (7 * MIB as u64, random(51, 300 * 1024)),
+        (11 * MIB as u64 + 4096, random(52, 4096)),
+    ]
+}
+
+/// A qemu-made parent and a child of it with `child_writes`.
+fn parent_and_child(dir: &Path, ext: &str, fmt: &str, opts: &str) -> (PathBuf, PathBuf) {
+    let parent = qemu_image_from(&parent_data(1), dir, &format!("parent.{ext}"), fmt, opts);
+    let child = dir.join(format!("child.{ext}"));
+    ok(&["snapshot", s(&parent), s(&child)]);
+    write_through_library(&child, &child_writes());
+    (parent, child)
+}
+
+fn check_clean(img: &Path, fmt: &str) {
+    let out = ok(&["check", s(img)]);
+    assert!(out.contains("No problems found"), "{out}");
+    if fmt != "vpc" {
+        run("qemu-img", &["check", "-f", fmt, s(img)]);
+    }
+}
+
+#[test]
+fn commit_writes_the_childs_view_into_the_parent() {
+    for (ext, fmt, opts) in FORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, child) = parent_and_child(dir.path(), ext, fmt, opts);
+        let view = library_view(&child);
+        assert!(view != parent_data(1));
+        // A child of the child: it must still find its parent afterwards.
+        let grandchild = dir.path().join(format!("grandchild.{ext}"));
+        ok(&["snapshot", s(&child), s(&grandchild)]);
+        let child_len = std::fs::metadata(&child).unwrap().len();
+        ok(&["commit", "-p", s(&child)]);
+        assert!(library_view(&grandchild) == view, "{ext}: grandchild after commit");
+        assert!(
+            std::fs::metadata(&child).unwrap().len() < child_len,
+            "{ext}: the emptied child's blocks are given back"
+        );
+        // The parent alone, read by qemu-img, is the child's former view.
+        assert!(qemu_raw(&parent, fmt) == view, "{ext}: parent after commit");
+        // The child is an empty child of it: same view, nothing stored.
+        assert!(library_view(&child) == view, "{ext}: child after commit");
+        let info = ok(&["info", s(&child)]);
+        assert!(info.contains("0 B of 12 MiB"), "{ext}: {info}");
+        check_clean(&parent, fmt);
+        check_clean(&child, "vpc");
+    }
+}
+
+#[test]
+fn commit_into_a_base_further_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, mid) = parent_and_child(dir.path(), "vhdx", "vhdx", "block_size=1M");
+    let top = dir.path().join("top.vhdx");
+    ok(&["snapshot", s(&mid), s(&top)]);
+    write_through_library(&top, &[(3 * MIB as u64, random(60, 8192))]);
+    let view = library_view(&top);
+    let o = vhdio(&["commit", "-b", s(&base), s(&top)]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no longer reads as before"));
+    assert!(qemu_raw(&base, "vhdx") == view);
+    assert!(library_view(&top) == view);
+    let info = ok(&["info", s(&top)]);
+    assert!(info.contains("chain (2 images"), "{info}");
+    // Not in the chain; not a differencing image.
+    assert_eq!(
+        vhdio(&["commit", "-b", s(&top), s(&top)]).status.code(),
+        Some(2)
+    );
+    assert_eq!(vhdio(&["commit", s(&base)]).status.code(), Some(2));
+}
+
+#[test]
+fn rebase_u_after_moving_the_parent() {
+    for (ext, fmt, opts) in FORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let (parent, child) = parent_and_child(dir.path(), ext, fmt, opts);
+        let view = library_view(&child);
+        // VDI records no path (its parent is searched by UUID in the
+        // child's folder): it is renamed there; the others move away.
+        let moved = if ext == "vdi" {
+            dir.path().join("renamed.vdi")
+        } else {
+            std::fs::create_dir(dir.path().join("elsewhere")).unwrap();
+            dir.path().join("elsewhere").join(format!("p.{ext}"))
+        };
+        std::fs::rename(&parent, &moved).unwrap();
+        if ext != "vdi" {
+            assert_eq!(vhdio(&["info", s(&child)]).status.code(), Some(2));
+        }
+        // Another image with the same content but its own identity.
+        let other = qemu_image_from(&parent_data(1), dir.path(), &format!("o.{ext}"), fmt, opts);
+        let o = vhdio(&["rebase", "-u", "-b", s(&other), s(&child)]);
+        assert_eq!(o.status.code(), Some(2), "{ext}: other identity accepted");
+        assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
+        ok(&["rebase", "-u", "-b", s(&moved), s(&child)]);
+        assert!(library_view(&child) == view, "{ext}: view after rebase -u");
+        let info = ok(&["info", s(&child)]);
+        assert!(
+            info.contains(moved.file_name().unwrap().to_str().unwrap()),
+            "{info}"
+        );
+        check_clean(&child, "vpc");
+        // --force links the other one (same content: same view).
+        ok(&["rebase", "-u", "--force", "-b", s(&other), s(&child)]);
+        assert!(library_view(&child) == view, "{ext}: view after --force");
+        let info = ok(&["info", s(&child)]);
+        assert!(info.contains(&format!("o.{ext}")), "{info}");
+    }
+}
+
+#[test]
+fn safe_rebase_keeps_the_view_and_the_new_parent() {
+    for (ext, fmt, opts) in FORMATS {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, child) = parent_and_child(dir.path(), ext, fmt, opts);
+        let view = library_view(&child);
+        let mut other_data = parent_data(7);
+        other_data[..MIB].copy_from_slice(&parent_data(1)[..MIB]);
+        let other = qemu_image_from(&other_data, dir.path(), &format!("n.{ext}"), fmt, opts);
+        let before = std::fs::read(&other).unwrap();
+        ok(&["rebase", "-p", "-b", s(&other), s(&child)]);
+        assert!(library_view(&child) == view, "{ext}: view after rebase");
+        assert!(
+            std::fs::read(&other).unwrap() == before,
+            "{ext}: new parent written"
+        );
+        let info = ok(&["info", s(&child)]);
+        assert!(info.contains(&format!("n.{ext}")), "{info}");
+        check_clean(&child, "vpc");
+        // Standalone.
+        ok(&["rebase", "-b", "", s(&child)]);
+        assert!(library_view(&child) == view, "{ext}: view standalone");
+        assert!(
+            qemu_raw(&child, fmt) == view,
+            "{ext}: qemu reads the standalone image"
+        );
+        let info = ok(&["info", s(&child)]);
+        assert!(!info.contains("differencing"), "{info}");
+        check_clean(&child, fmt);
+    }
+}
+
+#[test]
+fn killed_commit_leaves_the_childs_view() {
+    for (ext, fmt, opts) in FORMATS {
+        for delay_ms in [10u64, 40, 90] {
+            let dir = tempfile::tempdir().unwrap();
+            let parent =
+                qemu_image_from(&parent_data(1), dir.path(), &format!("p.{ext}"), fmt, opts);
+            let child = dir.path().join(format!("c.{ext}"));
+            ok(&["snapshot", s(&parent), s(&child)]);
+            write_through_library(&child, &[(0, random(80, 12 * MIB))]);
+            let view = library_view(&child);
+            let mut p = Command::new(VHDIO)
+                .args(["commit", s(&child)])
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let _ = p.kill();
+            p.wait().unwrap();
+            assert!(
+                library_view(&child) == view,
+                "{ext}: child's view after kill at {delay_ms} ms"
+            );
+            ok(&["commit", s(&child)]);
+            assert!(
+                qemu_raw(&parent, fmt) == view,
+                "{ext}: commit after a killed one"
+            );
+        }
+    }
+}
+
+#[test]
+fn killed_rebase_leaves_the_childs_view() {
+    for (ext, fmt, opts) in FORMATS {
+        for (delay_ms, standalone) in [(10u64, false), (40, true), (90, false)] {
+            let dir = tempfile::tempdir().unwrap();
+            let (_, child) = parent_and_child(dir.path(), ext, fmt, opts);
+            let view = library_view(&child);
+            let other =
+                qemu_image_from(&parent_data(9), dir.path(), &format!("n.{ext}"), fmt, opts);
+            let target = if standalone { "" } else { s(&other) };
+            let mut p = Command::new(VHDIO)
+                .args(["rebase", "-b", target, s(&child)])
+                .spawn()
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+            let _ = p.kill();
+            p.wait().unwrap();
+            assert!(
+                library_view(&child) == view,
+                "{ext}: child's view after kill at {delay_ms} ms"
+            );
+            ok(&["rebase", "-b", target, s(&child)]);
+            assert!(
+                library_view(&child) == view,
+                "{ext}: rebase after a killed one"
+            );
+        }
+    }
+}
