@@ -63,23 +63,12 @@ pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     let err = |e: vdisk::Error| fail(EXIT_ERROR, format!("{shown}: {e}"));
     // The writer locks, held to the end: qemu, the library and nbdkit are
     // refused while the blocks move.
+    // The writer locks, held to the end: qemu, the library and nbdkit are
+    // refused while the blocks move.
     let _lock = if o.dry_run {
         None
     } else {
-        Some(
-            vdisk::FileWriterLock::take(o.image).map_err(|e| match e {
-                vdisk::lock::WriterLockError::Busy => fail(
-                    EXIT_ERROR,
-                    format!(
-                        "{shown}: {}; compact it when it is closed",
-                        vdisk::lock::BUSY_MESSAGE
-                    ),
-                ),
-                vdisk::lock::WriterLockError::Io(e) => {
-                    fail(EXIT_ERROR, format!("{shown}: cannot lock: {e}"))
-                }
-            })?,
-        )
+        Some(crate::lock::lock_writer(o.image)?)
     };
     let before = std::fs::metadata(o.image)
         .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
