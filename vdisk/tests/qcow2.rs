@@ -517,6 +517,10 @@ fn created_images_pass_qemu_check_and_grow_refcounts() {
         }
         qemu_check(&img);
         assert_eq!(qemu_raw(&img, "qcow2"), vec![0u8; *size]);
+        // Whole clusters of zeros allocate nothing.
+        let len = std::fs::metadata(&img).unwrap().len();
+        open(&img, true).unwrap().write_at(&vec![0u8; 2 * MIB], 0).unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "zeros allocated");
         // 512-byte clusters: the refcount table (one cluster) must grow.
         write_and_verify(&img, &format!("created, {cs}-byte clusters"), i as u64 + 90);
     }

@@ -179,6 +179,14 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Forgets clean refcount blocks when many are loaded (after a commit
+    /// every block is clean; the next use reads it again).
+    pub fn trim_cache(&mut self) {
+        if self.dirty_blocks.is_empty() && self.blocks.len() as u64 * self.cluster_size > 32 << 20 {
+            self.blocks.clear();
+        }
+    }
+
     pub fn is_dirty(&self) -> bool {
         !self.dirty_blocks.is_empty() || !self.dirty_entries.is_empty() || self.moved_from.is_some()
     }

@@ -30,8 +30,10 @@ use super::{COPIED, Entry, OFFSET_MASK, Qcow2Image};
 use crate::bytes::put_be64;
 use crate::{Error, Image, Result};
 
-/// Pending L2 tables that trigger a commit without waiting for a flush.
+/// Pending L2 tables (count, bytes) that trigger a commit without waiting
+/// for a flush: dirty tables are pinned in memory.
 const COMMIT_BOUND: usize = 512;
+const COMMIT_BOUND_BYTES: u64 = 64 << 20;
 
 pub struct WriteState {
     refcounts: Refcounts,
@@ -112,7 +114,9 @@ pub fn write(
         write_cluster(img, &mut st, vc, inc, &buf[done..done + n], parent)?;
         done += n;
     }
-    if st.dirty_l2.len() >= COMMIT_BOUND {
+    if st.dirty_l2.len() >= COMMIT_BOUND
+        || st.dirty_l2.len() as u64 * img.cluster_size >= COMMIT_BOUND_BYTES
+    {
         commit_state(img, &mut st)?;
     }
     Ok(())
@@ -219,8 +223,11 @@ fn write_cluster(
         t.set_word(2 * i + 1, full_bitmap);
         return Ok(());
     }
-    // A new cluster holding what the cluster reads now, with `data` over it.
     let covers = inc == 0 && data.len() as u64 >= used;
+    if covers && data.iter().all(|&b| b == 0) && zero_cluster(img, st, vc, e, bitmap)? {
+        return Ok(());
+    }
+    // A new cluster holding what the cluster reads now, with `data` over it.
     let mut whole = vec![0u8; cs as usize];
     if !covers {
         match kind {
@@ -270,6 +277,46 @@ fn write_cluster(
         t.set_word(i, new | COPIED);
     }
     Ok(())
+}
+
+/// A whole-cluster write of zeros: nothing to do where the cluster reads
+/// zeros already (no backing file, or a zero cluster), else a zero entry
+/// (version 3) instead of an allocation. Returns whether it was handled.
+fn zero_cluster(
+    img: &Qcow2Image,
+    st: &mut WriteState,
+    vc: u64,
+    e: u64,
+    bitmap: u64,
+) -> Result<bool> {
+    let compressed = e & super::COMPRESSED != 0;
+    let reads_zero = if img.extended_l2 {
+        !compressed && bitmap & 0xffff_ffff == 0 && (img.parent.is_none() || bitmap >> 32 == 0xffff_ffff)
+    } else {
+        let zero = img.zero_flag && !compressed && e & super::ZERO != 0;
+        zero || (e & (OFFSET_MASK | super::COMPRESSED) == 0 && img.parent.is_none())
+    };
+    if reads_zero {
+        return Ok(true);
+    }
+    if img.header.version < 3 {
+        return Ok(false);
+    }
+    if compressed {
+        let cs = img.cluster_size;
+        let (off, len) = img.compressed_extent(e);
+        st.released.extend((off / cs..=(off + len - 1) / cs).map(|c| c * cs));
+    } else if e & OFFSET_MASK != 0 {
+        st.released.push(e & OFFSET_MASK);
+    }
+    let (t, i) = writable_l2(img, st, vc)?;
+    if img.extended_l2 {
+        t.set_word(2 * i + 1, 0xffff_ffff << 32);
+        t.set_word(2 * i, 0);
+    } else {
+        t.set_word(i, super::ZERO);
+    }
+    Ok(true)
 }
 
 pub fn commit(img: &Qcow2Image) -> Result<()> {
@@ -322,5 +369,6 @@ fn commit_state(img: &Qcow2Image, st: &mut WriteState) -> Result<()> {
         }
         st.refcounts.write(storage)?;
     }
+    st.refcounts.trim_cache();
     Ok(())
 }
