@@ -291,7 +291,9 @@ fn zero_cluster(
 ) -> Result<bool> {
     let compressed = e & super::COMPRESSED != 0;
     let reads_zero = if img.extended_l2 {
-        !compressed && bitmap & 0xffff_ffff == 0 && (img.parent.is_none() || bitmap >> 32 == 0xffff_ffff)
+        !compressed
+            && bitmap & 0xffff_ffff == 0
+            && (img.parent.is_none() || bitmap >> 32 == 0xffff_ffff)
     } else {
         let zero = img.zero_flag && !compressed && e & super::ZERO != 0;
         zero || (e & (OFFSET_MASK | super::COMPRESSED) == 0 && img.parent.is_none())
@@ -305,7 +307,8 @@ fn zero_cluster(
     if compressed {
         let cs = img.cluster_size;
         let (off, len) = img.compressed_extent(e);
-        st.released.extend((off / cs..=(off + len - 1) / cs).map(|c| c * cs));
+        st.released
+            .extend((off / cs..=(off + len - 1) / cs).map(|c| c * cs));
     } else if e & OFFSET_MASK != 0 {
         st.released.push(e & OFFSET_MASK);
     }
