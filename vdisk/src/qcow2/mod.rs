@@ -344,10 +344,10 @@ impl Qcow2Image {
 
     /// Decompresses the cluster whose L2 entry is `e` into `out`.
     fn read_compressed_cluster(&self, e: u64, out: &mut [u8]) -> Result<()> {
-        if let Some((k, data)) = &*self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        // try_lock: a cache only, never waited for (a forked child must not
+        // block on a lock another thread of its parent held).
+        if let Ok(guard) = self.last_compressed.try_lock()
+            && let Some((k, data)) = &*guard
             && *k == e
         {
             out.copy_from_slice(data);
@@ -365,10 +365,9 @@ impl Qcow2Image {
         let mut input = vec![0u8; n];
         self.storage.read_exact_at(&mut input, off)?;
         compress::decompress_cluster(self.compression, &input, out)?;
-        *self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((e, out.to_vec()));
+        if let Ok(mut guard) = self.last_compressed.try_lock() {
+            *guard = Some((e, out.to_vec()));
+        }
         Ok(())
     }
 
