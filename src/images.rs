@@ -511,6 +511,29 @@ impl vdisk::ParentOpener for RawParentOpener {
         Ok(Box::new(storage))
     }
 
+    /// VMDK extent files, with the access mode of the image's open.
+    fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn vdisk::Storage>> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mode = if writable {
+            libc::O_RDWR
+        } else {
+            libc::O_RDONLY
+        };
+        let fd = move_high(sys::openat(
+            libc::AT_FDCWD,
+            &c,
+            mode | libc::O_CLOEXEC | libc::O_NOCTTY,
+            0,
+        )?);
+        let storage = FdStorage::new(fd, writable);
+        let st = sys::fstat(fd)?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(Box::new(storage))
+    }
+
     fn search_dirs(&self) -> Vec<std::path::PathBuf> {
         crate::config::vdi_path()
             .iter()

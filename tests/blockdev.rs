@@ -12,6 +12,7 @@ const FORMATS: &[(&str, &str, &str)] = &[
     ("vpc", "subformat=dynamic", "vhd"),
     ("vhdx", "", "vhdx"),
     ("vdi", "", "vdi"),
+    ("vmdk", "", "vmdk"),
 ];
 
 fn lines(out: &std::process::Output) -> Vec<String> {

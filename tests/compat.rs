@@ -93,6 +93,20 @@ const FORMATS: &[Format] = &[
         checkable: true,
     },
     Format {
+        label: "vmdk",
+        qemu: "vmdk",
+        ext: "vmdk",
+        opts: "subformat=monolithicSparse",
+        checkable: true,
+    },
+    Format {
+        label: "vmdk-flat",
+        qemu: "vmdk",
+        ext: "vmdk",
+        opts: "subformat=monolithicFlat",
+        checkable: true,
+    },
+    Format {
         label: "qcow2",
         qemu: "qcow2",
         ext: "qcow2",
@@ -763,6 +777,18 @@ fn scenario_tar_as_file(c: &Cell) {
     let reference = with_data(c, 15);
     fs::create_dir(c.file("d")).unwrap();
     fs::rename(c.path(), c.file("d").join(c.name())).unwrap();
+    // A VMDK descriptor's extent files (`disk-flat.vmdk`) go with it.
+    let name = c.name();
+    let stem = name
+        .rsplit_once('.')
+        .map_or(name.as_str(), |(s, _)| s)
+        .to_string();
+    for e in fs::read_dir(&c.dir).unwrap().filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with(&format!("{stem}-")) && name.ends_with(".vmdk") {
+            fs::rename(e.path(), c.file("d").join(&name)).unwrap();
+        }
+    }
     let mut tar = c.lib_cmd("tar", &["-cf", "a.tar", "d"]);
     tar.env("LIBVHD_IO_AS_FILE", "1");
     let out = exec(tar, None, &c.dir).must();

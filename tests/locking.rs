@@ -51,7 +51,12 @@ fn dd_write(dir: &std::path::Path, img: &str) -> std::process::Output {
 fn second_writers_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    for (img, fmt) in [("w.vhd", "vpc"), ("w.vhdx", "vhdx"), ("w.vdi", "vdi")] {
+    for (img, fmt) in [
+        ("w.vhd", "vpc"),
+        ("w.vhdx", "vhdx"),
+        ("w.vdi", "vdi"),
+        ("w.vmdk", "vmdk"),
+    ] {
         tool(
             "qemu-img",
             &[

@@ -75,6 +75,7 @@ fn python_mmap_reads_the_disk() {
         ("vpc", "subformat=dynamic", "vhd"),
         ("vhdx", "", "vhdx"),
         ("vdi", "", "vdi"),
+        ("vmdk", "", "vmdk"),
     ] {
         let name = format!("d.{ext}");
         let img = common::qemu_image_from(&data, dir, &name, fmt, opts);

@@ -28,7 +28,12 @@ fn vhdpartx() -> std::path::PathBuf {
 #[test]
 fn partition_table_in_the_parent() {
     let vhdpartx = vhdpartx();
-    for (fmt, ext) in [("vpc", "vhd"), ("vhdx", "vhdx"), ("vdi", "vdi")] {
+    for (fmt, ext) in [
+        ("vpc", "vhd"),
+        ("vhdx", "vhdx"),
+        ("vdi", "vdi"),
+        ("vmdk", "vmdk"),
+    ] {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let raw = dir.join("base.raw");

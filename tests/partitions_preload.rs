@@ -225,7 +225,12 @@ fn mbr_and_gpt_partitions_in_every_format() {
     let vhdpartx = vhdpartx();
     let mbr = "label: dos\n,6M,L\n,6M,L\n,6M,L\n,,E\n,5M,L\n,,L\n";
     let gpt = "label: gpt\n1: start=2048, size=8192\n2: size=8192\n3: size=8192\n5: size=8192\n7: size=8192\n12: size=4096\n";
-    for (fmt, ext) in [("vpc", "vhd"), ("vhdx", "vhdx"), ("vdi", "vdi")] {
+    for (fmt, ext) in [
+        ("vpc", "vhd"),
+        ("vhdx", "vhdx"),
+        ("vdi", "vdi"),
+        ("vmdk", "vmdk"),
+    ] {
         check_disk(&vhdpartx, fmt, ext, mbr, &[1, 2, 3, 4, 5, 6]);
         check_disk(&vhdpartx, fmt, ext, gpt, &[1, 2, 3, 5, 7, 12]);
     }

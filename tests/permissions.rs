@@ -32,7 +32,12 @@ fn make_images(dir: &Path) -> Vec<(String, &'static str)> {
         *b = rng.next() as u8;
     }
     let mut v = Vec::new();
-    for (fmt, name) in [("vpc", "p.vhd"), ("vhdx", "p.vhdx"), ("vdi", "p.vdi")] {
+    for (fmt, name) in [
+        ("vpc", "p.vhd"),
+        ("vhdx", "p.vhdx"),
+        ("vdi", "p.vdi"),
+        ("vmdk", "p.vmdk"),
+    ] {
         common::qemu_image_from(&data, dir, name, fmt, "");
         std::fs::remove_file(dir.join(format!("{name}.src.raw"))).ok();
         v.push((name.to_string(), fmt));

@@ -141,3 +141,8 @@ fn vhd_chain_grows_on_sigcont() {
 fn vhdx_chain_grows_on_sigcont() {
     workload("vhdx", "disk.vhdx");
 }
+
+#[test]
+fn vmdk_chain_grows_on_sigcont() {
+    workload("vmdk", "disk.vmdk");
+}

@@ -149,6 +149,7 @@ fn threads_signals_and_fork() {
         ("vpc", "t.vhd", "subformat=dynamic,force_size=on"),
         ("vhdx", "t.vhdx", "block_size=1M"),
         ("vdi", "t.vdi", "static=off"),
+        ("vmdk", "t.vmdk", "subformat=monolithicSparse"),
         ("qcow2", "t.qcow2", "cluster_size=4k"),
     ] {
         report.push(run_one(fmt, name, opts, &[]));
@@ -168,6 +169,7 @@ fn fork_child_write_attempt_does_not_deadlock() {
         ("vpc", "t.vhd", "subformat=dynamic,force_size=on"),
         ("vhdx", "t.vhdx", "block_size=1M"),
         ("vdi", "t.vdi", "static=off"),
+        ("vmdk", "t.vmdk", "subformat=monolithicSparse"),
         ("qcow2", "t.qcow2", "cluster_size=4k"),
     ] {
         println!("{}", run_one(fmt, name, opts, &["child-writes"]));

@@ -1,8 +1,8 @@
 //! open, openat, creat and their 64-bit and _FORTIFY variants.
 //!
 //! A path is a candidate when its file name looks like an image (`.vhd`,
-//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, `.qcow`, `.qcow2`, optionally followed
-//! by a partition number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
+//! `.vhdx`, `.vdi`, `.avhd`, `.avhdx`, `.vmdk`, `.qcow`, `.qcow2`, optionally
+//! followed by a partition number), or any path with LIBVHD_IO_PROBE_ALL. A candidate that is a
 //! regular file holding an image is opened by the library; the caller gets a
 //! dummy fd: a memfd named `vhdio:<absolute path>`, reopened through
 //! /proc/self/fd with the caller's access mode, whose file offset is the
@@ -19,7 +19,9 @@ use crate::images::{self, Opened};
 use crate::{guard, real, sys};
 
 // `qcow` also covers `.qcow2`: trailing digits are taken off first.
-const IMAGE_EXTENSIONS: [&[u8]; 6] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"qcow"];
+const IMAGE_EXTENSIONS: [&[u8]; 7] = [
+    b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"vmdk", b"qcow",
+];
 
 /// Whether `path`'s file name looks like an image (or we probe everything).
 pub fn is_candidate(path: &CStr) -> bool {

@@ -80,6 +80,7 @@ pub fn default_block_size(format: Format, size: u64) -> u32 {
         Format::Vhdx if size <= 1 << 30 => 8 << 20,
         Format::Vhdx => 32 << 20,
         Format::Raw => 1 << 20,
+        Format::Vmdk => crate::vmdk::create::DEFAULT_GRAIN,
         Format::Qcow2 => crate::qcow2::create::DEFAULT_CLUSTER_SIZE,
     }
 }
@@ -120,6 +121,7 @@ pub fn create(storage: &dyn Storage, opts: CreateOptions) -> Result<NewImage> {
         Format::Vhd => vhd::create::create(storage, size, opts.fixed, block_size),
         Format::Vdi => vdi::create::create(storage, size, opts.fixed, block_size),
         Format::Vhdx => create_vhdx(storage, size, opts.fixed, block_size, ss, None),
+        Format::Vmdk => crate::vmdk::create::create(storage, size, opts.fixed, block_size),
         Format::Qcow2 => {
             if opts.fixed {
                 return Err(Error::unsupported(
@@ -186,6 +188,7 @@ pub fn snapshot(
         Format::Vdi => vdi::create::snapshot(parent, child),
         Format::Vhdx => snapshot_vhdx(parent, child, &links),
         Format::Raw => Err(Error::unsupported("differencing children of raw disks")),
+        Format::Vmdk => crate::vmdk::create::snapshot(parent, child, &links, child_path),
         Format::Qcow2 => snapshot_qcow2(parent, child, &links),
     }
 }

@@ -224,9 +224,9 @@ impl Disk {
         if !self.each_run_mapped(0, offset, buf.len(), true, all_data)? {
             return Ok(false);
         }
-        let storage = self.layers[0].storage();
+        let top = &self.layers[0];
         let write = |run: Option<(usize, u64, usize)>| match run {
-            Some((at, file_offset, n)) => storage.write_all_at(&buf[at..at + n], file_offset),
+            Some((at, file_offset, n)) => top.write_data(&buf[at..at + n], file_offset),
             None => Ok(()),
         };
         let mut runs = FileRuns::default();
@@ -292,7 +292,7 @@ impl Disk {
     /// Syncs the top layer's file without committing anything: for a process
     /// that holds a copy of the disk but is not its writer (a forked child).
     pub fn sync_file(&self) -> Result<()> {
-        Ok(self.layers[0].storage().sync()?)
+        self.layers[0].sync()
     }
 
     /// This copy of the disk is not the writer's (a forked child's copy of

@@ -48,7 +48,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Io(e) => write!(f, "I/O error: {e}"),
-            Error::NotAnImage => write!(f, "not a VHD, VHDX or VDI image"),
+            Error::NotAnImage => write!(f, "not a VHD, VHDX, VDI or VMDK image"),
             Error::Corrupt { what, detail } => write!(f, "corrupt {what}: {detail}"),
             Error::Unsupported(d) => write!(f, "unsupported: {d}"),
             Error::ReadOnly => write!(f, "image is read-only"),

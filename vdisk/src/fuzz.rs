@@ -262,7 +262,44 @@ pub fn run_target(target: &str, data: &[u8]) -> Option<bool> {
         "open_any" => open_sparse(data, None).is_ok(),
         "vhdx_log" => vhdx_log(data).is_ok(),
         "partitions" => partitions(data).is_ok(),
+        "open_vmdk" => open_vmdk(data).is_ok(),
         _ => return None,
     };
     Some(ok)
+}
+
+/// Serves one in-memory file, read-only, for every extent path.
+struct OneExtent(Vec<u8>);
+
+impl ParentOpener for OneExtent {
+    fn open_parent(&self, _: &Path) -> std::io::Result<Box<dyn Storage>> {
+        Ok(Box::new(MemStorage::read_only(self.0.clone())))
+    }
+    fn list_dir(&self, _: &Path) -> std::io::Result<Vec<std::path::PathBuf>> {
+        Ok(Vec::new())
+    }
+}
+
+/// The VMDK target: a sparse file. A sparse extent (`KDMV`, `COWD`) is
+/// opened alone; otherwise the bytes up to the first NUL are a text
+/// descriptor and the rest, from the next 512-byte boundary, is the file
+/// every extent line opens (flat or sparse).
+pub fn open_vmdk(data: &[u8]) -> Result<u64> {
+    let (file, _) = decode_sparse(data);
+    if file.starts_with(b"KDMV") || file.starts_with(b"COWD") {
+        return open_read(file, Some(Format::Vmdk));
+    }
+    let nul = file.iter().position(|&b| b == 0).unwrap_or(file.len());
+    let rest = file.get(nul.div_ceil(512) * 512..).unwrap_or(&[]).to_vec();
+    let path = Path::new("/fuzz/image.vmdk");
+    let image = crate::open_image_with(
+        Box::new(MemStorage::read_only(file[..nul].to_vec())),
+        Format::Vmdk,
+        path,
+        crate::OpenOptions { writable: false },
+        &OneExtent(rest),
+    )?;
+    let _ = image.describe();
+    let disk = Disk::new(vec![image])?;
+    Ok(read_sample(&disk))
 }

@@ -11,6 +11,8 @@ pub enum Format {
     Vhd,
     Vhdx,
     Vdi,
+    /// VMware VMDK (descriptor and extents).
+    Vmdk,
     /// A plain disk file (never probed; see [`crate::RawImage`]).
     Raw,
     Qcow2,
@@ -22,6 +24,7 @@ impl fmt::Display for Format {
             Format::Vhd => "vhd",
             Format::Vhdx => "vhdx",
             Format::Vdi => "vdi",
+            Format::Vmdk => "vmdk",
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
         })
@@ -91,6 +94,15 @@ pub trait Image: Send + Sync {
     /// Reads bytes of a `Mapping::Data` run from this layer's file.
     fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
         Ok(self.storage().read_exact_at(buf, file_offset)?)
+    }
+    /// Overwrites bytes of a `Mapping::Data` run in place (no metadata
+    /// changes); formats whose data spans several files override it.
+    fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
+        Ok(self.storage().write_all_at(buf, file_offset)?)
+    }
+    /// Syncs the layer's files without committing anything.
+    fn sync(&self) -> Result<()> {
+        Ok(self.storage().sync()?)
     }
     /// Reads bytes of a `Mapping::Compressed` run at virtual `offset`.
     fn read_compressed(&self, buf: &mut [u8], offset: u64) -> Result<()> {

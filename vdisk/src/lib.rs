@@ -32,13 +32,14 @@ mod table;
 pub mod vdi;
 pub mod vhd;
 pub mod vhdx;
+pub mod vmdk;
 
 pub use create::{CreateOptions, NewImage, create, snapshot};
 pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use disk_map::Allocation;
 pub use error::{Error, Result};
 pub use image::{Format, Geometry, Image, Mapping, ParentLink};
-pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image};
+pub use open::{OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with};
 pub use probe::probe;
 pub use raw::RawImage;
 pub use storage::{MemStorage, Storage};

@@ -35,6 +35,19 @@ pub trait ParentOpener {
         storage.read_exact_at(&mut buf, 0)?;
         Ok(buf)
     }
+    /// Opens an extent file of a multi-file image (VMDK), for writing when
+    /// the image is opened for writing; must refuse anything but a regular
+    /// file. Default: read-only through [`ParentOpener::open_parent`]; a
+    /// writable open is refused.
+    fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
+        if writable {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "this opener opens extent files read-only",
+            ));
+        }
+        self.open_parent(path)
+    }
     /// More folders to search for VDI parents, after the image's own. Default: none.
     fn search_dirs(&self) -> Vec<PathBuf> {
         Vec::new()
@@ -56,6 +69,19 @@ impl ParentOpener for StdParentOpener {
         }
         Ok(Box::new((file, false)))
     }
+    fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(Box::new((file, writable)))
+    }
     /// The folders in `LIBVHD_IO_VDI_PATH` (colon-separated), read at each call.
     fn search_dirs(&self) -> Vec<PathBuf> {
         std::env::var_os(crate::vdi::SEARCH_PATH_VAR)
@@ -70,11 +96,36 @@ impl ParentOpener for StdParentOpener {
 
 /// Opens one image layer of a known format, without its parents.
 /// `path` is where the file was found; parent locators are resolved against it.
+/// Images made of several files (VMDK descriptors) need [`open_image_with`].
 pub fn open_image(
     storage: Box<dyn Storage>,
     format: Format,
     path: &Path,
     opts: OpenOptions,
+) -> Result<Box<dyn Image>> {
+    open_image_with(storage, format, path, opts, &NoFiles)
+}
+
+/// Refuses to open any other file.
+struct NoFiles;
+
+impl ParentOpener for NoFiles {
+    fn open_parent(&self, _: &Path) -> io::Result<Box<dyn Storage>> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "no opener for other files was given (use open_disk or open_image_with)",
+        ))
+    }
+}
+
+/// [`open_image`], opening the other files of the layer (VMDK extents)
+/// through `opener`.
+pub fn open_image_with(
+    storage: Box<dyn Storage>,
+    format: Format,
+    path: &Path,
+    opts: OpenOptions,
+    opener: &dyn ParentOpener,
 ) -> Result<Box<dyn Image>> {
     if opts.writable && !storage.is_writable() {
         return Err(Error::ReadOnly);
@@ -84,6 +135,7 @@ pub fn open_image(
         Format::Vhdx => crate::vhdx::open(storage, path, opts),
         Format::Vdi => crate::vdi::open(storage, path, opts),
         Format::Raw => Ok(Box::new(crate::RawImage::new(storage, 512)?)),
+        Format::Vmdk => crate::vmdk::open(storage, path, opts, opener),
         Format::Qcow2 => crate::qcow2::open(storage, path, opts),
     }
 }
@@ -96,7 +148,7 @@ pub fn open_disk(
     opener: &dyn ParentOpener,
 ) -> Result<Disk> {
     let format = probe(storage.as_ref())?.ok_or(Error::NotAnImage)?;
-    let top = open_image(storage, format, path, opts)?;
+    let top = open_image_with(storage, format, path, opts, opener)?;
     top.open_companions(path, opener)?;
     let mut seen = HashSet::new();
     seen.insert(top.link_id());
@@ -179,7 +231,13 @@ fn open_parent(
                 continue;
             }
         };
-        let image = open_image(storage, format, path, OpenOptions { writable: false })?;
+        let image = open_image_with(
+            storage,
+            format,
+            path,
+            OpenOptions { writable: false },
+            opener,
+        )?;
         if by_path.is_none()
             && image.link_id() != link.id
             && Some(image.link_id()) != link.alternate_id

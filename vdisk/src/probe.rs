@@ -18,7 +18,10 @@ pub const VDI_SIGNATURE: u32 = 0xBEDA_107F;
 pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
     let len = storage.len()?;
     if len < 512 {
-        return Ok(None);
+        // A VMDK text descriptor can be this small.
+        let mut head = vec![0u8; len as usize];
+        storage.read_exact_at(&mut head, 0)?;
+        return Ok(crate::vmdk::probe(&head, len).then_some(Format::Vmdk));
     }
     let mut first = [0u8; 512];
     storage.read_exact_at(&mut first, 0)?;
@@ -47,6 +50,10 @@ pub fn probe(storage: &dyn Storage) -> Result<Option<Format>> {
         && footer.data_offset < len
     {
         return Ok(Some(Format::Vhd));
+    }
+    // After the VHD footer: a fixed VHD may hold a VMDK as its data.
+    if crate::vmdk::probe(&first, len) {
+        return Ok(Some(Format::Vmdk));
     }
     Ok(None)
 }

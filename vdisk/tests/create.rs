@@ -23,6 +23,7 @@ fn ext(f: Format) -> &'static str {
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
         Format::Raw => "raw",
+        Format::Vmdk => "vmdk",
         Format::Qcow2 => "qcow2",
     }
 }
@@ -34,6 +35,7 @@ fn qemu_fmt(f: Format) -> &'static str {
         Format::Vhdx => "vhdx",
         Format::Vdi => "vdi",
         Format::Raw => "raw",
+        Format::Vmdk => "vmdk",
         Format::Qcow2 => "qcow2",
     }
 }
@@ -176,7 +178,7 @@ fn create_every_format_kind_size_and_block_size() {
                     let qemu_reads = match format {
                         Format::Vdi => bs.unwrap_or(1 << 20) == 1 << 20,
                         Format::Vhdx => ss == 512,
-                        Format::Vhd | Format::Raw | Format::Qcow2 => true,
+                        Format::Vhd | Format::Raw | Format::Vmdk | Format::Qcow2 => true,
                     };
                     if qemu_reads {
                         if format != Format::Vhd {

@@ -15,7 +15,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const TARGETS: [&str; 7] = [
+const TARGETS: [&str; 8] = [
     "open_vhd",
     "open_vhdx",
     "open_vdi",
@@ -23,6 +23,7 @@ const TARGETS: [&str; 7] = [
     "open_any",
     "vhdx_log",
     "partitions",
+    "open_vmdk",
 ];
 
 fn manifest() -> &'static Path {
@@ -94,6 +95,7 @@ fn seeds_open() {
         "open_vdi",
         "open_qcow2",
         "open_any",
+        "open_vmdk",
     ] {
         for f in files(&root.join(target)) {
             let data = std::fs::read(&f).unwrap();
@@ -328,6 +330,64 @@ fn generate_seed_corpus() {
         .sum();
     eprintln!("seed corpus: {total} bytes");
     assert!(total < 2 << 20, "seed corpus too big: {total}");
+}
+
+/// Rebuilds `fuzz/corpus-seed/open_vmdk` only: qemu-img's VMDK subformats
+/// of a patterned disk (flat and multi-extent ones as the target's
+/// descriptor + extent input).
+#[test]
+#[ignore = "rebuilds fuzz/corpus-seed/open_vmdk; needs qemu-img"]
+fn generate_vmdk_seed_corpus() {
+    let out = manifest().join("../fuzz/corpus-seed");
+    let _ = std::fs::remove_dir_all(out.join("open_vmdk"));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut data = vec![0u8; 2 << 20];
+    data[..512].fill(0x11);
+    data[(1 << 20)..(1 << 20) + 70000].fill(0x22);
+    let raw = dir.join("src.raw");
+    std::fs::write(&raw, &data).unwrap();
+    for sub in [
+        "monolithicSparse",
+        "streamOptimized",
+        "monolithicFlat",
+        "twoGbMaxExtentSparse",
+    ] {
+        let d = dir.join(sub);
+        std::fs::create_dir(&d).unwrap();
+        let img = d.join("d.vmdk");
+        common::run(
+            "qemu-img",
+            &[
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "vmdk",
+                "-o",
+                &format!("subformat={sub}"),
+                raw.to_str().unwrap(),
+                img.to_str().unwrap(),
+            ],
+        );
+        let mut file = std::fs::read(&img).unwrap();
+        let extent = std::fs::read_dir(&d)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .find(|p| p != &img);
+        if let Some(x) = extent {
+            file.resize(file.len().div_ceil(512) * 512, 0);
+            file.extend_from_slice(&std::fs::read(x).unwrap());
+        }
+        put(
+            &out,
+            "open_vmdk",
+            &format!("{sub}.vmdk.sparse"),
+            &vdisk::fuzz::encode_sparse(&file, false),
+        );
+    }
 }
 
 /// `cargo test -p vdisk --test fuzz_regressions -- --ignored generate_qcow2_seeds`

@@ -30,13 +30,15 @@ use std::time::{Duration, Instant};
 use vdisk::{MemStorage, OpenOptions, ParentOpener, Storage};
 
 const CHILD_ENV: &str = "VDISK_MUTANTS_CHILD";
-const FORMATS: [&str; 9] = [
+const FORMATS: [&str; 11] = [
     "vhd-dynamic",
     "vhd-fixed",
     "vhdx",
     "vhdx-dirty-log",
     "vdi",
     "vhd-diff",
+    "vmdk-sparse",
+    "vmdk-stream",
     "qcow2",
     "qcow2-zlib",
     "qcow2-overlay",
@@ -324,6 +326,46 @@ fn vdi_areas(d: &[u8]) -> Vec<Area> {
     v
 }
 
+/// VMDK sparse (and stream-optimized): the header, the embedded
+/// descriptor, both grain directories and the first tables they name, the
+/// footer and the first compressed grains.
+fn vmdk_areas(d: &[u8]) -> Vec<Area> {
+    let n = d.len();
+    let mut v = vec![area(0, 80, Seal::None, false)];
+    let mut h = 0;
+    if le64(d, 56) == u64::MAX && n >= 1536 {
+        h = n - 1024;
+        v.push(area(n - 1536, 1536, Seal::None, false));
+    }
+    let (desc, desc_len) = (le64(d, 28) as usize * 512, le64(d, 36) as usize * 512);
+    if desc > 0 && desc < n {
+        v.push(area(
+            desc,
+            desc_len.min(n - desc).min(1024),
+            Seal::None,
+            false,
+        ));
+    }
+    for dir in [le64(d, h + 48), le64(d, h + 56)] {
+        let dir = dir as usize * 512;
+        if dir == 0 || dir >= n {
+            continue;
+        }
+        v.push(area(dir, 64.min(n - dir), Seal::None, false));
+        for i in 0..4 {
+            let t = le32(d, dir + 4 * i) as usize * 512;
+            if t > 0 && t + 2048 <= n {
+                v.push(area(t, 2048, Seal::None, false));
+                let g = le32(d, t) as usize * 512;
+                if le32(d, 8) & (1 << 16) != 0 && g > 0 && g + 512 <= n {
+                    v.push(area(g, 512, Seal::None, false));
+                }
+            }
+        }
+    }
+    v
+}
+
 /// qcow2: header cluster, L1 table, refcount table, the L2 tables and
 /// the first refcount block.
 fn qcow2_areas(d: &[u8]) -> Vec<Area> {
@@ -476,6 +518,8 @@ fn base(format: &str) -> Base {
         "vhd-fixed" => (qemu(&raw, "vpc", "subformat=fixed,force_size=on"), None),
         "vhdx" => (qemu(&raw, "vhdx", "block_size=1M,log_size=1M"), None),
         "vdi" => (qemu(&raw, "vdi", ""), None),
+        "vmdk-sparse" => (qemu(&raw, "vmdk", ""), None),
+        "vmdk-stream" => (qemu(&raw, "vmdk", "subformat=streamOptimized"), None),
         "qcow2" => (qemu(&raw, "qcow2", "cluster_size=4k,extended_l2=off"), None),
         "qcow2-zlib" => {
             let tmp = tempfile::tempdir().unwrap();
@@ -581,6 +625,7 @@ fn base(format: &str) -> Base {
             v
         }
         "vdi" => vdi_areas(&image),
+        "vmdk-sparse" | "vmdk-stream" => vmdk_areas(&image),
         f if f.starts_with("qcow2") => qcow2_areas(&image),
         _ => vhd_areas(&image),
     };

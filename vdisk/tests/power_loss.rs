@@ -297,6 +297,16 @@ workload_tests!(
     vdi_mkfs_ext4_default,
     vdi_read_only_flush
 );
+// Issue 20: VMDK grains at the end of the file, table entries (both
+// copies) after a barrier.
+workload_tests!(
+    Fmt::Vmdk,
+    vmdk_dd,
+    vmdk_random_pwrite,
+    vmdk_mkfs_ext4,
+    vmdk_mkfs_ext4_default,
+    vmdk_read_only_flush
+);
 
 // ---------------------------------------------------------------------------
 // The harness itself: it must fail where the storage breaks the promises.

@@ -65,6 +65,10 @@ pub fn id_text(format: Format, id: &[u8; 16]) -> String {
         Format::Vhdx => vdisk::vhdx::guid::Guid(*id).to_string(),
         Format::Vdi => vdisk::vdi::header::uuid_text(id),
         Format::Raw | Format::Qcow2 => String::from("-"),
+        Format::Vmdk => format!(
+            "CID {:08x}",
+            u32::from_le_bytes([id[4], id[5], id[6], id[7]])
+        ),
         // VHD ids are opaque bytes; QEMU and libvhdi print them in byte order.
         Format::Vhd => {
             let h: String = id.iter().map(|b| format!("{b:02x}")).collect();
@@ -121,6 +125,12 @@ pub fn open_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenE
                 Some(img.block_size()),
                 Box::new(img),
             )
+        }
+        Format::Vmdk => {
+            let img =
+                vdisk::vmdk::VmdkImage::open(storage, path, opts, &StdParentOpener).map_err(err)?;
+            let grain = img.grain_bytes();
+            (img.descriptor().create_type.clone(), grain, Box::new(img))
         }
         Format::Qcow2 => {
             let img = vdisk::qcow2::Qcow2Image::open(storage, path, opts).map_err(err)?;

@@ -87,6 +87,7 @@ fn report_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<usi
         Format::Vhdx => check_vhdx(storage, &mut r).map_err(io)?,
         Format::Vdi => check_vdi(storage, &mut r).map_err(io)?,
         Format::Raw => {}
+        Format::Vmdk => check_vmdk(path, &mut r),
         Format::Qcow2 => check_qcow2(storage, &mut r),
     }
     // vdisk's validation of the layer (the library refuses what fails here).
@@ -489,6 +490,49 @@ fn check_vdi(s: &dyn Storage, r: &mut Report) -> std::io::Result<()> {
         ));
     }
     Ok(())
+}
+
+/// VMDK: every grain table entry inside its file (the open and a full map
+/// find those that are not) and the redundant grain tables equal to the
+/// primary ones.
+fn check_vmdk(path: &Path, r: &mut Report) {
+    use vdisk::Image;
+    let storage = match chain::open_file(path) {
+        Ok(s) => s,
+        Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => return r.problem(m),
+    };
+    let img = match vdisk::vmdk::VmdkImage::open(
+        storage,
+        path,
+        vdisk::OpenOptions { writable: false },
+        &vdisk::StdParentOpener,
+    ) {
+        Ok(i) => i,
+        Err(e) => return r.problem(format!("does not open: {e}")),
+    };
+    let mut off = 0;
+    while off < img.virtual_size() {
+        match img.map(off, img.virtual_size() - off) {
+            Ok((_, run)) => off += run,
+            Err(e) => {
+                r.problem(format!("at disk offset {off}: {e}"));
+                off = (off / 65536 + 1) * 65536;
+            }
+        }
+    }
+    match img.redundant_mismatches() {
+        Ok(m) => {
+            for (name, g, a, b) in m.iter().take(20) {
+                r.problem(format!(
+                    "{name}: grain {g}: grain table entry {a} but redundant entry {b}"
+                ));
+            }
+            if m.len() > 20 {
+                r.problem(format!("... {} redundant entries differ in all", m.len()));
+            }
+        }
+        Err(e) => r.problem(format!("reading the redundant grain tables: {e}")),
+    }
 }
 
 /// Refcounts against the references of the L1/L2 tables (active and

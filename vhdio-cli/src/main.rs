@@ -8,6 +8,7 @@
 
 mod chain;
 mod check;
+mod create_vmdk;
 mod info;
 mod inspect;
 mod run;
@@ -151,11 +152,13 @@ enum Command {
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
-        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|qcow2")]
+        #[arg(short = 'f', long = "format", value_parser = parse_format, value_name = "vhd|vhdx|vdi|vmdk|qcow2")]
         format: Format,
         /// Comma-separated options: dynamic (default) or fixed, block_size=N
         /// or cluster_size=N (suffixes allowed), sector_size=512|4096 (VHDX
-        /// only), compat=0.10|1.1 (qcow2 only).
+        /// only), compat=0.10|1.1 (qcow2 only). VMDK:
+        /// subformat=monolithicSparse (default), monolithicFlat,
+        /// twoGbMaxExtentSparse or twoGbMaxExtentFlat, grain_size=N.
         #[arg(short = 'o', long = "options", value_name = "OPTIONS")]
         options: Option<String>,
         /// The new image file (must not exist).
@@ -182,8 +185,9 @@ fn parse_format(s: &str) -> Result<Format, String> {
         "vhd" | "vpc" => Ok(Format::Vhd),
         "vhdx" => Ok(Format::Vhdx),
         "vdi" => Ok(Format::Vdi),
+        "vmdk" => Ok(Format::Vmdk),
         "qcow2" => Ok(Format::Qcow2),
-        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi or qcow2)")),
+        _ => Err(format!("unknown format '{s}' (vhd, vhdx, vdi, vmdk or qcow2)")),
     }
 }
 
@@ -356,6 +360,9 @@ fn apply_options(opts: &mut CreateOptions, text: &str) -> Result<(), String> {
 }
 
 fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Result<u8, Failure> {
+    if format == Format::Vmdk {
+        return create_vmdk::create(options, image, size);
+    }
     let mut opts = CreateOptions::new(format, size);
     // qcow2 only: compat=0.10 (version 2) or compat=1.1 (version 3, the default).
     let mut v2 = false;

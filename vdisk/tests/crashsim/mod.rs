@@ -162,6 +162,8 @@ pub enum Fmt {
     Vhd,
     Vhdx,
     Vdi,
+    /// monolithicSparse.
+    Vmdk,
     Qcow2,
 }
 
@@ -171,6 +173,7 @@ impl Fmt {
             Fmt::Vhd => "vpc",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
             Fmt::Qcow2 => "qcow2",
         }
     }
@@ -179,6 +182,7 @@ impl Fmt {
             Fmt::Vhd => "vhd",
             Fmt::Vhdx => "vhdx",
             Fmt::Vdi => "vdi",
+            Fmt::Vmdk => "vmdk",
             Fmt::Qcow2 => "qcow2",
         }
     }
@@ -193,6 +197,7 @@ pub fn qemu_create(fmt: Fmt, size: &str, opts: &str) -> Vec<u8> {
         Fmt::Vhd => "subformat=dynamic,force_size=on",
         Fmt::Vhdx => "subformat=dynamic",
         Fmt::Vdi => "static=off",
+        Fmt::Vmdk => "subformat=monolithicSparse",
         Fmt::Qcow2 => "compat=1.1",
     };
     let o = if opts.is_empty() {

@@ -254,8 +254,8 @@ fn structural(fmt: Fmt, file: &[u8], dir: &Path) -> Result<String, String> {
                 String::new()
             })
         }
-        Fmt::Qcow2 => {
-            let path = dir.join("state.qcow2");
+        Fmt::Vmdk | Fmt::Qcow2 => {
+            let path = dir.join(format!("state.{}", fmt.ext()));
             std::fs::write(&path, file).unwrap();
             let (corrupt, leaks, errors, err) = qemu_check(fmt, &path, false);
             if corrupt != 0 || errors != 0 {
