@@ -519,8 +519,15 @@ fn created_images_pass_qemu_check_and_grow_refcounts() {
         assert_eq!(qemu_raw(&img, "qcow2"), vec![0u8; *size]);
         // Whole clusters of zeros allocate nothing.
         let len = std::fs::metadata(&img).unwrap().len();
-        open(&img, true).unwrap().write_at(&vec![0u8; 2 * MIB], 0).unwrap();
-        assert_eq!(std::fs::metadata(&img).unwrap().len(), len, "zeros allocated");
+        open(&img, true)
+            .unwrap()
+            .write_at(&vec![0u8; 2 * MIB], 0)
+            .unwrap();
+        assert_eq!(
+            std::fs::metadata(&img).unwrap().len(),
+            len,
+            "zeros allocated"
+        );
         // 512-byte clusters: the refcount table (one cluster) must grow.
         write_and_verify(&img, &format!("created, {cs}-byte clusters"), i as u64 + 90);
     }
@@ -574,4 +581,69 @@ fn dirty_lazy_refcounts_are_repaired_on_writable_open() {
     let f = std::fs::File::open(&img).unwrap();
     let report = vdisk::qcow2::check::check(&(f, false)).unwrap();
     assert!(report.errors.is_empty() && report.leaks == 0, "{report:?}");
+}
+
+/// Extended L2 over a backing file: a 4 KiB write allocates two 2 KiB
+/// subclusters of the 64 KiB cluster; the rest still comes from the
+/// backing file (as qemu-img map reports), nothing is copied up.
+#[test]
+fn subcluster_writes_copy_nothing_up() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let (data, _) = pattern(12, 4 * MIB);
+    let base = d.join("b.raw");
+    std::fs::write(&base, &data).unwrap();
+    let top = d.join("t.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "extended_l2=on",
+            "-b",
+            "b.raw",
+            "-F",
+            "raw",
+            s(&top),
+        ],
+    );
+    let mut model = data.clone();
+    {
+        let disk = open(&top, true).unwrap();
+        let w: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        disk.write_at(&w, 65536 + 6144).unwrap();
+        model[65536 + 6144..65536 + 6144 + 4096].copy_from_slice(&w);
+        disk.write_at(&w[..100], 65536 + 2048 + 7).unwrap();
+        model[65536 + 2048 + 7..65536 + 2048 + 107].copy_from_slice(&w[..100]);
+    }
+    qemu_check(&top);
+    assert!(qemu_raw(&top, "qcow2") == model);
+    let map = run("qemu-img", &["map", "--output=json", s(&top)]);
+    // Subclusters 1 (partly written, completed from the base), 3, 4, 5
+    // (6144..10240 touches 3 and 4) are in the top; 2 is not.
+    let top_ranges: Vec<(u64, u64)> = map
+        .lines()
+        .filter(|l| l.contains("\"depth\": 0") && l.contains("\"data\": true"))
+        .map(|l| {
+            let num = |k: &str| -> u64 {
+                let at = l.find(k).unwrap() + k.len();
+                l[at..]
+                    .trim_start_matches([':', ' '])
+                    .split(|c: char| !c.is_ascii_digit())
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            };
+            (num("\"start\""), num("\"length\""))
+        })
+        .collect();
+    assert_eq!(
+        top_ranges,
+        vec![(65536 + 2048, 2048), (65536 + 6144, 4096)],
+        "{map}"
+    );
 }

@@ -219,7 +219,11 @@ impl Qcow2Image {
     fn raw_entry(&self, vc: u64) -> Result<(u64, u64)> {
         Ok(match self.l2_slot(vc)? {
             None => (0, 0),
-            Some((t, i)) if self.extended_l2 => (t.word(2 * i), t.word(2 * i + 1)),
+            // Bitmap first: a writer stores a new entry before its bitmap.
+            Some((t, i)) if self.extended_l2 => {
+                let bitmap = t.word(2 * i + 1);
+                (t.word(2 * i), bitmap)
+            }
             Some((t, i)) => (t.word(i), 0),
         })
     }

@@ -201,31 +201,12 @@ fn write_cluster(
         storage.write_all_at(data, host + inc)?;
         return Ok(());
     }
-    if let Entry::Data { host, copied: true } = kind {
-        // Extended L2, some subclusters not allocated: fill them, then
-        // mark the whole cluster allocated.
-        let sc = cs / 32;
-        let mut tmp = vec![0u8; sc as usize];
-        for s in 0..32u64 {
-            let (s0, s1) = (s * sc, (s + 1) * sc);
-            if bitmap >> s & 1 == 1 || (inc <= s0 && s1 <= inc + data.len() as u64) {
-                continue;
-            }
-            tmp.fill(0);
-            if bitmap >> (32 + s) & 1 == 0 && s0 < used {
-                let n = (s1.min(used) - s0) as usize;
-                parent(&mut tmp[..n], base + s0)?;
-            }
-            storage.write_all_at(&tmp, host + s0)?;
-        }
-        storage.write_all_at(data, host + inc)?;
-        let (t, i) = writable_l2(img, st, vc)?;
-        t.set_word(2 * i + 1, full_bitmap);
-        return Ok(());
-    }
     let covers = inc == 0 && data.len() as u64 >= used;
     if covers && data.iter().all(|&b| b == 0) && zero_cluster(img, st, vc, e, bitmap)? {
         return Ok(());
+    }
+    if img.extended_l2 && e & super::COMPRESSED == 0 && (e & OFFSET_MASK == 0 || e & COPIED != 0) {
+        return write_subclusters(img, st, vc, inc, data, parent, e & OFFSET_MASK, bitmap);
     }
     // A new cluster holding what the cluster reads now, with `data` over it.
     let mut whole = vec![0u8; cs as usize];
@@ -271,8 +252,9 @@ fn write_cluster(
     }
     let (t, i) = writable_l2(img, st, vc)?;
     if img.extended_l2 {
-        t.set_word(2 * i + 1, full_bitmap);
+        // Entry before bitmap: readers load the bitmap first (see raw_entry).
         t.set_word(2 * i, new | COPIED);
+        t.set_word(2 * i + 1, full_bitmap);
     } else {
         t.set_word(i, new | COPIED);
     }
@@ -304,6 +286,12 @@ fn zero_cluster(
     if img.header.version < 3 {
         return Ok(false);
     }
+    if img.extended_l2 && !compressed {
+        // The cluster (if any) stays, all its subclusters zero.
+        let (t, i) = writable_l2(img, st, vc)?;
+        t.set_word(2 * i + 1, 0xffff_ffff << 32);
+        return Ok(true);
+    }
     if compressed {
         let cs = img.cluster_size;
         let (off, len) = img.compressed_extent(e);
@@ -320,6 +308,65 @@ fn zero_cluster(
         t.set_word(i, super::ZERO);
     }
     Ok(true)
+}
+
+/// Extended L2, a cluster of its own or none yet: only the subclusters
+/// the write touches are written (a partly touched one is completed from
+/// its zero bit or the backing chain) and become allocated; the others
+/// keep reading what they read.
+#[allow(clippy::too_many_arguments)]
+fn write_subclusters(
+    img: &Qcow2Image,
+    st: &mut WriteState,
+    vc: u64,
+    inc: u64,
+    data: &[u8],
+    parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    old: u64,
+    bitmap: u64,
+) -> Result<()> {
+    let storage = img.storage.as_ref();
+    let cs = img.cluster_size;
+    let sc = cs / 32;
+    let base = vc * cs;
+    let used = cs.min(img.size - base);
+    let host = if old != 0 {
+        old
+    } else {
+        st.refcounts.allocate(storage)?
+    };
+    let end = inc + data.len() as u64;
+    let mut tmp = vec![0u8; sc as usize];
+    let mut new_bitmap = bitmap;
+    for s in inc / sc..=(end - 1) / sc {
+        let (s0, s1) = (s * sc, (s + 1) * sc);
+        let (w0, w1) = (inc.max(s0), end.min(s1));
+        let part = &data[(w0 - inc) as usize..(w1 - inc) as usize];
+        if bitmap >> s & 1 == 1 || (w0 == s0 && w1 == s1) {
+            storage.write_all_at(part, host + w0)?;
+        } else {
+            tmp.fill(0);
+            if bitmap >> (32 + s) & 1 == 0 && s0 < used {
+                let n = (s1.min(used) - s0) as usize;
+                parent(&mut tmp[..n], base + s0)?;
+            }
+            tmp[(w0 - s0) as usize..(w1 - s0) as usize].copy_from_slice(part);
+            storage.write_all_at(&tmp, host + s0)?;
+        }
+        new_bitmap = (new_bitmap | 1 << s) & !(1 << (32 + s));
+    }
+    if old == 0 && storage.len()? < host + cs {
+        storage.set_len(host + cs)?;
+    }
+    if new_bitmap != bitmap || old == 0 {
+        let (t, i) = writable_l2(img, st, vc)?;
+        // Entry before bitmap: readers load the bitmap first (see raw_entry).
+        if old == 0 {
+            t.set_word(2 * i, host | COPIED);
+        }
+        t.set_word(2 * i + 1, new_bitmap);
+    }
+    Ok(())
 }
 
 pub fn commit(img: &Qcow2Image) -> Result<()> {
