@@ -310,7 +310,7 @@ fn random_writes(disk: &vdisk::Disk, model: &mut [u8], seed: u64, count: usize) 
         }
         .min(size);
         let off = rng.next() as usize % (size - len + 1);
-        let zero = rng.next() % 5 == 0;
+        let zero = rng.next().is_multiple_of(5);
         let data: Vec<u8> = (0..len)
             .map(|i| {
                 if zero {

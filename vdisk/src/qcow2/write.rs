@@ -6,10 +6,10 @@
 //!   the file: the bytes the write does not cover are what the cluster read
 //!   before (the backing chain for an unallocated one, zeros, the
 //!   decompressed data of a compressed one, the old data of a cluster shared
-//!   with an internal snapshot). With extended L2 entries, unallocated
-//!   subclusters of an allocated cluster are filled the same way and the
-//!   cluster becomes fully allocated. An L2 table shared with a snapshot
-//!   (L1 entry without COPIED) is copied first.
+//!   with an internal snapshot). With extended L2 entries only the touched
+//!   subclusters are written and marked allocated. A whole cluster of zeros
+//!   becomes a zero entry (v3), or nothing where it reads zeros already. An
+//!   L2 table shared with a snapshot (L1 entry without COPIED) is copied first.
 //! * Group commit: the new L2/L1 entries and refcounts are kept in memory
 //!   (readers see the entries at once) and written by [`commit`] in
 //!   qemu's order, each step after a barrier: the data; the refcount blocks,
