@@ -154,7 +154,7 @@ fn writable_l2(img: &Qcow2Image, st: &mut WriteState, vc: u64) -> Result<(Arc<L2
     let old = e & OFFSET_MASK;
     if old != 0 && e & COPIED != 0 {
         let t = img.l2_table(old)?;
-        mark_dirty(st, old, &t);
+        mark_dirty(img, st, old, &t);
         return Ok((t, idx));
     }
     let storage = img.storage.as_ref();
@@ -167,14 +167,15 @@ fn writable_l2(img: &Qcow2Image, st: &mut WriteState, vc: u64) -> Result<(Arc<L2
         L2Table::from_bytes(&img.l2_table(old)?.to_bytes())
     };
     let t = img.cache.insert(new, Arc::new(table));
-    mark_dirty(st, new, &t);
+    mark_dirty(img, st, new, &t);
     img.l1[l1i].store(new | COPIED, Ordering::Release);
     st.dirty_l1.insert(l1i);
     Ok((t, idx))
 }
 
-fn mark_dirty(st: &mut WriteState, off: u64, t: &Arc<L2Table>) {
+fn mark_dirty(img: &Qcow2Image, st: &mut WriteState, off: u64, t: &Arc<L2Table>) {
     if !t.dirty.swap(true, Ordering::AcqRel) {
+        img.cache.pinned.fetch_add(1, Ordering::AcqRel);
         st.dirty_l2.push((off, t.clone()));
     }
 }
@@ -400,6 +401,7 @@ fn commit_state(img: &Qcow2Image, st: &mut WriteState) -> Result<()> {
     }
     for (_, t) in st.dirty_l2.drain(..) {
         t.dirty.store(false, Ordering::Release);
+        img.cache.pinned.fetch_sub(1, Ordering::AcqRel);
     }
     st.dirty_l1.clear();
     if !st.released.is_empty() {
