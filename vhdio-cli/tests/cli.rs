@@ -72,7 +72,7 @@ fn help_version_and_usage_errors() {
     for bad in [
         &[][..],
         &["frobnicate"],
-        &["create", "-f", "qcow2", "x", "1M"],
+        &["create", "-f", "qed", "x", "1M"],
         &["create", "-f", "vhd", "x", "12Q"],
         &["run"],
     ] {
