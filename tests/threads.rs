@@ -150,6 +150,7 @@ fn threads_signals_and_fork() {
         ("vhdx", "t.vhdx", "block_size=1M"),
         ("vdi", "t.vdi", "static=off"),
         ("vmdk", "t.vmdk", "subformat=monolithicSparse"),
+        ("qcow2", "t.qcow2", "cluster_size=4k"),
     ] {
         report.push(run_one(fmt, name, opts, &[]));
     }
@@ -169,6 +170,7 @@ fn fork_child_write_attempt_does_not_deadlock() {
         ("vhdx", "t.vhdx", "block_size=1M"),
         ("vdi", "t.vdi", "static=off"),
         ("vmdk", "t.vmdk", "subformat=monolithicSparse"),
+        ("qcow2", "t.qcow2", "cluster_size=4k"),
     ] {
         println!("{}", run_one(fmt, name, opts, &["child-writes"]));
     }

@@ -4,10 +4,15 @@
 //! the new entry at once) and pins it until the change is committed, so a
 //! dirty table is never evicted and read back stale. Readers take the map's
 //! read lock for a lookup only; a miss reads the table outside any lock.
+//!
+//! Readers never wait for the lock while no table is dirty: a forked child
+//! of a multi-threaded program may inherit the lock held by a thread that
+//! does not exist in it. They try a few times, then read the table from the
+//! file (which then holds every entry) without caching it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, TryLockError};
 
 use crate::Result;
 
@@ -49,6 +54,8 @@ pub struct L2Cache {
     /// Insertion order, for FIFO eviction.
     order: Mutex<VecDeque<u64>>,
     capacity: usize,
+    /// Tables marked dirty and not yet written back.
+    pub pinned: AtomicUsize,
 }
 
 impl L2Cache {
@@ -57,22 +64,40 @@ impl L2Cache {
             tables: RwLock::new(HashMap::new()),
             order: Mutex::new(VecDeque::new()),
             capacity: capacity.max(2),
+            pinned: AtomicUsize::new(0),
         }
     }
 
     /// The table at file offset `offset`, read with `load` on a miss.
     pub fn get(&self, offset: u64, load: impl FnOnce() -> Result<L2Table>) -> Result<Arc<L2Table>> {
-        if let Some(t) = self.read().get(&offset) {
+        let Some(tables) = self.read() else {
+            return Ok(Arc::new(load()?));
+        };
+        if let Some(t) = tables.get(&offset) {
             return Ok(t.clone());
         }
+        drop(tables);
         let table = Arc::new(load()?);
-        Ok(self.insert(offset, table))
+        // A reader's insert is skipped when the lock is busy.
+        match self.tables.try_write() {
+            Ok(tables) => Ok(self.insert_locked(tables, offset, table)),
+            Err(_) => Ok(table),
+        }
     }
 
     /// Inserts `table` (unless another thread did first: that one is kept
     /// and returned), evicting the oldest clean tables past the capacity.
     pub fn insert(&self, offset: u64, table: Arc<L2Table>) -> Arc<L2Table> {
-        let mut tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let tables = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        self.insert_locked(tables, offset, table)
+    }
+
+    fn insert_locked(
+        &self,
+        mut tables: std::sync::RwLockWriteGuard<'_, HashMap<u64, Arc<L2Table>>>,
+        offset: u64,
+        table: Arc<L2Table>,
+    ) -> Arc<L2Table> {
         if let Some(t) = tables.get(&offset) {
             return t.clone();
         }
@@ -94,7 +119,40 @@ impl L2Cache {
         table
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<u64, Arc<L2Table>>> {
-        self.tables.read().unwrap_or_else(|e| e.into_inner())
+    /// The read lock; `None` (read the file instead) when it stays busy and
+    /// no table is dirty.
+    fn read(&self) -> Option<RwLockReadGuard<'_, HashMap<u64, Arc<L2Table>>>> {
+        for _ in 0..64 {
+            match self.tables.try_read() {
+                Ok(g) => return Some(g),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) => std::thread::yield_now(),
+            }
+        }
+        if self.pinned.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        Some(self.tables.read().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A lock held by a thread that will never release it (a forked child
+    /// inherits it so) does not block a reader while nothing is dirty.
+    #[test]
+    fn busy_lock_reads_the_file_when_nothing_is_dirty() {
+        let cache = L2Cache::new(4);
+        let raw = 7u64.to_be_bytes().repeat(4);
+        cache.insert(512, Arc::new(L2Table::from_bytes(&raw)));
+        let held = cache.tables.write().unwrap();
+        let t = cache
+            .get(512, || Ok(L2Table::from_bytes(&9u64.to_be_bytes())))
+            .unwrap();
+        assert_eq!(t.word(0), 9, "read from the file, uncached");
+        drop(held);
+        assert_eq!(cache.get(512, || unreachable!()).unwrap().word(0), 7);
     }
 }

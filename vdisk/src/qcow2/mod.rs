@@ -219,7 +219,11 @@ impl Qcow2Image {
     fn raw_entry(&self, vc: u64) -> Result<(u64, u64)> {
         Ok(match self.l2_slot(vc)? {
             None => (0, 0),
-            Some((t, i)) if self.extended_l2 => (t.word(2 * i), t.word(2 * i + 1)),
+            // Bitmap first: a writer stores a new entry before its bitmap.
+            Some((t, i)) if self.extended_l2 => {
+                let bitmap = t.word(2 * i + 1);
+                (t.word(2 * i), bitmap)
+            }
             Some((t, i)) => (t.word(i), 0),
         })
     }
@@ -344,10 +348,10 @@ impl Qcow2Image {
 
     /// Decompresses the cluster whose L2 entry is `e` into `out`.
     fn read_compressed_cluster(&self, e: u64, out: &mut [u8]) -> Result<()> {
-        if let Some((k, data)) = &*self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        // try_lock: a cache only, never waited for (a forked child must not
+        // block on a lock another thread of its parent held).
+        if let Ok(guard) = self.last_compressed.try_lock()
+            && let Some((k, data)) = &*guard
             && *k == e
         {
             out.copy_from_slice(data);
@@ -365,10 +369,9 @@ impl Qcow2Image {
         let mut input = vec![0u8; n];
         self.storage.read_exact_at(&mut input, off)?;
         compress::decompress_cluster(self.compression, &input, out)?;
-        *self
-            .last_compressed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((e, out.to_vec()));
+        if let Ok(mut guard) = self.last_compressed.try_lock() {
+            *guard = Some((e, out.to_vec()));
+        }
         Ok(())
     }
 

@@ -179,6 +179,14 @@ impl Refcounts {
         Ok(())
     }
 
+    /// Forgets clean refcount blocks when many are loaded (after a commit
+    /// every block is clean; the next use reads it again).
+    pub fn trim_cache(&mut self) {
+        if self.dirty_blocks.is_empty() && self.blocks.len() as u64 * self.cluster_size > 32 << 20 {
+            self.blocks.clear();
+        }
+    }
+
     pub fn is_dirty(&self) -> bool {
         !self.dirty_blocks.is_empty() || !self.dirty_entries.is_empty() || self.moved_from.is_some()
     }
@@ -252,5 +260,43 @@ pub fn entry_set(block: &mut [u8], order: u32, i: usize, v: u64) {
         for k in 0..n {
             block[i * n + k] = (v >> (8 * (n - 1 - k))) as u8;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_of_every_width() {
+        for order in 0..=6u32 {
+            let bits = 1u32 << order;
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 / bits as usize;
+            for i in 0..n {
+                entry_set(&mut block, order, i, (i as u64 * 7 + 1) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    entry_get(&block, order, i),
+                    (i as u64 * 7 + 1) & max,
+                    "{bits} bits, {i}"
+                );
+            }
+            entry_set(&mut block, order, 3, max);
+            assert_eq!(entry_get(&block, order, 3), max);
+            assert_eq!(entry_get(&block, order, 2), 15 & max);
+        }
+        // Sub-byte widths: bit 0 is the least significant bit.
+        let mut b = [0u8; 1];
+        entry_set(&mut b, 0, 0, 1);
+        assert_eq!(b[0], 1);
+        entry_set(&mut b, 1, 1, 3);
+        assert_eq!(b[0], 0b1101);
     }
 }

@@ -6,10 +6,10 @@
 //!   the file: the bytes the write does not cover are what the cluster read
 //!   before (the backing chain for an unallocated one, zeros, the
 //!   decompressed data of a compressed one, the old data of a cluster shared
-//!   with an internal snapshot). With extended L2 entries, unallocated
-//!   subclusters of an allocated cluster are filled the same way and the
-//!   cluster becomes fully allocated. An L2 table shared with a snapshot
-//!   (L1 entry without COPIED) is copied first.
+//!   with an internal snapshot). With extended L2 entries only the touched
+//!   subclusters are written and marked allocated. A whole cluster of zeros
+//!   becomes a zero entry (v3), or nothing where it reads zeros already. An
+//!   L2 table shared with a snapshot (L1 entry without COPIED) is copied first.
 //! * Group commit: the new L2/L1 entries and refcounts are kept in memory
 //!   (readers see the entries at once) and written by [`commit`] in
 //!   qemu's order, each step after a barrier: the data; the refcount blocks,
@@ -30,8 +30,10 @@ use super::{COPIED, Entry, OFFSET_MASK, Qcow2Image};
 use crate::bytes::put_be64;
 use crate::{Error, Image, Result};
 
-/// Pending L2 tables that trigger a commit without waiting for a flush.
+/// Pending L2 tables (count, bytes) that trigger a commit without waiting
+/// for a flush: dirty tables are pinned in memory.
 const COMMIT_BOUND: usize = 512;
+const COMMIT_BOUND_BYTES: u64 = 64 << 20;
 
 pub struct WriteState {
     refcounts: Refcounts,
@@ -112,7 +114,9 @@ pub fn write(
         write_cluster(img, &mut st, vc, inc, &buf[done..done + n], parent)?;
         done += n;
     }
-    if st.dirty_l2.len() >= COMMIT_BOUND {
+    if st.dirty_l2.len() >= COMMIT_BOUND
+        || st.dirty_l2.len() as u64 * img.cluster_size >= COMMIT_BOUND_BYTES
+    {
         commit_state(img, &mut st)?;
     }
     Ok(())
@@ -150,7 +154,7 @@ fn writable_l2(img: &Qcow2Image, st: &mut WriteState, vc: u64) -> Result<(Arc<L2
     let old = e & OFFSET_MASK;
     if old != 0 && e & COPIED != 0 {
         let t = img.l2_table(old)?;
-        mark_dirty(st, old, &t);
+        mark_dirty(img, st, old, &t);
         return Ok((t, idx));
     }
     let storage = img.storage.as_ref();
@@ -163,14 +167,15 @@ fn writable_l2(img: &Qcow2Image, st: &mut WriteState, vc: u64) -> Result<(Arc<L2
         L2Table::from_bytes(&img.l2_table(old)?.to_bytes())
     };
     let t = img.cache.insert(new, Arc::new(table));
-    mark_dirty(st, new, &t);
+    mark_dirty(img, st, new, &t);
     img.l1[l1i].store(new | COPIED, Ordering::Release);
     st.dirty_l1.insert(l1i);
     Ok((t, idx))
 }
 
-fn mark_dirty(st: &mut WriteState, off: u64, t: &Arc<L2Table>) {
+fn mark_dirty(img: &Qcow2Image, st: &mut WriteState, off: u64, t: &Arc<L2Table>) {
     if !t.dirty.swap(true, Ordering::AcqRel) {
+        img.cache.pinned.fetch_add(1, Ordering::AcqRel);
         st.dirty_l2.push((off, t.clone()));
     }
 }
@@ -197,30 +202,14 @@ fn write_cluster(
         storage.write_all_at(data, host + inc)?;
         return Ok(());
     }
-    if let Entry::Data { host, copied: true } = kind {
-        // Extended L2, some subclusters not allocated: fill them, then
-        // mark the whole cluster allocated.
-        let sc = cs / 32;
-        let mut tmp = vec![0u8; sc as usize];
-        for s in 0..32u64 {
-            let (s0, s1) = (s * sc, (s + 1) * sc);
-            if bitmap >> s & 1 == 1 || (inc <= s0 && s1 <= inc + data.len() as u64) {
-                continue;
-            }
-            tmp.fill(0);
-            if bitmap >> (32 + s) & 1 == 0 && s0 < used {
-                let n = (s1.min(used) - s0) as usize;
-                parent(&mut tmp[..n], base + s0)?;
-            }
-            storage.write_all_at(&tmp, host + s0)?;
-        }
-        storage.write_all_at(data, host + inc)?;
-        let (t, i) = writable_l2(img, st, vc)?;
-        t.set_word(2 * i + 1, full_bitmap);
+    let covers = inc == 0 && data.len() as u64 >= used;
+    if covers && data.iter().all(|&b| b == 0) && zero_cluster(img, st, vc, e, bitmap)? {
         return Ok(());
     }
+    if img.extended_l2 && e & super::COMPRESSED == 0 && (e & OFFSET_MASK == 0 || e & COPIED != 0) {
+        return write_subclusters(img, st, vc, inc, data, parent, e & OFFSET_MASK, bitmap);
+    }
     // A new cluster holding what the cluster reads now, with `data` over it.
-    let covers = inc == 0 && data.len() as u64 >= used;
     let mut whole = vec![0u8; cs as usize];
     if !covers {
         match kind {
@@ -264,10 +253,119 @@ fn write_cluster(
     }
     let (t, i) = writable_l2(img, st, vc)?;
     if img.extended_l2 {
-        t.set_word(2 * i + 1, full_bitmap);
+        // Entry before bitmap: readers load the bitmap first (see raw_entry).
         t.set_word(2 * i, new | COPIED);
+        t.set_word(2 * i + 1, full_bitmap);
     } else {
         t.set_word(i, new | COPIED);
+    }
+    Ok(())
+}
+
+/// A whole-cluster write of zeros: nothing to do where the cluster reads
+/// zeros already (no backing file, or a zero cluster), else a zero entry
+/// (version 3) instead of an allocation. Returns whether it was handled.
+fn zero_cluster(
+    img: &Qcow2Image,
+    st: &mut WriteState,
+    vc: u64,
+    e: u64,
+    bitmap: u64,
+) -> Result<bool> {
+    let compressed = e & super::COMPRESSED != 0;
+    let reads_zero = if img.extended_l2 {
+        !compressed
+            && bitmap & 0xffff_ffff == 0
+            && (img.parent.is_none() || bitmap >> 32 == 0xffff_ffff)
+    } else {
+        let zero = img.zero_flag && !compressed && e & super::ZERO != 0;
+        zero || (e & (OFFSET_MASK | super::COMPRESSED) == 0 && img.parent.is_none())
+    };
+    if reads_zero {
+        return Ok(true);
+    }
+    if img.header.version < 3 {
+        return Ok(false);
+    }
+    if img.extended_l2 && !compressed {
+        // The cluster (if any) stays, all its subclusters zero.
+        let (t, i) = writable_l2(img, st, vc)?;
+        t.set_word(2 * i + 1, 0xffff_ffff << 32);
+        return Ok(true);
+    }
+    if compressed {
+        let cs = img.cluster_size;
+        let (off, len) = img.compressed_extent(e);
+        st.released
+            .extend((off / cs..=(off + len - 1) / cs).map(|c| c * cs));
+    } else if e & OFFSET_MASK != 0 {
+        st.released.push(e & OFFSET_MASK);
+    }
+    let (t, i) = writable_l2(img, st, vc)?;
+    if img.extended_l2 {
+        t.set_word(2 * i + 1, 0xffff_ffff << 32);
+        t.set_word(2 * i, 0);
+    } else {
+        t.set_word(i, super::ZERO);
+    }
+    Ok(true)
+}
+
+/// Extended L2, a cluster of its own or none yet: only the subclusters
+/// the write touches are written (a partly touched one is completed from
+/// its zero bit or the backing chain) and become allocated; the others
+/// keep reading what they read.
+#[allow(clippy::too_many_arguments)]
+fn write_subclusters(
+    img: &Qcow2Image,
+    st: &mut WriteState,
+    vc: u64,
+    inc: u64,
+    data: &[u8],
+    parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
+    old: u64,
+    bitmap: u64,
+) -> Result<()> {
+    let storage = img.storage.as_ref();
+    let cs = img.cluster_size;
+    let sc = cs / 32;
+    let base = vc * cs;
+    let used = cs.min(img.size - base);
+    let host = if old != 0 {
+        old
+    } else {
+        st.refcounts.allocate(storage)?
+    };
+    let end = inc + data.len() as u64;
+    let mut tmp = vec![0u8; sc as usize];
+    let mut new_bitmap = bitmap;
+    for s in inc / sc..=(end - 1) / sc {
+        let (s0, s1) = (s * sc, (s + 1) * sc);
+        let (w0, w1) = (inc.max(s0), end.min(s1));
+        let part = &data[(w0 - inc) as usize..(w1 - inc) as usize];
+        if bitmap >> s & 1 == 1 || (w0 == s0 && w1 == s1) {
+            storage.write_all_at(part, host + w0)?;
+        } else {
+            tmp.fill(0);
+            if bitmap >> (32 + s) & 1 == 0 && s0 < used {
+                let n = (s1.min(used) - s0) as usize;
+                parent(&mut tmp[..n], base + s0)?;
+            }
+            tmp[(w0 - s0) as usize..(w1 - s0) as usize].copy_from_slice(part);
+            storage.write_all_at(&tmp, host + s0)?;
+        }
+        new_bitmap = (new_bitmap | 1 << s) & !(1 << (32 + s));
+    }
+    if old == 0 && storage.len()? < host + cs {
+        storage.set_len(host + cs)?;
+    }
+    if new_bitmap != bitmap || old == 0 {
+        let (t, i) = writable_l2(img, st, vc)?;
+        // Entry before bitmap: readers load the bitmap first (see raw_entry).
+        if old == 0 {
+            t.set_word(2 * i, host | COPIED);
+        }
+        t.set_word(2 * i + 1, new_bitmap);
     }
     Ok(())
 }
@@ -303,6 +401,7 @@ fn commit_state(img: &Qcow2Image, st: &mut WriteState) -> Result<()> {
     }
     for (_, t) in st.dirty_l2.drain(..) {
         t.dirty.store(false, Ordering::Release);
+        img.cache.pinned.fetch_sub(1, Ordering::AcqRel);
     }
     st.dirty_l1.clear();
     if !st.released.is_empty() {
@@ -322,5 +421,6 @@ fn commit_state(img: &Qcow2Image, st: &mut WriteState) -> Result<()> {
         }
         st.refcounts.write(storage)?;
     }
+    st.refcounts.trim_cache();
     Ok(())
 }
