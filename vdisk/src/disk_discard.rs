@@ -12,8 +12,10 @@ use crate::{Error, Image, Mapping, Result};
 /// this large): smaller overwrites are never scanned.
 const UNMAP_CHECK: usize = 1 << 20;
 
-/// Zeros are written in pieces of at most this size.
-const ZERO_CHUNK: u64 = 1 << 20;
+/// Zeros are written in pieces of at most this size: a multiple of every
+/// allocation unit a format's `write` treats whole (qcow2 clusters up to
+/// 2 MiB), so that an aligned zero range reaches it as whole units.
+const ZERO_CHUNK: u64 = 4 << 20;
 
 /// Whether every byte of `buf` is zero (whole 64-byte chunks at a time).
 pub(crate) fn is_zero(buf: &[u8]) -> bool {

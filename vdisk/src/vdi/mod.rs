@@ -207,7 +207,14 @@ impl VdiImage {
             }
             return Ok(());
         }
-        let slot = st.free_slots.last().copied().unwrap_or(st.next_slot);
+        let mut slot = st.free_slots.last().copied().unwrap_or(st.next_slot);
+        if slot >= self.blocks && st.holes {
+            // Every slot is taken or freed by a discard not yet given back
+            // (freed slots are reusable only once their entries are durable):
+            // give them back now.
+            self.give_back(st, &mut |_, _| {})?;
+            slot = st.free_slots.last().copied().unwrap_or(st.next_slot);
+        }
         let no_space = || Error::NoSpace(format!("VDI has no free block slot for block {b}"));
         if slot >= self.blocks {
             return Err(no_space());
