@@ -219,6 +219,16 @@ pub fn looks_like_text(head: &[u8]) -> bool {
     false
 }
 
+/// How many hex digits the value of the `CID=` line of `text` has.
+pub fn cid_width(text: &[u8]) -> Option<usize> {
+    let end = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    text[..end].split(|&b| b == b'\n').find_map(|line| {
+        let rest = line.trim_ascii_start().strip_prefix(b"CID")?;
+        let value = rest.trim_ascii_start().strip_prefix(b"=")?.trim_ascii();
+        Some(value.iter().take_while(|b| b.is_ascii_hexdigit()).count()).filter(|&n| n > 0)
+    })
+}
+
 /// `text` with the value of its `CID=` line replaced by `cid`, as the bytes
 /// from the start of that line to the end, and the line's offset. Only that
 /// line changes (qemu and VMware rewrite it on the first write).
@@ -238,7 +248,10 @@ pub fn replace_cid(text: &[u8], cid: u32) -> Option<(usize, Vec<u8>)> {
             } else {
                 &b""[..]
             };
-            let mut out = format!("CID={cid:08x}").into_bytes();
+            // The old value's width: qemu writes `%x` (unpadded), VMware
+            // `%08x`; the caller picks a value that fits (see `cid_width`).
+            let width = cid_width(text).unwrap_or(8);
+            let mut out = format!("CID={cid:0width$x}").into_bytes();
             out.extend_from_slice(eol);
             out.extend_from_slice(&text[at + line.len()..]);
             return Some((at, out));

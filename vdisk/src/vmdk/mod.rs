@@ -252,7 +252,16 @@ impl VmdkImage {
         };
         let mut raw = vec![0u8; old_len.min(room) as usize];
         file.read_exact_at(&mut raw, at)?;
-        let new = new_cid(cid.0);
+        // A new CID of as many hex digits as the old one, so that the line
+        // keeps its length (the descriptor is rewritten from there on).
+        let width = descriptor::cid_width(&raw).unwrap_or(8).min(8) as u32;
+        let mut new = new_cid(cid.0);
+        if width < 8 {
+            new = (new & ((1 << (4 * width)) - 1)) | (1 << (4 * (width - 1)));
+            if new == cid.0 {
+                new ^= 1;
+            }
+        }
         let (line, mut tail) = descriptor::replace_cid(&raw, new)
             .ok_or_else(|| Error::corrupt("VMDK descriptor", "no CID line"))?;
         let end = line as u64 + tail.len() as u64;
