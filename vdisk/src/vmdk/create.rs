@@ -296,7 +296,7 @@ pub(super) fn identity(storage: &dyn Storage) -> Result<(u32, u64)> {
         if h.desc_offset == 0 || h.desc_size == 0 {
             return Ok((super::DEFAULT_CID, h.capacity));
         }
-        let room = (h.desc_size * 512).min(descriptor::MAX_TEXT);
+        let room = h.desc_size.saturating_mul(512).min(descriptor::MAX_TEXT);
         let at = h.desc_offset.saturating_mul(512);
         if at.saturating_add(room) > len {
             return Err(Error::corrupt(
