@@ -10,11 +10,22 @@ fn vhdio(args: &[&str]) -> Output {
 }
 
 fn vhdio_at(bin: &Path, args: &[&str]) -> Output {
-    Command::new(bin)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
+    output(Command::new(bin).args(args).env_remove("LD_PRELOAD"))
+}
+
+/// Runs `cmd`, retrying while its program is "text file busy": a copy of
+/// the binary made by this test can still be open in a child that another
+/// test thread forked before its exec closed the copy's fd.
+fn output(cmd: &mut Command) -> Output {
+    for _ in 0..100 {
+        match cmd.output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.unwrap(),
+        }
+    }
+    cmd.output().unwrap()
 }
 
 fn code(o: &Output) -> i32 {
@@ -293,11 +304,11 @@ fn run_finds_the_library_and_prepends_it() {
     let fake = lib.join("libvhdio.so");
     std::fs::write(&fake, b"not really a library").unwrap();
     let fake = std::fs::canonicalize(&fake).unwrap();
-    let o = Command::new(&exe)
-        .args(["run", "--", "sh", "-c", "printf %s \"$LD_PRELOAD\"; exit 3"])
-        .env("LD_PRELOAD", "/nonexistent/other.so")
-        .output()
-        .unwrap();
+    let o = output(
+        Command::new(&exe)
+            .args(["run", "--", "sh", "-c", "printf %s \"$LD_PRELOAD\"; exit 3"])
+            .env("LD_PRELOAD", "/nonexistent/other.so"),
+    );
     assert_eq!(code(&o), 3, "the command's status: {}", stderr(&o));
     assert_eq!(
         stdout(&o),
