@@ -33,7 +33,11 @@ fn new_image(dir: &Path, qemu: &str, ext: &str) -> std::path::PathBuf {
         .arg("64M")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     img
 }
 
@@ -86,12 +90,26 @@ int main(int argc, char **argv) {
     )
     .unwrap();
     let bin = tmp.path().join("nofclose");
-    let cc = Command::new("cc").arg("-o").arg(&bin).arg(&src).output().unwrap();
-    assert!(cc.status.success(), "{}", String::from_utf8_lossy(&cc.stderr));
+    let cc = Command::new("cc")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        cc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
     for (qemu, ext) in FORMATS {
         let img = new_image(tmp.path(), qemu, ext);
         preload::run(tmp.path(), bin.to_str().unwrap(), &[img.to_str().unwrap()]);
-        verify(&img, qemu, &[(7 << 20, &[b'K'; 1000])], &format!("{ext}: fwrite, exit"));
+        verify(
+            &img,
+            qemu,
+            &[(7 << 20, &[b'K'; 1000])],
+            &format!("{ext}: fwrite, exit"),
+        );
     }
 }
 
@@ -127,7 +145,12 @@ fn exit_exec_and_fork_commit_what_the_writer_allocated() {
                 path,
             ],
         );
-        verify(&img, qemu, &[(3 << 20, &a), (9 << 20, &b)], &format!("{ext}: exec"));
+        verify(
+            &img,
+            qemu,
+            &[(3 << 20, &a), (9 << 20, &b)],
+            &format!("{ext}: exec"),
+        );
         // A forked child exits (running the library's destructor) between
         // the parent's allocating writes.
         preload::run(

@@ -19,9 +19,7 @@ use crate::images::{self, Opened};
 use crate::{guard, real, sys};
 
 // `qcow` also covers `.qcow2`: trailing digits are taken off first.
-const IMAGE_EXTENSIONS: [&[u8]; 7] = [
-    b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"vmdk", b"qcow",
-];
+const IMAGE_EXTENSIONS: [&[u8]; 7] = [b"vhd", b"vhdx", b"vdi", b"avhd", b"avhdx", b"vmdk", b"qcow"];
 
 /// Whether `path`'s file name looks like an image (or we probe everything).
 pub fn is_candidate(path: &CStr) -> bool {

@@ -1,6 +1,6 @@
 //! [`ByteLocks`] over a `std::fs::File`, for the tools (the `vhdio` CLI, the
-//! nbdkit plugin): `fcntl(F_OFD_SETLK / F_OFD_GETLK)` through `nix`, whose
-//! wrapper keeps this crate free of `unsafe`. The preload library has its own
+//! nbdkit plugin): `fcntl(F_OFD_SETLK / F_OFD_GETLK)` through `nix`'s safe
+//! wrapper, so this crate makes no FFI calls of its own. The preload library has its own
 //! implementation on raw syscalls (a libc call there would enter its hooks).
 
 use std::fs::File;

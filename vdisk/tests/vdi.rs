@@ -984,7 +984,11 @@ fn slot_gap_left_by_a_lost_map_entry_is_reused() {
     // The map is at offBlocks (header offset 0x154 in a 1.1 header).
     let map_at = u32::from_le_bytes(bytes[0x154..0x158].try_into().unwrap()) as usize;
     let slot_of = |b: &[u8], block: usize| {
-        u32::from_le_bytes(b[map_at + 4 * block..map_at + 4 * block + 4].try_into().unwrap())
+        u32::from_le_bytes(
+            b[map_at + 4 * block..map_at + 4 * block + 4]
+                .try_into()
+                .unwrap(),
+        )
     };
     let gap = slot_of(&bytes, 1);
     assert!(gap < 3, "qemu allocated block 1 at slot {gap}");

@@ -111,7 +111,10 @@ fn commit_writes_the_childs_view_into_the_parent() {
         ok(&["snapshot", s(&child), s(&grandchild)]);
         let child_len = std::fs::metadata(&child).unwrap().len();
         ok(&["commit", "-p", s(&child)]);
-        assert!(library_view(&grandchild) == view, "{ext}: grandchild after commit");
+        assert!(
+            library_view(&grandchild) == view,
+            "{ext}: grandchild after commit"
+        );
         assert!(
             std::fs::metadata(&child).unwrap().len() < child_len,
             "{ext}: the emptied child's blocks are given back"

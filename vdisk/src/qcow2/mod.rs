@@ -538,7 +538,6 @@ impl Image for Qcow2Image {
                 h.backing_format.as_deref().unwrap_or("format not recorded")
             );
         }
-        let _ = &self.path;
         s
     }
 }

@@ -96,7 +96,11 @@ impl VdiImage {
 
     /// Makes the freed slots unused on the disk, then fills the holes below
     /// the count with the blocks of the last slots (see the module comment).
-    pub(super) fn give_back(&self, st: &mut State, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {
+    pub(super) fn give_back(
+        &self,
+        st: &mut State,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64> {
         self.commit_state(st)?;
         self.storage.sync()?;
         let mut owner: Vec<Option<u32>> = vec![None; st.next_slot as usize];

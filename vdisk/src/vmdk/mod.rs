@@ -99,7 +99,10 @@ impl VmdkImage {
             let sp = SparseExtent::open(files[0].as_ref(), &head)?;
             let h = sp.header.clone();
             let embedded = if !h.cowd && h.desc_offset != 0 && h.desc_size != 0 {
-                let (at, room) = (h.desc_offset.saturating_mul(512), h.desc_size.saturating_mul(512));
+                let (at, room) = (
+                    h.desc_offset.saturating_mul(512),
+                    h.desc_size.saturating_mul(512),
+                );
                 if room > descriptor::MAX_TEXT || at.saturating_add(room) > len {
                     return Err(Error::corrupt(
                         "VMDK sparse header",
