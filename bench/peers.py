@@ -154,6 +154,8 @@ class Peers:
                                   f"ns per read of both threads together, {mib} MiB per thread; target: 2 threads >= 1.7x the IOPS of 1")
                 except (RuntimeError, KeyError, ValueError) as e:
                     self.fail(11, f"random 4K read {fmt}, 2 threads vs 1", e)
+                if fmt == fmts[0]:
+                    self.case11_scaling_control()
             if fmt == "vhd":
                 self.case11_fdtable(fmt)
             self.case11_nbd(fmt, want_seq, lib_ok, have_fio)
@@ -208,6 +210,17 @@ class Peers:
             stop_v()
             stop_q()
 
+    def case11_scaling_control(self):
+        """How far two threads scale on this machine without the library: the raw file, same fio job."""
+        try:
+            mib = self.args.rand_mib
+            rs, ls = self.ab(lambda: self.peer_fio("peer.raw", False, 1, mib),
+                             lambda: self.peer_fio("peer.raw", False, 2, mib))
+            self.peer_row("  control: random 4K read of the raw file, no library, 2 threads vs 1 (fio psync)", rs, ls,
+                          (None, None), True, "the machine's own 2-thread scaling: the ceiling for the rows above")
+        except (RuntimeError, KeyError, ValueError) as e:
+            self.fail(11, "control: raw file 2 threads vs 1", e)
+
     def threads4k(self, lib, threads, paths, bs=4096):
         """(ns per read of all threads together, CPU ns per read) of bench/c/threads4k.c."""
         n = self.args.rand_mib * MIB // 4096
@@ -254,6 +267,17 @@ class Peers:
                           ("ratio<=", 0.6), ok, f"medians of {n} pairs")
         except RuntimeError as e:
             self.fail(11, f"convert {fmt} to raw (dd)", e)
+        if fmt == "vhd":
+            # Floor: only the writes of 512 MiB into a new tmpfs file (page allocation + copy-in), no reads, no
+            # format: no converter to raw can take less, whatever it reads.
+            try:
+                rs, ls = self.ab(qconv, lambda: self.timed(f"dd if=/dev/zero of=conv.out bs=1M count={self.PEER_SIZE // MIB} "
+                                                           "status=none")[0],
+                                 n=n, setup_ref=rm_out, setup_lib=rm_out)
+                self.peer_row("  control: dd if=/dev/zero of a new tmpfs file, no reads, vs qemu-img convert vhd to raw",
+                              rs, ls, (None, None), True, "the floor of any conversion to raw here: writing 512 MiB")
+            except RuntimeError as e:
+                self.fail(11, "control: convert floor", e)
         has_convert = os.path.exists(vhdio) and subprocess.run([vhdio, "convert", "--help"], stdout=subprocess.DEVNULL,
                                                                stderr=subprocess.DEVNULL).returncode == 0
         for out_fmt in ("raw", "vhdx" if fmt != "vhdx" else "vhd"):
