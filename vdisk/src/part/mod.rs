@@ -47,6 +47,7 @@
 //! [`Disk::read_at`]: crate::Disk::read_at
 
 pub mod gpt;
+pub mod gpt_types;
 pub mod mbr;
 
 use crate::{Disk, Error, Result};
