@@ -8,9 +8,8 @@
 //! extents one after the other.
 //!
 //! Data addresses ([`Mapping::Data`]'s `file_offset`) name the extent in
-//! bits 48..63 and the byte in its file below; compressed grains set bit 63
-//! and give the extent offset instead (their bytes are inflated by
-//! [`Image::read_data`]).
+//! bits 48..63 and the byte in its file below; compressed grains are
+//! [`Mapping::Compressed`] (inflated by [`Image::read_compressed`]).
 //!
 //! Snapshots: a child's `parentCID` must be its parent's `CID`, and the
 //! parent is found by `parentFileNameHint`. The first write of an open
@@ -42,7 +41,6 @@ use sparse::{Grain, SparseExtent};
 
 const EXTENT_SHIFT: u32 = 48;
 const OFFSET_MASK: u64 = (1 << EXTENT_SHIFT) - 1;
-const COMPRESSED: u64 = 1 << 63;
 const MAX_EXTENTS: usize = (1 << 15) - 1;
 /// The CID qemu gives a sparse file that has no descriptor.
 const DEFAULT_CID: u32 = 0xFFFF_FFFE;
@@ -226,7 +224,7 @@ impl VmdkImage {
 
     /// The extent and file an address names.
     fn decode(&self, addr: u64) -> Result<(&Extent, &dyn Storage, u64)> {
-        let i = ((addr & !COMPRESSED) >> EXTENT_SHIFT) as usize;
+        let i = (addr >> EXTENT_SHIFT) as usize;
         let e = self.extents.get(i);
         match e.and_then(|e| Some((e, self.file_of(e)?))) {
             Some((e, f)) => Ok((e, self.files[f].as_ref(), addr & OFFSET_MASK)),
@@ -377,29 +375,36 @@ impl Image for VmdkImage {
                 "VMDK extent {} is NOACCESS",
                 e.name
             ))),
-            Body::Sparse { file, sparse } => sparse.map(
-                self.files[*file].as_ref(),
-                local,
-                len,
-                base,
-                COMPRESSED | base,
-            ),
+            Body::Sparse { file, sparse } => {
+                sparse.map(self.files[*file].as_ref(), local, len, base)
+            }
         }
     }
 
     fn read_data(&self, buf: &mut [u8], addr: u64) -> Result<()> {
-        let (e, file, off) = self.decode(addr)?;
-        match &e.body {
-            Body::Sparse { sparse, .. } if addr & COMPRESSED != 0 => {
-                sparse.read_compressed(file, buf, off)
+        let (_, file, off) = self.decode(addr)?;
+        Ok(file.read_exact_at(buf, off)?)
+    }
+
+    fn read_compressed(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        // `map` gives compressed runs inside one sparse extent.
+        let e = self.extents.get(self.extent_at(offset));
+        match e.map(|e| (e, &e.body)) {
+            Some((e, Body::Sparse { file, sparse }))
+                if offset + buf.len() as u64 <= e.start + e.len =>
+            {
+                sparse.read_compressed(self.files[*file].as_ref(), buf, offset - e.start)
             }
-            _ => Ok(file.read_exact_at(buf, off)?),
+            _ => Err(Error::corrupt(
+                "mapping",
+                format!("no compressed VMDK grains at {offset}"),
+            )),
         }
     }
 
     fn write_data(&self, buf: &[u8], addr: u64) -> Result<()> {
         let (e, file, off) = self.decode(addr)?;
-        if !self.writable || !e.writable || addr & COMPRESSED != 0 {
+        if !self.writable || !e.writable {
             return Err(Error::ReadOnly);
         }
         Ok(file.write_all_at(buf, off)?)

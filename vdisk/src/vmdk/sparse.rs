@@ -163,24 +163,21 @@ impl SparseExtent {
     }
 
     /// Maps `len` bytes at `offset` of the extent. `base` is the extent's
-    /// address prefix; compressed grains map to `compressed | offset`
-    /// (their data is not a plain run of the file).
+    /// address prefix; compressed grains are `Mapping::Compressed` (their
+    /// data is not a plain run of the file: [`SparseExtent::read_compressed`]).
     pub fn map(
         &self,
         storage: &dyn Storage,
         offset: u64,
         len: u64,
         base: u64,
-        compressed: u64,
     ) -> Result<(Mapping, u64)> {
         let gb = self.grain_bytes;
         let mapping = |g: u64, in_g: u64| -> Result<Mapping> {
             Ok(match self.grain(storage, g)? {
                 Grain::Unallocated => Mapping::Unallocated,
                 Grain::Zero => Mapping::Zero,
-                Grain::At(_) if self.compressed() => Mapping::Data {
-                    file_offset: compressed | (g * gb + in_g),
-                },
+                Grain::At(_) if self.compressed() => Mapping::Compressed,
                 Grain::At(s) => Mapping::Data {
                     file_offset: base | (s * 512 + in_g),
                 },
@@ -204,8 +201,8 @@ impl SparseExtent {
         Ok((first, run))
     }
 
-    /// Reads compressed grains: `offset` is the extent offset a
-    /// [`SparseExtent::map`] of compressed grains gave.
+    /// Reads compressed grains at `offset` of the extent (a run
+    /// [`SparseExtent::map`] called `Mapping::Compressed`).
     pub fn read_compressed(
         &self,
         storage: &dyn Storage,
