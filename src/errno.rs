@@ -16,6 +16,7 @@ pub fn from_vdisk(e: &vdisk::Error) -> c_int {
         NoSpace(_) => libc::ENOSPC,
         ParentNotFound(_) => libc::ENOENT,
         ParentMismatch(_) => libc::EIO,
+        ParentBusy(_) => libc::EBUSY,
         _ => libc::EIO,
     }
 }
@@ -28,6 +29,7 @@ pub fn from_io(e: &io::Error) -> c_int {
             io::ErrorKind::PermissionDenied => libc::EACCES,
             io::ErrorKind::InvalidInput => libc::EINVAL,
             io::ErrorKind::Unsupported => libc::ENOTSUP,
+            io::ErrorKind::ResourceBusy => libc::EBUSY,
             _ => libc::EIO,
         },
     }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use libc::c_int;
 
 use crate::errno;
-use crate::fdtable::InternalFd;
+use crate::fdtable::{InternalFd, OpenFile};
 use crate::storage::FdStorage;
 use crate::sys;
 
@@ -83,15 +83,31 @@ impl ImageObject {
         })
     }
 
-    /// Commits and gives back reserved space before the process image goes
-    /// (exec, exit): the owner only.
-    pub fn close_disk(&self) {
+    /// Commits and gives back reserved space (the owner only): before the
+    /// process image goes (exec, exit) and at the last close. A failure
+    /// leaves the disk dirty, so a later flush or close tries again.
+    fn close_disk(&self) -> Result<(), vdisk::Error> {
         if self.owner_pid.load(Ordering::Acquire) != sys::pid() {
-            return;
+            return Ok(());
         }
-        if let Err(e) = self.with_disk(|d| d.close()) {
-            log::warn!("{}: {e}", self.path_str());
-        }
+        self.with_disk(|d| d.close())
+    }
+
+    /// The process's last reference is going: [`ImageObject::close_disk`],
+    /// and on failure one loud log line naming the image (for exit and
+    /// implicit closes it is all the user gets). The disk is then disowned,
+    /// so that dropping it does not try (and log) again.
+    fn finish(&self, when: &str) -> Result<(), c_int> {
+        let Err(e) = self.close_disk() else {
+            return Ok(());
+        };
+        log::error!(
+            "{}: committing the image at {when} failed: {e}; data written since the last \
+             flush may be lost (fsync before closing reports such errors)",
+            self.path_str()
+        );
+        self.with_disk(|d| d.disown());
+        Err(libc::EIO)
     }
 
     pub fn disk(&self) -> Arc<vdisk::Disk> {
@@ -145,8 +161,9 @@ impl ImageObject {
         let fd = InternalFd::new(fd);
         if let Err(e) = crate::lock::lock_writer(fd.get()) {
             log::warn!(
-                "{}: another process is writing this image; refusing a second writer",
-                self.path_str()
+                "{}: {}",
+                self.path_str(),
+                crate::lock::writer_refusal(fd.get())
             );
             return Err(e);
         }
@@ -222,6 +239,11 @@ impl ImageObject {
         )
         .map_err(|e| format!("dup: {e}"))? as c_int;
         let st = sys::fstat(stat_fd).map_err(|e| format!("fstat: {e}"))?;
+        // The writer locks are on the old file, now the parent: the new
+        // chain's parent lock would find them in its way. Writes wait for
+        // `io`; the next one takes new locks on the child.
+        self.writer_pid.store(0, Ordering::Release);
+        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         let disk = vdisk::open_disk(
             Box::new(child),
             path_of(&self.path),
@@ -233,10 +255,6 @@ impl ImageObject {
         self.stat_fd.replace(stat_fd);
         self.dev.store(st.st_dev, Ordering::Release);
         self.ino.store(st.st_ino, Ordering::Release);
-        // The writer locks were on the old file, now a parent: take new ones
-        // at the next write.
-        self.writer_pid.store(0, Ordering::Release);
-        *self.writer.lock().unwrap_or_else(|e| e.into_inner()) = None;
         log::warn!(
             "snapshot: {} is now a child of {}",
             self.path_str(),
@@ -424,20 +442,48 @@ pub fn flush_all() {
 }
 
 /// Before exec or exit: every image this process owns commits what it keeps
-/// in memory and gives back reserved space, as a last close would.
-pub fn close_all() {
+/// in memory and gives back reserved space, as a last close would. Nobody is
+/// there to tell of a failure but the log: each one is an error line naming
+/// the image.
+pub fn close_all(when: &str) {
     let objects: Vec<_> = registry().iter().filter_map(Weak::upgrade).collect();
     for obj in objects {
-        obj.close_disk();
+        if let Err(e) = obj.close_disk() {
+            log::error!(
+                "{}: committing the image at {when} failed: {e}; data written since the last \
+                 flush may be lost",
+                obj.path_str()
+            );
+        }
     }
 }
 
-/// A forked copy of a disk is dropped without committing anything.
+/// What `close` does with the fd context it took out of the fd table: if
+/// that was the process's last reference to its image (the fd context is
+/// shared by dup'ed fds, the image by every open of the container), the
+/// image is committed and closed here, and a failure is `EIO` for the
+/// caller, as a block device's last close would report a failed write-back.
+/// Otherwise the last reference goes elsewhere (another fd's close, or a
+/// call still running on this fd) and is committed there.
+pub fn release(of: Arc<OpenFile>) -> Result<(), c_int> {
+    let Some(of) = Arc::into_inner(of) else {
+        return Ok(());
+    };
+    let Some(image) = Arc::into_inner(of.image) else {
+        return Ok(());
+    };
+    image.finish("its last close")
+}
+
+/// The last reference: commits (logging a failure, see `finish`), unless
+/// this is a forked copy of a disk, which is dropped without committing.
 impl Drop for ImageObject {
     fn drop(&mut self) {
         if self.owner_pid.load(Ordering::Acquire) != sys::pid() {
             self.disk.read().unwrap_or_else(|e| e.into_inner()).disown();
+            return;
         }
+        let _ = self.finish("its last close");
     }
 }
 

@@ -234,7 +234,7 @@ extern "C" fn fini() {
     // SAFETY: fflush(NULL) flushes every output stream.
     unsafe { libc::fflush(std::ptr::null_mut()) };
     let _g = guard::Guard::enter();
-    let _ = std::panic::catch_unwind(images::close_all);
+    let _ = std::panic::catch_unwind(|| images::close_all("exit"));
 }
 
 #[used]

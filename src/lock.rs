@@ -1,6 +1,7 @@
 //! Inter-process image locking: the qemu-compatible protocol lives in
 //! `vdisk::lock`; this is its byte-lock primitive over raw `fcntl` OFD locks
-//! (never through the hooks).
+//! (never through the hooks): writer locks on images written, parent locks
+//! on every parent opened.
 
 use std::ffi::CString;
 
@@ -50,6 +51,22 @@ fn held_by_other(fd: c_int, start: i64) -> bool {
 /// Whether another process (or qemu) is writing the image open on `fd`.
 pub fn other_writer(fd: c_int) -> bool {
     !crate::config::no_lock() && vdisk::lock::other_writer(&FdLocks(fd))
+}
+
+/// Why a writer of the image open on `fd` is refused now (another writer,
+/// or open children of it), for the log line.
+pub fn writer_refusal(fd: c_int) -> &'static str {
+    vdisk::lock::refusal(&FdLocks(fd)).unwrap_or(vdisk::lock::BUSY_MESSAGE)
+}
+
+/// Takes a parent's locks (qemu's for a backing file) on `fd`, the parent's
+/// own read-only description: held until it closes. `Busy` while another
+/// process writes the parent.
+pub fn lock_parent(fd: c_int) -> Result<(), vdisk::lock::WriterLockError> {
+    if crate::config::no_lock() {
+        return Ok(());
+    }
+    vdisk::lock::lock_parent(&FdLocks(fd))
 }
 
 /// A new open file description of the container on `fd`, for our locks.

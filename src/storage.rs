@@ -48,4 +48,9 @@ impl vdisk::Storage for FdStorage {
     fn is_writable(&self) -> bool {
         self.writable
     }
+    /// On the parent's own read-only fd: the locks live and die with it
+    /// (and are shared by a forked child that inherits it).
+    fn lock_as_parent(&self) -> Result<(), vdisk::lock::WriterLockError> {
+        crate::lock::lock_parent(self.fd())
+    }
 }

@@ -1,5 +1,6 @@
 //! The served export: the image (with its parent chain) opened through vdisk,
-//! the window on it (whole disk or one partition) and the writer lock.
+//! the window on it (whole disk or one partition) and the writer lock. The
+//! parents hold qemu's backing-file locks while they are open.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -125,7 +126,7 @@ fn open(config: &Config, writable: bool) -> Result<Export, String> {
         Some(WriterLock::take(&path).map_err(|e| match e {
             vdisk::lock::WriterLockError::Busy => format!(
                 "{shown}: {} (to serve it read-only: nbdkit -r, vhdio serve --read-only)",
-                vdisk::lock::BUSY_MESSAGE
+                vdisk::writer_refusal(&path)
             ),
             vdisk::lock::WriterLockError::Io(e) => format!("{shown}: cannot lock: {e}"),
         })?)
@@ -136,7 +137,9 @@ fn open(config: &Config, writable: bool) -> Result<Export, String> {
         Box::new((file, writable)),
         &path,
         vdisk::OpenOptions { writable },
-        &vdisk::StdParentOpener,
+        // Parents hold qemu's backing-file locks while served: nobody
+        // writes them under the child (and a parent being written is refused).
+        &vdisk::LockingParentOpener,
     )
     .map_err(|e| format!("{shown}: {e}"))?;
     let (start, size) = match partition {
@@ -161,7 +164,12 @@ pub fn close() {
     if let Some(e) = current
         && let Err(err) = e.disk.close()
     {
-        log::warn!("closing the image: {err}");
+        let file = config().file.unwrap_or_default();
+        log::error!(
+            "{}: committing the image at unload failed: {err}; data written since the last \
+             flush may be lost",
+            file.display()
+        );
     }
 }
 

@@ -125,7 +125,7 @@ fn with_env<T>(
     let env = {
         let _g = guard::Guard::enter();
         if replacing {
-            let _ = std::panic::catch_unwind(crate::images::close_all);
+            let _ = std::panic::catch_unwind(|| crate::images::close_all("exec"));
         }
         environment(envp)
     };

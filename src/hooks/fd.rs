@@ -1,5 +1,7 @@
 //! close, dup, fcntl, sync and truncate on dummy fds (mmap: see `mmap`).
 
+use std::panic::AssertUnwindSafe;
+
 use libc::{c_int, c_uint, c_ulong, off_t, off64_t};
 
 use super::open::call;
@@ -9,18 +11,36 @@ use crate::{guard, real};
 
 /// close: unmaps a dummy. Closing one of the library's own fds (a program that
 /// closes every fd it does not know) succeeds without closing it.
+///
+/// The close that drops the process's last reference to a written image
+/// commits it (see `images::release`); if that fails, close returns -1/EIO
+/// (the fd is closed all the same, as Linux's close always releases it), so
+/// a program that checks close learns its data may be lost. fclose of a
+/// stream on an image ends here too (its cookie's close), and returns EOF.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     if fdtable::is_internal(fd) && !guard::inside() {
         return 0;
     }
+    let mut released = Ok(());
     if is_mapped(fd) && !guard::inside() {
         let _g = guard::Guard::enter();
         if let Some(of) = fdtable::remove(fd) {
             log::debug!("close dummy fd {fd} ({})", of.image.path_str());
+            let saved = crate::logger::errno();
+            released = std::panic::catch_unwind(AssertUnwindSafe(|| crate::images::release(of)))
+                .unwrap_or(Err(libc::EIO));
+            crate::logger::set_errno(saved);
         }
     }
-    call!(real::CLOSE, fd)
+    let r = call!(real::CLOSE, fd);
+    match released {
+        Err(e) if r == 0 => {
+            crate::logger::set_errno(e);
+            -1
+        }
+        _ => r,
+    }
 }
 
 /// close_range and closefrom close in one call inside libc: close the gaps

@@ -128,7 +128,11 @@ fn open_image(dirfd: c_int, path: &CStr, flags: c_int) -> Result<Option<c_int>, 
     // use", as e2fsprogs asks of block devices), while another process
     // writes the image: EBUSY, as for a busy device.
     if (writable || flags & libc::O_EXCL != 0) && obj.has_other_writer() {
-        log::warn!("{}: in use by another writer", abs.to_string_lossy());
+        log::warn!(
+            "{}: busy: {}",
+            abs.to_string_lossy(),
+            crate::lock::writer_refusal(obj.container_fd())
+        );
         return Err(libc::EBUSY);
     }
     // A regular file opened with O_TRUNC is empty, and writers then skip

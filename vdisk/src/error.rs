@@ -30,6 +30,8 @@ pub enum Error {
     ParentNotFound(String),
     /// A parent candidate exists but its identity does not match the child's link.
     ParentMismatch(String),
+    /// The parent is being written by another process (its locks say so).
+    ParentBusy(String),
 }
 
 impl Error {
@@ -61,6 +63,7 @@ impl fmt::Display for Error {
             Error::NoSpace(d) => write!(f, "no space: {d}"),
             Error::ParentNotFound(d) => write!(f, "parent image not found: {d}"),
             Error::ParentMismatch(d) => write!(f, "parent image does not match: {d}"),
+            Error::ParentBusy(d) => write!(f, "parent image in use: {d}"),
         }
     }
 }
@@ -93,6 +96,7 @@ impl From<Error> for io::Error {
             Error::NoSpace(_) => io::Error::new(io::ErrorKind::StorageFull, e),
             Error::ParentNotFound(_) => io::Error::new(io::ErrorKind::NotFound, e),
             Error::ParentMismatch(_) => io::Error::new(io::ErrorKind::InvalidData, e),
+            Error::ParentBusy(_) => io::Error::new(io::ErrorKind::ResourceBusy, e),
         }
     }
 }

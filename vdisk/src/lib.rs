@@ -26,7 +26,7 @@ pub mod lock;
 #[cfg(feature = "file-lock")]
 mod lock_file;
 #[cfg(feature = "file-lock")]
-pub use lock_file::FileWriterLock;
+pub use lock_file::{FileWriterLock, LockingParentOpener, ParentFile, writer_refusal};
 mod open;
 pub mod part;
 mod probe;

@@ -2,19 +2,22 @@
 //! nbdkit plugin): `fcntl(F_OFD_SETLK / F_OFD_GETLK)` through `nix`'s safe
 //! wrapper, so this crate makes no FFI calls of its own. The preload library has its own
 //! implementation on raw syscalls (a libc call there would enter its hooks).
+//! Also [`LockingParentOpener`], which holds qemu's backing-file locks on
+//! every parent it opens (the nbdkit plugin).
 
 use std::fs::File;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, fcntl};
 
-use crate::lock::{ByteLocks, WriterLockError, lock_writer};
+use crate::lock::{ByteLocks, WriterLockError, lock_parent, lock_writer};
+use crate::{ParentOpener, StdParentOpener, Storage};
 
 /// The writer locks, held on an open file description of our own until
 /// dropped (closing the description releases them).
 pub struct FileWriterLock {
-    file: File,
+    _file: File,
 }
 
 impl FileWriterLock {
@@ -22,9 +25,101 @@ impl FileWriterLock {
     /// preload library, qemu, nbdkit, another `vhdio`) writes it.
     pub fn take(path: &Path) -> Result<FileWriterLock, WriterLockError> {
         let file = File::open(path).map_err(WriterLockError::Io)?;
-        let lock = FileWriterLock { file };
-        lock_writer(&lock)?;
-        Ok(lock)
+        lock_writer(&FileLocks(&file))?;
+        Ok(FileWriterLock { _file: file })
+    }
+}
+
+/// Why a writer of `path` is refused now: another writer, or children of
+/// it that are open (see [`crate::lock::refusal`]). The generic
+/// [`crate::lock::BUSY_MESSAGE`] when the file cannot be asked.
+pub fn writer_refusal(path: &Path) -> &'static str {
+    File::open(path)
+        .ok()
+        .and_then(|file| crate::lock::refusal(&FileLocks(&file)))
+        .unwrap_or(crate::lock::BUSY_MESSAGE)
+}
+
+/// The byte locks of one open file description.
+struct FileLocks<'a>(&'a File);
+
+impl ByteLocks for FileLocks<'_> {
+    fn lock_shared(&self, byte: u64) -> io::Result<()> {
+        let fl = one_byte(libc::F_RDLCK, byte);
+        fcntl(self.0, FcntlArg::F_OFD_SETLK(&fl))
+            .map(drop)
+            .map_err(io::Error::from)
+    }
+    fn unlock(&self, byte: u64) {
+        let fl = one_byte(libc::F_UNLCK, byte);
+        let _ = fcntl(self.0, FcntlArg::F_OFD_SETLK(&fl));
+    }
+    fn locked_by_other(&self, byte: u64) -> bool {
+        let mut fl = one_byte(libc::F_WRLCK, byte);
+        fcntl(self.0, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok()
+            && fl.l_type != libc::F_UNLCK as libc::c_short
+    }
+}
+
+/// A parent file opened read-only; [`Storage::lock_as_parent`] takes
+/// qemu's backing-file locks on it, held until it is dropped.
+pub struct ParentFile(File);
+
+impl Storage for ParentFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(&self.0, buf, offset)
+    }
+    fn write_at(&self, _: &[u8], _: u64) -> io::Result<usize> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a parent is never written",
+        ))
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.0.metadata()?.len())
+    }
+    fn set_len(&self, _: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a parent is never written",
+        ))
+    }
+    fn sync(&self) -> io::Result<()> {
+        // Read-only: Linux still flushes the file (as for any fd).
+        self.0.sync_data()
+    }
+    fn is_writable(&self) -> bool {
+        false
+    }
+    fn lock_as_parent(&self) -> Result<(), WriterLockError> {
+        lock_parent(&FileLocks(&self.0))
+    }
+}
+
+/// [`StdParentOpener`] whose parents hold qemu's backing-file locks once
+/// `open_disk` confirms them, so qemu, the preload library and the plugin
+/// refuse to write a parent while a child of it is open here. Extent files
+/// and VirtualBox registries are opened without locks: the VMDK descriptor
+/// (the file writers lock) is the parent itself.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LockingParentOpener;
+
+impl ParentOpener for LockingParentOpener {
+    fn open_parent(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
+        let file = File::open(path)?;
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        Ok(Box::new(ParentFile(file)))
+    }
+    fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
+        StdParentOpener.open_extent(path, writable)
+    }
+    fn search_dirs(&self) -> Vec<PathBuf> {
+        StdParentOpener.search_dirs()
     }
 }
 
@@ -35,24 +130,6 @@ fn one_byte(kind: libc::c_int, byte: u64) -> libc::flock {
         l_start: byte as libc::off_t,
         l_len: 1,
         l_pid: 0,
-    }
-}
-
-impl ByteLocks for FileWriterLock {
-    fn lock_shared(&self, byte: u64) -> io::Result<()> {
-        let fl = one_byte(libc::F_RDLCK, byte);
-        fcntl(&self.file, FcntlArg::F_OFD_SETLK(&fl))
-            .map(drop)
-            .map_err(io::Error::from)
-    }
-    fn unlock(&self, byte: u64) {
-        let fl = one_byte(libc::F_UNLCK, byte);
-        let _ = fcntl(&self.file, FcntlArg::F_OFD_SETLK(&fl));
-    }
-    fn locked_by_other(&self, byte: u64) -> bool {
-        let mut fl = one_byte(libc::F_WRLCK, byte);
-        fcntl(&self.file, FcntlArg::F_OFD_GETLK(&mut fl)).is_ok()
-            && fl.l_type != libc::F_UNLCK as libc::c_short
     }
 }
 
@@ -71,6 +148,31 @@ mod tests {
         ));
         drop(first);
         assert!(FileWriterLock::take(&tmp).is_ok());
+        std::fs::remove_file(&tmp).unwrap();
+    }
+
+    #[test]
+    fn open_parents_refuse_writers_and_share_with_each_other() {
+        let tmp = std::env::temp_dir().join(format!("vdisk-parent-lock-{}", std::process::id()));
+        std::fs::write(&tmp, [0u8; 512]).unwrap();
+        let parent = || LockingParentOpener.open_parent(&tmp).unwrap();
+        let (first, second) = (parent(), parent());
+        first.lock_as_parent().unwrap();
+        second.lock_as_parent().unwrap();
+        assert!(matches!(
+            FileWriterLock::take(&tmp),
+            Err(WriterLockError::Busy)
+        ));
+        assert_eq!(writer_refusal(&tmp), crate::lock::IN_USE_MESSAGE);
+        drop((first, second));
+        let writer = FileWriterLock::take(&tmp).unwrap();
+        assert_eq!(writer_refusal(&tmp), crate::lock::BUSY_MESSAGE);
+        assert!(matches!(
+            parent().lock_as_parent(),
+            Err(WriterLockError::Busy)
+        ));
+        drop(writer);
+        parent().lock_as_parent().unwrap();
         std::fs::remove_file(&tmp).unwrap();
     }
 }

@@ -4,7 +4,9 @@ use std::collections::HashSet;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use crate::lock::{PARENT_BUSY_MESSAGE, WriterLockError};
 use crate::{Disk, Error, Format, Image, MAX_CHAIN_DEPTH, Result, Storage, probe, vhd};
 
 /// How to open the top image.
@@ -211,8 +213,8 @@ fn open_parent(
 ) -> Result<(Box<dyn Image>, PathBuf)> {
     let mut tried = Vec::new();
     for path in &link.candidates {
-        let storage = match opener.open_parent(path) {
-            Ok(s) => s,
+        let storage: Arc<dyn Storage> = match opener.open_parent(path) {
+            Ok(s) => Arc::from(s),
             Err(e) => {
                 tried.push(format!("{} ({e})", path.display()));
                 continue;
@@ -232,7 +234,7 @@ fn open_parent(
             }
         };
         let image = open_image_with(
-            storage,
+            Box::new(SharedStorage(storage.clone())),
             format,
             path,
             OpenOptions { writable: false },
@@ -245,6 +247,24 @@ fn open_parent(
             tried.push(format!("{} (identity differs)", path.display()));
             continue;
         }
+        // Locked only now that it is known to be the parent: a VDI's parent
+        // search opens other images (other VMs' disks) that must not be.
+        match storage.lock_as_parent() {
+            Ok(()) => {}
+            Err(WriterLockError::Busy) => {
+                return Err(Error::ParentBusy(format!(
+                    "{}: {PARENT_BUSY_MESSAGE}",
+                    path.display()
+                )));
+            }
+            // A file system without OFD locks (qemu's locking=auto also
+            // goes on without): the child opens, and says what is missing.
+            Err(WriterLockError::Io(e)) => log::warn!(
+                "{}: cannot lock this parent against writers ({e}); another process \
+                 could change it under its child unnoticed",
+                path.display()
+            ),
+        }
         return Ok((image, path.clone()));
     }
     let tried = if tried.is_empty() {
@@ -256,4 +276,38 @@ fn open_parent(
         "{}; tried: {tried}",
         link.description
     )))
+}
+
+/// A parent's storage, also held by [`open_parent`] until it knows whether
+/// to lock it (the image owns the other reference).
+struct SharedStorage(Arc<dyn Storage>);
+
+impl Storage for SharedStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> io::Result<()> {
+        self.0.sync()
+    }
+    fn is_writable(&self) -> bool {
+        self.0.is_writable()
+    }
+    fn lock_as_parent(&self) -> std::result::Result<(), WriterLockError> {
+        self.0.lock_as_parent()
+    }
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_exact_at(buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_all_at(buf, offset)
+    }
 }

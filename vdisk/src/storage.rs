@@ -25,6 +25,14 @@ pub trait Storage: Send + Sync {
     fn sync(&self) -> io::Result<()>;
     /// Whether writes are permitted (the file was opened for writing).
     fn is_writable(&self) -> bool;
+    /// Called on a parent once [`crate::open_disk`] knows it is the parent:
+    /// takes the parent locks of [`crate::lock::lock_parent`] on this open
+    /// file, held until it closes, so no writer changes the parent under the
+    /// child. Default: no lock (in-memory images; the tools' plain files,
+    /// whose commands write parents themselves under their own locks).
+    fn lock_as_parent(&self) -> Result<(), crate::lock::WriterLockError> {
+        Ok(())
+    }
 
     /// Reads exactly `buf.len()` bytes; a short file is `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
