@@ -26,7 +26,7 @@ pub mod lock;
 #[cfg(feature = "file-lock")]
 mod lock_file;
 #[cfg(feature = "file-lock")]
-pub use lock_file::FileWriterLock;
+pub use lock_file::{FileWriterLock, holder_of, lock_reader_on};
 mod open;
 pub mod part;
 mod probe;

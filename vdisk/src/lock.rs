@@ -1,14 +1,21 @@
-//! The inter-process writer lock protocol, compatible with qemu's
-//! (block/file-posix.c): shared OFD locks on byte 100 + i for each permission
-//! i a user holds, and on byte 200 + i for each permission it does not share.
-//! Permission bits: 0 consistent read, 1 write, 2 write-unchanged, 3 resize.
+//! The inter-process image lock protocol, compatible with qemu's
+//! (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes): shared
+//! OFD locks on byte 100 + i for each permission i a user holds, and on byte
+//! 200 + i for each permission it does not share. Permission bits: 0
+//! consistent read, 1 write, 2 write-unchanged, 3 resize.
 //!
 //! A writer holds read, write and resize and shares neither write nor resize,
 //! exactly like a qemu writer of a format image, so a running qemu, the
 //! preload library and the nbdkit plugin refuse each other as second writers.
-//! Readers take no lock: a reader does not block a writer (its cached
-//! metadata may then be stale); that is more lenient than qemu, whose readers
-//! refuse writers.
+//!
+//! A reader ([`lock_reader`]) holds consistent read and shares neither write
+//! nor resize, as qemu locks the file of an image it opens read-only (its
+//! format layer needs the metadata to stay put: `qemu-img convert`, `info`,
+//! the backing files of a running VM). Readers share with readers and refuse
+//! writers, and writers refuse them. The `vhdio` commands that read a chain
+//! take it on every layer; the preload library's readers take no lock (a
+//! program reading an image does not block a writer; its cached metadata may
+//! then be stale), more lenient than qemu.
 //!
 //! The byte locks themselves are system calls, which this crate does not
 //! make: each user implements [`ByteLocks`] over its own file descriptor.
@@ -38,6 +45,19 @@ const WRITER_CONFLICTS: [u64; 5] = [
     PERM_BASE + WRITE,
     PERM_BASE + RESIZE,
 ];
+/// Bytes a reader locks: consistent read held, write and resize denied.
+const READER_LOCKS: [u64; 3] = [
+    PERM_BASE + CONSISTENT_READ,
+    SHARED_BASE + WRITE,
+    SHARED_BASE + RESIZE,
+];
+/// Bytes whose lock by someone else conflicts with a reader: someone
+/// denying consistent reads, or holding write or resize.
+const READER_CONFLICTS: [u64; 3] = [
+    SHARED_BASE + CONSISTENT_READ,
+    PERM_BASE + WRITE,
+    PERM_BASE + RESIZE,
+];
 
 /// One-byte OFD (open file description) locks on an image file.
 pub trait ByteLocks {
@@ -49,29 +69,62 @@ pub trait ByteLocks {
     fn locked_by_other(&self, byte: u64) -> bool;
 }
 
-/// Why the writer locks could not be taken.
+/// Why the writer (or reader) locks could not be taken.
 #[derive(Debug)]
 pub enum WriterLockError {
-    /// Another process (or qemu) writes the image.
+    /// Another process (or qemu) uses the image in a conflicting way: for a
+    /// writer, someone writes or reads it ([`holder`] tells which); for a
+    /// reader, someone writes it.
     Busy,
     /// The lock call itself failed.
     Io(io::Error),
 }
 
-/// The message for [`WriterLockError::Busy`].
+/// The message for [`WriterLockError::Busy`] of a writer, when another
+/// writer holds the image.
 pub const BUSY_MESSAGE: &str = "another process is writing this image; refusing a second writer";
+/// The message for [`WriterLockError::Busy`] of a writer, when readers
+/// hold the image.
+pub const READ_BUSY_MESSAGE: &str = "another process is reading this image and refuses writers \
+     (qemu, or vhdio convert, compare, map, info, check); refusing to write it";
+/// The message for [`WriterLockError::Busy`] of a reader.
+pub const WRITTEN_MESSAGE: &str = "another process is writing this image; refusing to read it";
 
-/// Whether another process (or qemu) is writing the image.
+/// Who holds the image in a way that refuses others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Nobody (or only users that share everything).
+    Nobody,
+    /// A writer (qemu, the preload library, nbdkit, a `vhdio` command).
+    Writer,
+    /// Readers that refuse writers (qemu, `vhdio convert` ...).
+    Readers,
+}
+
+/// Who (other than `locks` itself) holds the image.
+pub fn holder(locks: &dyn ByteLocks) -> Holder {
+    if READER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b)) {
+        Holder::Writer
+    } else if WRITER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b)) {
+        Holder::Readers
+    } else {
+        Holder::Nobody
+    }
+}
+
+/// Whether another process (or qemu) writes the image, or reads it refusing
+/// writers: whether a writer would be refused.
 pub fn other_writer(locks: &dyn ByteLocks) -> bool {
     WRITER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b))
 }
 
-/// Takes the writer locks, then checks for conflicts, as qemu does: two
-/// racing writers both see the other. On any failure the locks are released.
-pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
-    for &b in &WRITER_LOCKS {
+/// Takes `bytes`, then checks `conflicts`, as qemu does: two racing users
+/// both see the other. On any failure the locks are released.
+fn take(locks: &dyn ByteLocks, bytes: &[u64], conflicts: &[u64]) -> Result<(), WriterLockError> {
+    let release = || bytes.iter().for_each(|&b| locks.unlock(b));
+    for &b in bytes {
         if let Err(e) = locks.lock_shared(b) {
-            unlock_writer(locks);
+            release();
             // A conflicting exclusive lock (not qemu's scheme) also means busy.
             return Err(match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::PermissionDenied => {
@@ -81,11 +134,17 @@ pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
             });
         }
     }
-    if other_writer(locks) {
-        unlock_writer(locks);
+    if conflicts.iter().any(|&b| locks.locked_by_other(b)) {
+        release();
         return Err(WriterLockError::Busy);
     }
     Ok(())
+}
+
+/// Takes the writer locks, then checks for conflicts (another writer, or
+/// readers). On any failure the locks are released.
+pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
+    take(locks, &WRITER_LOCKS, &WRITER_CONFLICTS)
 }
 
 /// Releases the writer locks.
@@ -93,6 +152,12 @@ pub fn unlock_writer(locks: &dyn ByteLocks) {
     for &b in &WRITER_LOCKS {
         locks.unlock(b);
     }
+}
+
+/// Takes the reader locks (qemu's read-only open), then checks for a
+/// writer. On any failure the locks are released.
+pub fn lock_reader(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
+    take(locks, &READER_LOCKS, &READER_CONFLICTS)
 }
 
 #[cfg(test)]
@@ -141,5 +206,39 @@ mod tests {
             others: [PERM_BASE + CONSISTENT_READ].into_iter().collect(),
         };
         lock_writer(&reader).unwrap();
+    }
+
+    #[test]
+    fn readers_share_and_refuse_writers() {
+        let first = Fake {
+            ours: RefCell::default(),
+            others: BTreeSet::new(),
+        };
+        lock_reader(&first).unwrap();
+        // qemu's read-only open: 100, 201, 203.
+        let qemu_reader: BTreeSet<u64> = [100, 201, 203].into_iter().collect();
+        assert_eq!(*first.ours.borrow(), qemu_reader);
+        let seen = Fake {
+            ours: RefCell::default(),
+            others: qemu_reader,
+        };
+        assert_eq!(holder(&seen), Holder::Readers);
+        lock_reader(&seen).unwrap();
+        let writer = Fake {
+            ours: RefCell::default(),
+            others: first.ours.borrow().clone(),
+        };
+        assert!(matches!(lock_writer(&writer), Err(WriterLockError::Busy)));
+        // A writer refuses readers.
+        let written = Fake {
+            ours: RefCell::default(),
+            others: WRITER_LOCKS.into_iter().collect(),
+        };
+        assert_eq!(holder(&written), Holder::Writer);
+        assert!(matches!(lock_reader(&written), Err(WriterLockError::Busy)));
+        assert!(
+            written.ours.borrow().is_empty(),
+            "locks left after a refusal"
+        );
     }
 }

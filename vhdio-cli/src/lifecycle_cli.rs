@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use vdisk::Format;
 
+use crate::lock::ReadLocks;
 use crate::{Failure, Output, commit, compare, convert, map, parse_output, rebase, resize};
 
 /// Formats of convert's -f and -O (raw included).
@@ -45,6 +46,10 @@ pub struct Convert {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Read SOURCE (and BACKING) even while another process writes them:
+    /// no reader locks (DEST may then be inconsistent), as qemu-img -U.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The image or raw file to read.
     source: PathBuf,
     /// The file to write (replaced if it exists).
@@ -59,6 +64,7 @@ impl Convert {
             options: self.options.as_deref(),
             backing: self.backing.as_deref(),
             progress: self.progress,
+            force_share: self.force_share,
             source: &self.source,
             dest: &self.dest,
         })
@@ -70,13 +76,20 @@ pub struct Map {
     /// human (default) or json.
     #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
     output: Output,
+    /// Read the image even while another process writes it (no reader locks).
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The image file.
     image: PathBuf,
 }
 
 impl Map {
     pub fn run(self) -> Result<u8, Failure> {
-        map::map(&self.image, self.output == Output::Json)
+        map::map(
+            &self.image,
+            self.output == Output::Json,
+            &ReadLocks::unless(self.force_share),
+        )
     }
 }
 
@@ -85,6 +98,9 @@ pub struct Compare {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Read A and B even while another process writes them (no reader locks).
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The first image or raw file.
     a: PathBuf,
     /// The second image or raw file.
@@ -93,7 +109,12 @@ pub struct Compare {
 
 impl Compare {
     pub fn run(self) -> Result<u8, Failure> {
-        compare::compare(&self.a, &self.b, self.progress)
+        compare::compare(
+            &self.a,
+            &self.b,
+            self.progress,
+            &ReadLocks::unless(self.force_share),
+        )
     }
 }
 

@@ -154,6 +154,10 @@ enum Command {
         /// human (default) or json (qemu-img info's keys).
         #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
         output: Output,
+        /// Read the image even while another process writes it (no reader
+        /// locks; what is shown may be inconsistent).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         /// The image file.
         image: PathBuf,
     },
@@ -167,6 +171,10 @@ enum Command {
         /// human (default) or json (qemu-img check's keys).
         #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
         output: Output,
+        /// Read the image even while another process writes it (no reader
+        /// locks; a change under way may show as problems).
+        #[arg(short = 'U', long)]
+        force_share: bool,
         /// The image file.
         image: PathBuf,
     },
@@ -363,11 +371,26 @@ fn main() -> ExitCode {
                 verbose: cli.verbose,
             })
         }
-        Command::Info { output, image } => match output {
-            Output::Human => info::info(&image),
-            Output::Json => info_json::info_json(&image),
-        },
-        Command::Check { output, image } => check::check_output(&image, output == Output::Json),
+        Command::Info {
+            output,
+            force_share,
+            image,
+        } => {
+            let locks = lock::ReadLocks::unless(force_share);
+            match output {
+                Output::Human => info::info(&image, &locks),
+                Output::Json => info_json::info_json(&image, &locks),
+            }
+        }
+        Command::Check {
+            output,
+            force_share,
+            image,
+        } => check::check_output(
+            &image,
+            output == Output::Json,
+            &lock::ReadLocks::unless(force_share),
+        ),
         Command::Create {
             format,
             options,
@@ -551,7 +574,7 @@ fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Res
 fn snapshot(parent: &Path, child: &Path) -> Result<u8, Failure> {
     let shown = parent.display();
     // Check the parent opens (with its own parents) before linking to it.
-    chain::open_chain(parent)?;
+    chain::open_chain(parent, &lock::ReadLocks::Skip)?;
     let parent_abs =
         std::fs::canonicalize(parent).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
     let child_dir = match child.parent() {
