@@ -324,3 +324,54 @@ fn making_a_vhdx_with_partial_blocks_standalone_survives_power_loss() {
     assert!(out.contains("No errors"), "{out}");
     assert!(common::qemu_raw(&cp, "vhdx") == view);
 }
+
+#[test]
+fn making_a_vhd_child_standalone_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    // The parent reads zeros where the child stores nothing (what a safe
+    // rebase's copy leaves).
+    let pp = dir.path().join("p.vhd");
+    std::fs::write(&pp, qemu_create(Fmt::Vhd, "8M", "")).unwrap();
+    let cp = dir.path().join("c.vhd");
+    let child = vdisk::MemStorage::new(Vec::new());
+    let ps = vdisk::MemStorage::read_only(std::fs::read(&pp).unwrap());
+    vdisk::snapshot(&pp, &ps, &child, &cp).unwrap();
+    std::fs::write(&cp, child.into_inner()).unwrap();
+    let at = 2 * MIB + 4096;
+    {
+        let disk = common::open(&cp, true).unwrap();
+        disk.write_at(&[0xA5; 4096], at).unwrap();
+        disk.close().unwrap();
+    }
+    // Other bytes in the sectors the bitmap leaves to the parent.
+    let data = match common::open(&cp, false).unwrap().layers()[0]
+        .map(at, 1)
+        .unwrap()
+    {
+        (vdisk::Mapping::Data { file_offset }, _) => file_offset - 4096,
+        other => panic!("{other:?}"),
+    };
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&cp).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x77; 4096], data).unwrap();
+    }
+    let view = read_disk(&common::open(&cp, false).unwrap()).unwrap();
+    let initial = std::fs::read(&cp).unwrap();
+    let rec = Recorder::new(initial.clone());
+    vdisk::relink::relink(&rec.storage(true), &cp, None).unwrap();
+    let r = recording("Vhd standalone", Fmt::Vhd, initial, &rec);
+    each_state(&r, |file| {
+        std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+        let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+        if read_disk(&disk).map_err(|e| e.to_string())? != view {
+            return Err(format!(
+                "reads differently ({} layers)",
+                disk.layers().len()
+            ));
+        }
+        Ok(())
+    });
+    std::fs::write(&cp, rec.contents()).unwrap();
+    std::fs::rename(&pp, dir.path().join("gone.vhd")).unwrap();
+    assert!(common::qemu_raw(&cp, "vpc") == view);
+}

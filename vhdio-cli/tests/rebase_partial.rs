@@ -183,3 +183,71 @@ fn unsafe_rebase_standalone_drops_the_parent_sectors() {
     );
     run("qemu-img", &["check", "-f", "vhdx", s(&child)]);
 }
+
+/// The VHD counterpart: a child block whose bitmap leaves sectors to the
+/// parent (where it reads zeros), with other bytes in the file there (as
+/// Windows or reused space may leave): standalone, qemu-img (which reads the
+/// block, not the bitmap) reads the former view.
+#[test]
+fn rebase_standalone_vhd_zeroes_the_sectors_its_bitmaps_left_to_the_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Parent data in the first 2 MiB block only.
+    let mut data = vec![0u8; 8 * MIB as usize];
+    let mut rng = common::Rng(3);
+    for b in data[..2 * MIB as usize].iter_mut() {
+        *b = rng.next() as u8;
+    }
+    let parent = qemu_image_from(
+        &data,
+        d,
+        "parent.vhd",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+    );
+    let child = d.join("child.vhd");
+    let o = vhdio(&["snapshot", s(&parent), s(&child)]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // 4 KiB written into block 2 (over parent zeros): the rest of the block
+    // is the parent's by the bitmap.
+    let at = 4 * MIB + 8192;
+    {
+        let disk = common::open(&child, true).unwrap();
+        disk.write_at(&[0xA5; 4096], at).unwrap();
+        disk.close().unwrap();
+    }
+    let view = common::read_all(&common::open(&child, false).unwrap());
+    let block_data = {
+        let disk = common::open(&child, false).unwrap();
+        match disk.layers()[0].map(at, 4096).unwrap() {
+            (vdisk::Mapping::Data { file_offset }, _) => file_offset - 8192,
+            other => panic!("{other:?}"),
+        }
+    };
+    poke(&child, block_data, &[0x77; 8192]);
+    poke(
+        &child,
+        block_data + 12288,
+        &vec![0x77; 2 * MIB as usize - 12288],
+    );
+    assert!(common::read_all(&common::open(&child, false).unwrap()) == view);
+
+    let o = vhdio(&["rebase", "-b", "", s(&child)]);
+    assert!(
+        o.status.success(),
+        "rebase: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    std::fs::rename(&parent, d.join("gone.vhd")).unwrap();
+    assert!(
+        qemu_raw(&child, "vpc") == view,
+        "qemu-img reads the child alone differently"
+    );
+    assert!(common::read_all(&common::open(&child, false).unwrap()) == view);
+    let ours = vhdio(&["check", s(&child)]);
+    assert!(
+        ours.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ours.stdout)
+    );
+}
