@@ -50,7 +50,7 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 const AFTER_HELP: &str = "\
 Exit status: 0 success (check: no problem found), 1 check found problems
 (compare: the disks differ), 2 error (bad command line; image unreadable, not an image, cannot be created;
-library not found), 126 the command of 'run' cannot be executed, 127 it was
+an image file locked by another process that writes it, or reads it refusing writers; library not found), 126 the command of 'run' cannot be executed, 127 it was
 not found. Otherwise 'run' exits with the command's status, and 'serve' with
 nbdkit's (127: nbdkit is not installed).
 
