@@ -150,34 +150,14 @@ enum Command {
         image: PathBuf,
     },
     /// Show format, virtual size, block size, allocation, the parent chain and partitions.
-    Info {
-        /// human (default) or json (qemu-img info's keys).
-        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
-        output: Output,
-        /// Read the image even while another process writes it (no reader
-        /// locks; what is shown may be inconsistent).
-        #[arg(short = 'U', long)]
-        force_share: bool,
-        /// The image file.
-        image: PathBuf,
-    },
+    Info(lifecycle_cli::Info),
     /// Check the structure of an image and its parent chain.
     ///
     /// For VHD also what qemu-img check does not check: footer and header
     /// checksums, the footer copy, BAT entries inside the file, overlapping
     /// blocks and locators, the sector bitmaps. Exit 0: clean; 1: problems
     /// found; 2: the image cannot be read at all.
-    Check {
-        /// human (default) or json (qemu-img check's keys).
-        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
-        output: Output,
-        /// Read the image even while another process writes it (no reader
-        /// locks; a change under way may show as problems).
-        #[arg(short = 'U', long)]
-        force_share: bool,
-        /// The image file.
-        image: PathBuf,
-    },
+    Check(lifecycle_cli::Check),
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
@@ -371,26 +351,8 @@ fn main() -> ExitCode {
                 verbose: cli.verbose,
             })
         }
-        Command::Info {
-            output,
-            force_share,
-            image,
-        } => {
-            let locks = lock::ReadLocks::unless(force_share);
-            match output {
-                Output::Human => info::info(&image, &locks),
-                Output::Json => info_json::info_json(&image, &locks),
-            }
-        }
-        Command::Check {
-            output,
-            force_share,
-            image,
-        } => check::check_output(
-            &image,
-            output == Output::Json,
-            &lock::ReadLocks::unless(force_share),
-        ),
+        Command::Info(c) => c.run(),
+        Command::Check(c) => c.run(),
         Command::Create {
             format,
             options,
