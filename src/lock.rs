@@ -66,7 +66,7 @@ pub fn lock_parent(fd: c_int) -> Result<(), vdisk::lock::WriterLockError> {
     if crate::config::no_lock() {
         return Ok(());
     }
-    vdisk::lock::lock_parent(&FdLocks(fd))
+    vdisk::lock::lock_reader(&FdLocks(fd))
 }
 
 /// A new open file description of the container on `fd`, for our locks.

@@ -154,7 +154,7 @@ fn an_open_child_keeps_writers_off_its_parent() {
         assert!(
             err.contains("libvhdio[")
                 && err.contains(base.to_str().unwrap())
-                && err.contains(vdisk::lock::IN_USE_MESSAGE),
+                && err.contains(vdisk::lock::READ_BUSY_MESSAGE),
             "{ext}: {err}"
         );
         // The golden-image case: another child of the same base, in another

@@ -26,7 +26,9 @@ pub mod lock;
 #[cfg(feature = "file-lock")]
 mod lock_file;
 #[cfg(feature = "file-lock")]
-pub use lock_file::{FileWriterLock, LockingParentOpener, ParentFile, writer_refusal};
+pub use lock_file::{
+    FileWriterLock, LockingParentOpener, ParentFile, holder_of, lock_reader_on, writer_refusal,
+};
 mod open;
 pub mod part;
 mod probe;

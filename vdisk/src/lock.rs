@@ -1,23 +1,29 @@
-//! The inter-process writer lock protocol, compatible with qemu's
-//! (block/file-posix.c): shared OFD locks on byte 100 + i for each permission
-//! i a user holds, and on byte 200 + i for each permission it does not share.
-//! Permission bits: 0 consistent read, 1 write, 2 write-unchanged, 3 resize.
+//! The inter-process image lock protocol, compatible with qemu's
+//! (block/file-posix.c, raw_apply_lock_bytes / raw_check_lock_bytes): shared
+//! OFD locks on byte 100 + i for each permission i a user holds, and on byte
+//! 200 + i for each permission it does not share. Permission bits: 0
+//! consistent read, 1 write, 2 write-unchanged, 3 resize.
 //!
 //! A writer holds read, write and resize and shares neither write nor resize,
 //! exactly like a qemu writer of a format image, so a running qemu, the
 //! preload library and the nbdkit plugin refuse each other as second writers.
-//! Readers of an image take no lock: a reader does not block a writer (its
-//! cached metadata may then be stale); that is more lenient than qemu, whose
-//! readers refuse writers.
+//!
+//! A reader ([`lock_reader`]) holds consistent read and shares neither write
+//! nor resize, as qemu locks the file of an image it opens read-only (its
+//! format layer needs the metadata to stay put: `qemu-img convert`, `info`,
+//! the backing files of a running VM). Readers share with readers and refuse
+//! writers, and writers refuse them. The `vhdio` commands that read a chain
+//! take it on every layer; the preload library's readers of an image take no
+//! lock (a program reading an image does not block a writer; its cached
+//! metadata may then be stale), more lenient than qemu.
 //!
 //! Parents are different: a child's data is only correct over the parent it
 //! was made on, so a parent written under a live child corrupts the child's
-//! view for good. Every open parent holds qemu's backing-file lock (holds
-//! consistent read, shares neither write nor resize: bytes 100, 201, 203),
-//! which refuses writers of the parent (qemu, the library, the plugin) while
-//! any child is open, and is itself refused while the parent has a writer.
-//! Parent locks are shared, so any number of children of one base (a golden
-//! image) open at once.
+//! view for good. Every parent the library, the plugin or a `vhdio` command
+//! opens holds the reader locks, qemu's backing-file locks (bytes 100, 201,
+//! 203), which refuse writers of the parent while any child is open and are
+//! themselves refused while the parent has a writer. They are shared, so any
+//! number of children of one base (a golden image) open at once.
 //!
 //! The byte locks themselves are system calls, which this crate does not
 //! make: each user implements [`ByteLocks`] over its own file descriptor.
@@ -47,17 +53,15 @@ const WRITER_CONFLICTS: [u64; 5] = [
     PERM_BASE + WRITE,
     PERM_BASE + RESIZE,
 ];
-
-/// Bytes a parent (a backing file) locks: consistent read held; write and
-/// resize not shared. qemu takes exactly these on every backing file.
-const PARENT_LOCKS: [u64; 3] = [
+/// Bytes a reader locks: consistent read held, write and resize denied.
+const READER_LOCKS: [u64; 3] = [
     PERM_BASE + CONSISTENT_READ,
     SHARED_BASE + WRITE,
     SHARED_BASE + RESIZE,
 ];
-/// Bytes whose lock by someone else conflicts with a parent lock: someone
-/// who denies reading, or holds write or resize.
-const PARENT_CONFLICTS: [u64; 3] = [
+/// Bytes whose lock by someone else conflicts with a reader: someone
+/// denying consistent reads, or holding write or resize.
+const READER_CONFLICTS: [u64; 3] = [
     SHARED_BASE + CONSISTENT_READ,
     PERM_BASE + WRITE,
     PERM_BASE + RESIZE,
@@ -73,54 +77,78 @@ pub trait ByteLocks {
     fn locked_by_other(&self, byte: u64) -> bool;
 }
 
-/// Why the writer locks (or a parent's locks) could not be taken.
+/// Why the writer (or reader) locks could not be taken.
 #[derive(Debug)]
 pub enum WriterLockError {
-    /// For a writer: another process (or qemu) writes the image, or holds it
-    /// open as a parent ([`refusal`] says which). For a parent: another
-    /// process writes it.
+    /// Another process (or qemu) uses the image in a conflicting way: for a
+    /// writer, someone writes or reads it ([`holder`] tells which); for a
+    /// reader, someone writes it.
     Busy,
     /// The lock call itself failed.
     Io(io::Error),
 }
 
-/// The message for [`WriterLockError::Busy`].
+/// The message for [`WriterLockError::Busy`] of a writer, when another
+/// writer holds the image.
 pub const BUSY_MESSAGE: &str = "another process is writing this image; refusing a second writer";
-/// The message for a writer refused by readers that do not share writing.
-pub const IN_USE_MESSAGE: &str = "this image is open as the parent of a differencing image (or by a qemu reader), \
-     and a parent must not change under its children; refusing to write it";
+/// The message for [`WriterLockError::Busy`] of a writer, when readers
+/// hold the image: children of it are open (it is their parent), or qemu or
+/// a `vhdio` command reads it.
+pub const READ_BUSY_MESSAGE: &str = "another process reads this image and refuses writers: it is the \
+     parent of an open differencing image (a parent must not change under its children), or qemu \
+     or vhdio convert, compare, map, info or check reads it; refusing to write it";
+/// The message for [`WriterLockError::Busy`] of a reader.
+pub const WRITTEN_MESSAGE: &str = "another process is writing this image; refusing to read it";
 /// The message for a parent that another process writes.
 pub const PARENT_BUSY_MESSAGE: &str = "another process is writing this image, which is the parent \
      of the image being opened; refusing to open a child over a changing parent";
 
+/// Who holds the image in a way that refuses others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Nobody (or only users that share everything).
+    Nobody,
+    /// A writer (qemu, the preload library, nbdkit, a `vhdio` command).
+    Writer,
+    /// Readers that refuse writers (qemu, `vhdio convert` ...).
+    Readers,
+}
+
 /// Why a writer is refused, from the locks others hold: [`BUSY_MESSAGE`]
-/// when another process writes (or resizes) the image, [`IN_USE_MESSAGE`]
-/// when only readers that share no writing hold it (children of it are
-/// open). `None`: nothing keeps a writer out.
+/// when another process writes the image, [`READ_BUSY_MESSAGE`] when only
+/// readers refusing writers hold it. `None`: nothing keeps a writer out.
 pub fn refusal(locks: &dyn ByteLocks) -> Option<&'static str> {
-    if [PERM_BASE + WRITE, PERM_BASE + RESIZE]
-        .iter()
-        .any(|&b| locks.locked_by_other(b))
-    {
-        Some(BUSY_MESSAGE)
-    } else if other_writer(locks) {
-        Some(IN_USE_MESSAGE)
-    } else {
-        None
+    match holder(locks) {
+        Holder::Writer => Some(BUSY_MESSAGE),
+        Holder::Readers => Some(READ_BUSY_MESSAGE),
+        Holder::Nobody => None,
     }
 }
 
-/// Whether another process (or qemu) is writing the image.
+/// Who (other than `locks` itself) holds the image.
+pub fn holder(locks: &dyn ByteLocks) -> Holder {
+    if READER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b)) {
+        Holder::Writer
+    } else if WRITER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b)) {
+        Holder::Readers
+    } else {
+        Holder::Nobody
+    }
+}
+
+/// Whether another process (or qemu) writes the image, or reads it refusing
+/// writers: whether a writer would be refused.
 pub fn other_writer(locks: &dyn ByteLocks) -> bool {
     WRITER_CONFLICTS.iter().any(|&b| locks.locked_by_other(b))
 }
 
-/// Takes the writer locks, then checks for conflicts, as qemu does: two
-/// racing writers both see the other. On any failure the locks are released.
-pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
-    for &b in &WRITER_LOCKS {
+/// Takes `bytes`, then checks `conflicts`, as qemu does: two racing users
+/// both see the other. On any failure the locks are released.
+fn take(locks: &dyn ByteLocks, bytes: &[u64], conflicts: &[u64]) -> Result<(), WriterLockError> {
+    let release = || bytes.iter().for_each(|&b| locks.unlock(b));
+    for &b in bytes {
         if let Err(e) = locks.lock_shared(b) {
-            unlock_writer(locks);
+            release();
             // A conflicting exclusive lock (not qemu's scheme) also means busy.
             return Err(match e.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::PermissionDenied => {
@@ -130,11 +158,17 @@ pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
             });
         }
     }
-    if other_writer(locks) {
-        unlock_writer(locks);
+    if conflicts.iter().any(|&b| locks.locked_by_other(b)) {
+        release();
         return Err(WriterLockError::Busy);
     }
     Ok(())
+}
+
+/// Takes the writer locks, then checks for conflicts (another writer, or
+/// readers). On any failure the locks are released.
+pub fn lock_writer(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
+    take(locks, &WRITER_LOCKS, &WRITER_CONFLICTS)
 }
 
 /// Releases the writer locks.
@@ -144,27 +178,10 @@ pub fn unlock_writer(locks: &dyn ByteLocks) {
     }
 }
 
-/// Takes a parent's locks (qemu's for a backing file), then checks for
-/// conflicts: `Busy` while another process writes the parent. On any failure
-/// the locks are released. Held until the description closes.
-pub fn lock_parent(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
-    let release = || PARENT_LOCKS.iter().for_each(|&b| locks.unlock(b));
-    for &b in &PARENT_LOCKS {
-        if let Err(e) = locks.lock_shared(b) {
-            release();
-            return Err(match e.kind() {
-                io::ErrorKind::WouldBlock | io::ErrorKind::PermissionDenied => {
-                    WriterLockError::Busy
-                }
-                _ => WriterLockError::Io(e),
-            });
-        }
-    }
-    if PARENT_CONFLICTS.iter().any(|&b| locks.locked_by_other(b)) {
-        release();
-        return Err(WriterLockError::Busy);
-    }
-    Ok(())
+/// Takes the reader locks (qemu's read-only open), then checks for a
+/// writer. On any failure the locks are released.
+pub fn lock_reader(locks: &dyn ByteLocks) -> Result<(), WriterLockError> {
+    take(locks, &READER_LOCKS, &READER_CONFLICTS)
 }
 
 #[cfg(test)]
@@ -216,40 +233,39 @@ mod tests {
     }
 
     #[test]
-    fn parents_refuse_writers_and_share_with_each_other() {
+    fn readers_share_and_refuse_writers() {
         let first = Fake {
             ours: RefCell::default(),
             others: BTreeSet::new(),
         };
-        lock_parent(&first).unwrap();
-        // qemu's backing-file locks exactly.
-        assert_eq!(
-            first.ours.borrow().iter().copied().collect::<Vec<_>>(),
-            [100, 201, 203]
-        );
-        // A second child of the same parent.
-        let second = Fake {
+        lock_reader(&first).unwrap();
+        // qemu's read-only open: 100, 201, 203.
+        let qemu_reader: BTreeSet<u64> = [100, 201, 203].into_iter().collect();
+        assert_eq!(*first.ours.borrow(), qemu_reader);
+        let seen = Fake {
             ours: RefCell::default(),
-            others: first.ours.borrow().clone(),
+            others: qemu_reader,
         };
-        lock_parent(&second).unwrap();
-        // A writer of the parent while a child is open: refused, and told why.
+        assert_eq!(holder(&seen), Holder::Readers);
+        lock_reader(&seen).unwrap();
         let writer = Fake {
             ours: RefCell::default(),
             others: first.ours.borrow().clone(),
         };
         assert!(matches!(lock_writer(&writer), Err(WriterLockError::Busy)));
-        assert_eq!(refusal(&writer), Some(IN_USE_MESSAGE));
-        // A parent that someone writes: refused.
+        // A writer refuses readers.
         let written = Fake {
             ours: RefCell::default(),
             others: WRITER_LOCKS.into_iter().collect(),
         };
-        assert!(matches!(lock_parent(&written), Err(WriterLockError::Busy)));
+        assert_eq!(holder(&written), Holder::Writer);
+        assert!(matches!(lock_reader(&written), Err(WriterLockError::Busy)));
         assert!(
             written.ours.borrow().is_empty(),
             "locks left after a refusal"
         );
+        // Each refusal is told why.
+        assert_eq!(refusal(&writer), Some(READ_BUSY_MESSAGE));
         assert_eq!(refusal(&written), Some(BUSY_MESSAGE));
         let free = Fake {
             ours: RefCell::default(),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, fcntl};
 
-use crate::lock::{ByteLocks, WriterLockError, lock_parent, lock_writer};
+use crate::lock::{ByteLocks, Holder, WriterLockError, holder, lock_reader, lock_writer};
 use crate::{ParentOpener, StdParentOpener, Storage};
 
 /// The writer locks, held on an open file description of our own until
@@ -28,6 +28,19 @@ impl FileWriterLock {
         lock_writer(&FileLocks(&file))?;
         Ok(FileWriterLock { _file: file })
     }
+}
+
+/// Takes the reader locks (qemu's read-only open) on the open file
+/// description of `file`: they last as long as it is open (in any of its
+/// duplicates, e.g. the `Storage` an image reads through). `Busy` while
+/// another process writes the file.
+pub fn lock_reader_on(file: &File) -> Result<(), WriterLockError> {
+    lock_reader(&FileLocks(file))
+}
+
+/// Who else holds `path` (for the message of a refused lock).
+pub fn holder_of(path: &Path) -> io::Result<Holder> {
+    Ok(holder(&FileLocks(&File::open(path)?)))
 }
 
 /// Why a writer of `path` is refused now: another writer, or children of
@@ -92,7 +105,7 @@ impl Storage for ParentFile {
         false
     }
     fn lock_as_parent(&self) -> Result<(), WriterLockError> {
-        lock_parent(&FileLocks(&self.0))
+        lock_reader(&FileLocks(&self.0))
     }
 }
 
@@ -147,6 +160,23 @@ mod tests {
             Err(WriterLockError::Busy)
         ));
         drop(first);
+        let writer = FileWriterLock::take(&tmp).unwrap();
+        let reading = File::open(&tmp).unwrap();
+        assert!(matches!(
+            lock_reader_on(&reading),
+            Err(WriterLockError::Busy)
+        ));
+        assert_eq!(holder_of(&tmp).unwrap(), Holder::Writer);
+        drop(writer);
+        lock_reader_on(&reading).unwrap();
+        // A second reader shares; a writer is refused, naming the readers.
+        lock_reader_on(&File::open(&tmp).unwrap()).unwrap();
+        assert!(matches!(
+            FileWriterLock::take(&tmp),
+            Err(WriterLockError::Busy)
+        ));
+        assert_eq!(holder_of(&tmp).unwrap(), Holder::Readers);
+        drop(reading);
         assert!(FileWriterLock::take(&tmp).is_ok());
         std::fs::remove_file(&tmp).unwrap();
     }
@@ -163,7 +193,7 @@ mod tests {
             FileWriterLock::take(&tmp),
             Err(WriterLockError::Busy)
         ));
-        assert_eq!(writer_refusal(&tmp), crate::lock::IN_USE_MESSAGE);
+        assert_eq!(writer_refusal(&tmp), crate::lock::READ_BUSY_MESSAGE);
         drop((first, second));
         let writer = FileWriterLock::take(&tmp).unwrap();
         assert_eq!(writer_refusal(&tmp), crate::lock::BUSY_MESSAGE);

@@ -26,7 +26,7 @@ pub trait Storage: Send + Sync {
     /// Whether writes are permitted (the file was opened for writing).
     fn is_writable(&self) -> bool;
     /// Called on a parent once [`crate::open_disk`] knows it is the parent:
-    /// takes the parent locks of [`crate::lock::lock_parent`] on this open
+    /// takes the parent locks of [`crate::lock::lock_reader`] on this open
     /// file, held until it closes, so no writer changes the parent under the
     /// child. Default: no lock (in-memory images; the tools' plain files,
     /// whose commands write parents themselves under their own locks).

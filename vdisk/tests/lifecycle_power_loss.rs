@@ -236,3 +236,142 @@ fn emptying_a_child_whose_parent_holds_its_data_survives_power_loss() {
         }
     }
 }
+
+/// A VHDX child of `pp` with PARTIALLY_PRESENT blocks 2 and 3 (a sector
+/// bitmap block, garbage in the clear sectors) over a parent reading zeros
+/// there, as a safe rebase leaves it before the link goes; and its view.
+fn vhdx_child_with_partial_blocks(pp: &Path, cp: &Path) -> Vec<u8> {
+    let poke = |at: u64, bytes: &[u8]| {
+        let f = std::fs::OpenOptions::new().write(true).open(cp).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, at).unwrap();
+    };
+    let linkage = common::open(pp, false).unwrap().layers()[0].link_id();
+    let mut opts = vdisk::vhdx::CreateOptions::dynamic(8 * MIB);
+    opts.block_size = MIB as u32;
+    opts.parent = Some(vdisk::vhdx::ParentInfo {
+        data_write_guid: linkage,
+        paths: vec![("relative_path".into(), "p.vhdx".into())],
+    });
+    let c = vdisk::vhdx::create(&(std::fs::File::create_new(cp).unwrap(), true), &opts).unwrap();
+    let end = std::fs::metadata(cp).unwrap().len().next_multiple_of(MIB);
+    let garbage: Vec<u8> = (0..MIB).map(|i| (i % 241) as u8 | 0x80).collect();
+    poke(end, &garbage);
+    poke(end + MIB, &garbage);
+    // Sectors 0..64 of block 2 and 1000..1024 of block 3 are the child's.
+    let mut bits = vec![0u8; 2 * 2048 / 8];
+    bits[..8].fill(0xFF);
+    bits[2048 / 8 + 125..2048 / 8 + 128].fill(0xFF);
+    let sb = end + 2 * MIB;
+    poke(sb + 2 * 2048 / 8, &bits);
+    poke(sb + MIB - 1, &[0]);
+    poke(c.bat_offset + 16, &(end | 7).to_le_bytes());
+    poke(c.bat_offset + 24, &((end + MIB) | 7).to_le_bytes());
+    poke(
+        c.bat_offset + c.layout.bitmap_index(0) * 8,
+        &(sb | 6).to_le_bytes(),
+    );
+    read_disk(&common::open(cp, false).unwrap()).unwrap()
+}
+
+#[test]
+fn making_a_vhdx_with_partial_blocks_standalone_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    // The parent reads zeros wherever the child does not store (what the
+    // copy of a safe rebase leaves); its data lies under the child's own
+    // sectors of block 2.
+    let parent = qemu_create(Fmt::Vhdx, "8M", "block_size=1M");
+    let pp = dir.path().join("p.vhdx");
+    std::fs::write(&pp, &parent).unwrap();
+    {
+        let disk = common::open(&pp, true).unwrap();
+        disk.write_at(&[0x5a; 32 << 10], 2 * MIB).unwrap();
+        disk.close().unwrap();
+    }
+    let cp = dir.path().join("c.vhdx");
+    let view = vhdx_child_with_partial_blocks(&pp, &cp);
+    assert!(view[2 * MIB as usize..][..512] != [0u8; 512] && view[3 * MIB as usize] == 0);
+    let initial = std::fs::read(&cp).unwrap();
+    let rec = Recorder::new(initial.clone());
+    vdisk::relink::relink(&rec.storage(true), &cp, None).unwrap();
+    let r = recording(
+        "Vhdx standalone with partial blocks",
+        Fmt::Vhdx,
+        initial,
+        &rec,
+    );
+    each_state(&r, |file| {
+        std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+        let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+        let v = read_disk(&disk).map_err(|e| e.to_string())?;
+        if v != view {
+            let at = v.iter().zip(&view).position(|(a, b)| a != b).unwrap_or(0);
+            return Err(format!(
+                "reads differently ({} layers) at {at}: {} for {}",
+                disk.layers().len(),
+                v[at],
+                view[at]
+            ));
+        }
+        Ok(())
+    });
+    // The end state: standalone, every block fully present or not at all.
+    std::fs::write(&cp, rec.contents()).unwrap();
+    std::fs::rename(&pp, dir.path().join("gone.vhdx")).unwrap();
+    let disk = common::open(&cp, false).unwrap();
+    assert_eq!(disk.layers().len(), 1);
+    assert!(read_disk(&disk).unwrap() == view);
+    let out = common::run("qemu-img", &["check", "-f", "vhdx", cp.to_str().unwrap()]);
+    assert!(out.contains("No errors"), "{out}");
+    assert!(common::qemu_raw(&cp, "vhdx") == view);
+}
+
+#[test]
+fn making_a_vhd_child_standalone_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    // The parent reads zeros where the child stores nothing (what a safe
+    // rebase's copy leaves).
+    let pp = dir.path().join("p.vhd");
+    std::fs::write(&pp, qemu_create(Fmt::Vhd, "8M", "")).unwrap();
+    let cp = dir.path().join("c.vhd");
+    let child = vdisk::MemStorage::new(Vec::new());
+    let ps = vdisk::MemStorage::read_only(std::fs::read(&pp).unwrap());
+    vdisk::snapshot(&pp, &ps, &child, &cp).unwrap();
+    std::fs::write(&cp, child.into_inner()).unwrap();
+    let at = 2 * MIB + 4096;
+    {
+        let disk = common::open(&cp, true).unwrap();
+        disk.write_at(&[0xA5; 4096], at).unwrap();
+        disk.close().unwrap();
+    }
+    // Other bytes in the sectors the bitmap leaves to the parent.
+    let data = match common::open(&cp, false).unwrap().layers()[0]
+        .map(at, 1)
+        .unwrap()
+    {
+        (vdisk::Mapping::Data { file_offset }, _) => file_offset - 4096,
+        other => panic!("{other:?}"),
+    };
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&cp).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0x77; 4096], data).unwrap();
+    }
+    let view = read_disk(&common::open(&cp, false).unwrap()).unwrap();
+    let initial = std::fs::read(&cp).unwrap();
+    let rec = Recorder::new(initial.clone());
+    vdisk::relink::relink(&rec.storage(true), &cp, None).unwrap();
+    let r = recording("Vhd standalone", Fmt::Vhd, initial, &rec);
+    each_state(&r, |file| {
+        std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+        let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+        if read_disk(&disk).map_err(|e| e.to_string())? != view {
+            return Err(format!(
+                "reads differently ({} layers)",
+                disk.layers().len()
+            ));
+        }
+        Ok(())
+    });
+    std::fs::write(&cp, rec.contents()).unwrap();
+    std::fs::rename(&pp, dir.path().join("gone.vhd")).unwrap();
+    assert!(common::qemu_raw(&cp, "vpc") == view);
+}

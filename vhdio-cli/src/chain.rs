@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use vdisk::vdi::VdiImage;
 use vdisk::vhd::VhdImage;
 use vdisk::vhdx::VhdxImage;
-use vdisk::{Format, Image, OpenOptions, ParentOpener, StdParentOpener, Storage};
+use vdisk::{Format, Image, OpenOptions, StdParentOpener, Storage};
 
+use crate::lock::ReadLocks;
 use crate::{EXIT_ERROR, Failure, fail};
 
 /// One opened layer.
@@ -35,12 +36,14 @@ pub enum OpenError {
     Unreadable(String),
     /// An image whose structure (or chain) is broken.
     Broken(String),
+    /// Another process writes the file (its reader locks were refused).
+    Locked(String),
 }
 
 impl OpenError {
     pub fn into_failure(self, broken_status: u8) -> Failure {
         match self {
-            OpenError::Unreadable(m) => fail(EXIT_ERROR, m),
+            OpenError::Unreadable(m) | OpenError::Locked(m) => fail(EXIT_ERROR, m),
             OpenError::Broken(m) => fail(broken_status, m),
         }
     }
@@ -161,8 +164,9 @@ pub fn open_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenE
     })
 }
 
-/// Opens the file at `path` read-only.
-pub fn open_file(path: &Path) -> Result<Box<dyn Storage>, OpenError> {
+/// Opens the file at `path` read-only, with reader locks as `locks` says
+/// (held while the storage is open).
+pub fn open_file(path: &Path, locks: &ReadLocks) -> Result<Box<dyn Storage>, OpenError> {
     let unreadable = |e: std::io::Error| OpenError::Unreadable(format!("{}: {e}", path.display()));
     let file = std::fs::File::open(path).map_err(unreadable)?;
     if !file.metadata().map_err(unreadable)?.is_file() {
@@ -171,6 +175,8 @@ pub fn open_file(path: &Path) -> Result<Box<dyn Storage>, OpenError> {
             path.display()
         )));
     }
+    // Before any metadata is read: a writer cannot change it under us.
+    locks.lock(&file, path).map_err(OpenError::Locked)?;
     Ok(Box::new((file, false)))
 }
 
@@ -191,16 +197,16 @@ fn raw_layer(storage: Box<dyn Storage>, path: &Path) -> Result<Layer, OpenError>
     })
 }
 
-/// Opens the image at `path` and every parent, top first.
-pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
-    let top = open_layer(open_file(path)?, path)?;
+/// Opens the image at `path` and every parent, top first, each with reader
+/// locks as `locks` says (held while the layers are open).
+pub fn open_chain(path: &Path, locks: &ReadLocks) -> Result<Vec<Layer>, OpenError> {
+    let top = open_layer(open_file(path, locks)?, path)?;
     let mut layers = vec![top];
-    let opener = StdParentOpener;
     loop {
         let last = layers.last().expect("at least one layer");
         let link = last
             .image
-            .find_parent(&last.path, &opener)
+            .find_parent(&last.path, &StdParentOpener)
             .map_err(|e| OpenError::from_vdisk(&last.path, e))?;
         let Some(link) = link else { break };
         if layers.len() >= vdisk::MAX_CHAIN_DEPTH {
@@ -215,13 +221,22 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
         // A qcow2 backing file: no identity to match, maybe raw.
         let by_path = last.image.parent_by_path();
         for candidate in &link.candidates {
-            let storage = match opener.open_parent(candidate) {
-                Ok(s) => s,
+            let file = match std::fs::File::open(candidate).and_then(|f| {
+                if f.metadata()?.is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            }) {
+                Ok(f) => f,
                 Err(e) => {
                     tried.push(format!("{} ({e})", candidate.display()));
                     continue;
                 }
             };
+            // A parent another process writes is refused, not passed over.
+            locks.lock(&file, candidate).map_err(OpenError::Locked)?;
+            let storage: Box<dyn Storage> = Box::new((file, false));
             let raw = match by_path {
                 Some(Some(Format::Raw)) => true,
                 Some(None) => matches!(vdisk::probe(storage.as_ref()), Ok(None)),
@@ -242,7 +257,9 @@ pub fn open_chain(path: &Path) -> Result<Vec<Layer>, OpenError> {
                     break;
                 }
                 Ok(_) => tried.push(format!("{} (identity differs)", candidate.display())),
-                Err(OpenError::Unreadable(m) | OpenError::Broken(m)) => tried.push(m),
+                Err(OpenError::Unreadable(m) | OpenError::Broken(m) | OpenError::Locked(m)) => {
+                    tried.push(m)
+                }
             }
         }
         let Some(parent) = found else {

@@ -19,6 +19,7 @@ use vdisk::vhd::footer::{COOKIE, DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET, 
 use vdisk::{Format, Storage};
 
 use crate::chain::{self, OpenError};
+use crate::lock::ReadLocks;
 use crate::{EXIT_OK, EXIT_PROBLEMS, Failure};
 
 #[derive(Default)]
@@ -38,8 +39,8 @@ impl Report {
 
 /// `check`, with `json`: one qemu-img style object (`filename`, `format`,
 /// `check-errors`, and vhdio's `problems`, `notes`, `images`) instead of text.
-pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
-    let storage = chain::open_file(path)?;
+pub fn check_output(path: &Path, json: bool, locks: &ReadLocks) -> Result<u8, Failure> {
+    let storage = chain::open_file(path, locks)?;
     let format = vdisk::probe(storage.as_ref())
         .map_err(|e| OpenError::Unreadable(format!("{}: {e}", path.display())))?
         .ok_or_else(|| {
@@ -47,10 +48,10 @@ pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
         })?;
     let mut files = Vec::new();
     // The top file's own structure, even when it does not open.
-    files.push(examine_file(path, format, storage.as_ref())?);
+    files.push(examine_file(path, format, storage.as_ref(), locks)?);
     let mut chain_problem = None;
     let mut chain_note = None;
-    match chain::open_chain(path) {
+    match chain::open_chain(path, locks) {
         Ok(layers) => {
             // Not a problem: space that a discard or `vhdio compact` gives back.
             if let Ok(Some(u)) = vdisk::block_usage(layers[0].image.as_ref(), true) {
@@ -62,8 +63,8 @@ pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
                 );
             }
             for l in &layers[1..] {
-                let s = chain::open_file(&l.path)?;
-                files.push(examine_file(&l.path, l.format, s.as_ref())?);
+                let s = chain::open_file(&l.path, locks)?;
+                files.push(examine_file(&l.path, l.format, s.as_ref(), locks)?);
             }
             if layers.len() > 1 {
                 chain_note = Some(format!(
@@ -72,6 +73,7 @@ pub fn check_output(path: &Path, json: bool) -> Result<u8, Failure> {
                 ));
             }
         }
+        Err(e @ OpenError::Locked(_)) => return Err(e.into()),
         Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => chain_problem = Some(m),
     }
     let total_problems =
@@ -184,7 +186,12 @@ impl Examined {
 }
 
 /// Checks one file.
-fn examine_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<Examined, Failure> {
+fn examine_file(
+    path: &Path,
+    format: Format,
+    storage: &dyn Storage,
+    locks: &ReadLocks,
+) -> Result<Examined, Failure> {
     let mut r = Report::default();
     let io = |e: std::io::Error| OpenError::Unreadable(format!("{}: {e}", path.display()));
     match format {
@@ -192,7 +199,7 @@ fn examine_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<Ex
         Format::Vhdx => check_vhdx(storage, &mut r).map_err(io)?,
         Format::Vdi => check_vdi(storage, &mut r).map_err(io)?,
         Format::Raw => {}
-        Format::Vmdk => check_vmdk(path, &mut r),
+        Format::Vmdk => check_vmdk(path, &mut r, locks),
         Format::Qcow2 => check_qcow2(storage, &mut r),
     }
     // vdisk's validation of the layer (the library refuses what fails here).
@@ -200,12 +207,12 @@ fn examine_file(path: &Path, format: Format, storage: &dyn Storage) -> Result<Ex
         // A qcow2's raw backing file: nothing to validate.
         Ok(None)
     } else {
-        chain::open_layer(chain::open_file(path)?, path).map(Some)
+        chain::open_layer(chain::open_file(path, locks)?, path).map(Some)
     };
     let summary = match opened {
         Ok(None) => "raw disk".to_string(),
         Ok(Some(l)) => l.image.describe(),
-        Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => {
+        Err(OpenError::Broken(m) | OpenError::Unreadable(m) | OpenError::Locked(m)) => {
             r.problem(format!("does not open: {m}"));
             format!("{format} image")
         }
@@ -597,11 +604,13 @@ fn check_vdi(s: &dyn Storage, r: &mut Report) -> std::io::Result<()> {
 /// VMDK: every grain table entry inside its file (the open and a full map
 /// find those that are not) and the redundant grain tables equal to the
 /// primary ones.
-fn check_vmdk(path: &Path, r: &mut Report) {
+fn check_vmdk(path: &Path, r: &mut Report, locks: &ReadLocks) {
     use vdisk::Image;
-    let storage = match chain::open_file(path) {
+    let storage = match chain::open_file(path, locks) {
         Ok(s) => s,
-        Err(OpenError::Broken(m) | OpenError::Unreadable(m)) => return r.problem(m),
+        Err(OpenError::Broken(m) | OpenError::Unreadable(m) | OpenError::Locked(m)) => {
+            return r.problem(m);
+        }
     };
     let img = match vdisk::vmdk::VmdkImage::open(
         storage,

@@ -9,14 +9,18 @@
 //! parent_linkage2, so that layer finds BASE at every moment. BASE is
 //! flushed and closed; then IMAGE is relinked to BASE and emptied (every
 //! block unallocated), keeping its identity, so children of IMAGE still
-//! find it. Images between IMAGE and BASE no longer read as before and
-//! should be removed.
+//! find it. Images between IMAGE and BASE no longer read as before (BASE
+//! holds what IMAGE showed, also where they showed BASE's old data) and
+//! should be removed: each is named in a warning; a VHDX one no longer opens
+//! (the layer above BASE loses the parent_linkage2 the commit gave it). They
+//! cannot be relinked into a correct state: BASE's old data is gone.
 
 use std::path::Path;
 
 use vdisk::copy::{CHUNK, GRANULE};
 use vdisk::{Disk, Format, Image, Mapping, OpenOptions, StdParentOpener};
 
+use crate::lock::ReadLocks;
 use crate::progress::Progress;
 use crate::rebase::open_rw;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
@@ -50,7 +54,8 @@ fn decided_above(layers: &[&dyn Image], offset: u64, len: u64) -> vdisk::Result<
 }
 
 pub fn commit(image: &Path, base: Option<&Path>, progress: bool) -> Result<u8, Failure> {
-    let layers = chain::open_chain(image)?;
+    // Found first without locks: which files are written depends on it.
+    let layers = chain::open_chain(image, &ReadLocks::Skip)?;
     if layers.len() < 2 {
         return Err(err(image, "not a differencing image: nothing to commit"));
     }
@@ -83,6 +88,14 @@ pub fn commit(image: &Path, base: Option<&Path>, progress: bool) -> Result<u8, F
         .iter()
         .map(|p| crate::lock::lock_writer(p))
         .collect::<Result<Vec<_>, _>>()?;
+    // Opened again under the locks, reader locks on the files only read
+    // (the images between, those below BASE), so nothing changes them now.
+    let found: Vec<_> = layers.iter().map(|l| l.path.clone()).collect();
+    drop(layers);
+    let layers = chain::open_chain(image, &ReadLocks::except(&written))?;
+    if layers.iter().map(|l| &l.path).ne(found.iter()) {
+        return Err(err(image, "its chain changed while the commit started"));
+    }
     let above_base = layers[k - 1].path.clone();
     let format = layers[0].format;
     let intermediates: Vec<_> = layers[1..k].iter().map(|l| l.path.clone()).collect();
@@ -147,14 +160,38 @@ pub fn commit(image: &Path, base: Option<&Path>, progress: bool) -> Result<u8, F
         crate::rebase::relink(image, Some(&base_path))?;
         empty()?;
     }
+    if format == Format::Vhdx && k > 1 {
+        // The layer above BASE was given BASE's new DataWriteGuid for the
+        // commit's sake only: without it, the stale images refuse to open
+        // (VHDX's own guard) instead of showing a wrong disk.
+        let above = (open_rw(&above_base)?, true);
+        vdisk::vhdx::relink::set_alternate_linkage(&above, None)
+            .map_err(|e| err(&above_base, e))?;
+    }
     for i in &intermediates {
-        eprintln!(
-            "vhdio: {}: between {} and its new parent: no longer reads as before (remove it)",
-            i.display(),
-            image.display()
-        );
+        eprintln!("vhdio: {}", stale_message(i, image, &base_path, format));
     }
     Ok(EXIT_OK)
+}
+
+/// The warning for an image that lay between IMAGE and BASE: BASE now
+/// holds what IMAGE showed, also where this image showed BASE's old data,
+/// so it no longer reads its disk (qemu-img commit -b leaves the same). It
+/// cannot be repaired: BASE's old data is gone.
+fn stale_message(stale: &Path, image: &Path, base: &Path, format: Format) -> String {
+    let guard = if format == Format::Vhdx {
+        "; it no longer opens (its parent's DataWriteGuid changed)"
+    } else {
+        ""
+    };
+    format!(
+        "{}: stale: it was between {} and {}, which now holds what {} showed, so it no longer \
+         reads as before{guard}; remove it (and its other children)",
+        stale.display(),
+        image.display(),
+        base.display(),
+        image.display()
+    )
 }
 
 /// Writes into `base` (its top layer) what `view`'s layers `0..k` decide,

@@ -62,14 +62,17 @@ pub fn compact(o: CompactOptions) -> Result<u8, Failure> {
     let shown = o.image.display();
     let err = |e: vdisk::Error| fail(EXIT_ERROR, format!("{shown}: {e}"));
     // The writer locks, held to the end: qemu, the library and nbdkit are
-    // refused while the blocks move.
-    // The writer locks, held to the end: qemu, the library and nbdkit are
-    // refused while the blocks move.
-    let _lock = if o.dry_run {
-        None
+    // refused while the blocks move. Reader locks on the parents (and on
+    // the image itself for a dry run, which only reads).
+    let (_lock, read_locks) = if o.dry_run {
+        (None, crate::lock::ReadLocks::all())
     } else {
-        Some(crate::lock::lock_writer(o.image)?)
+        (
+            Some(crate::lock::lock_writer(o.image)?),
+            crate::lock::ReadLocks::except(&[o.image.to_path_buf()]),
+        )
     };
+    let _chain = crate::chain::open_chain(o.image, &read_locks)?;
     let before = std::fs::metadata(o.image)
         .map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?
         .len();

@@ -9,12 +9,13 @@ use std::path::Path;
 use vdisk::copy::first_difference;
 
 use crate::convert::open_source;
+use crate::lock::ReadLocks;
 use crate::progress::Progress;
 use crate::{EXIT_ERROR, EXIT_OK, EXIT_PROBLEMS, Failure, fail};
 
-pub fn compare(a: &Path, b: &Path, progress: bool) -> Result<u8, Failure> {
-    let da = open_source(a, None)?;
-    let db = open_source(b, None)?;
+pub fn compare(a: &Path, b: &Path, progress: bool, locks: &ReadLocks) -> Result<u8, Failure> {
+    let da = open_source(a, None, locks)?;
+    let db = open_source(b, None, locks)?;
     let mut p = Progress::new(progress);
     let diff = first_difference(&da.disk, &db.disk, &mut |done, total| p.update(done, total))
         .map_err(|e| {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use vdisk::copy::{CopyOptions, RawSource, copy_disk};
 use vdisk::{CreateOptions, Disk, Format, OpenOptions, RawImage, StdParentOpener};
 
+use crate::lock::ReadLocks;
 use crate::progress::Progress;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
 
@@ -23,6 +24,8 @@ pub struct ConvertArgs<'a> {
     pub options: Option<&'a str>,
     pub backing: Option<&'a Path>,
     pub progress: bool,
+    /// `-U`: no reader locks on SOURCE (and BACKING).
+    pub force_share: bool,
     pub source: &'a Path,
     pub dest: &'a Path,
 }
@@ -39,10 +42,15 @@ fn err(path: &Path, e: impl std::fmt::Display) -> Failure {
     fail(EXIT_ERROR, format!("{}: {e}", path.display()))
 }
 
-/// Opens `path` read-only with its chain; a file that is not an image (or
-/// `-f raw`) is a raw disk. `forced` must match what the file is.
-pub fn open_source(path: &Path, forced: Option<Format>) -> Result<Source, Failure> {
-    let storage = chain::open_file(path)?;
+/// Opens `path` read-only with its chain, each file with reader locks as
+/// `locks` says (held while the source is open); a file that is not an
+/// image (or `-f raw`) is a raw disk. `forced` must match what the file is.
+pub fn open_source(
+    path: &Path,
+    forced: Option<Format>,
+    locks: &ReadLocks,
+) -> Result<Source, Failure> {
+    let storage = chain::open_file(path, locks)?;
     let probed = vdisk::probe(storage.as_ref()).map_err(|e| err(path, e))?;
     let format = match (forced, probed) {
         (Some(Format::Raw), _) | (None, None) => Format::Raw,
@@ -66,8 +74,8 @@ pub fn open_source(path: &Path, forced: Option<Format>) -> Result<Source, Failur
             raw_len: Some(raw_len),
         });
     }
+    let layers = chain::open_chain(path, locks)?;
     drop(storage);
-    let layers = chain::open_chain(path)?;
     let (disk, infos) = chain::into_disk(layers);
     Ok(Source {
         disk,
@@ -169,10 +177,11 @@ fn parse_options(
 }
 
 pub fn convert(a: ConvertArgs) -> Result<u8, Failure> {
-    let source = open_source(a.source, a.source_format)?;
+    let locks = ReadLocks::unless(a.force_share);
+    let source = open_source(a.source, a.source_format, &locks)?;
     let size = source.disk.size();
     let backing = match a.backing {
-        Some(b) => Some(open_source(b, None)?),
+        Some(b) => Some(open_source(b, None, &locks)?),
         None => None,
     };
     if let Some(b) = &backing {
@@ -281,10 +290,18 @@ pub fn convert(a: ConvertArgs) -> Result<u8, Failure> {
     drop(file);
     std::fs::rename(&tmp, a.dest).map_err(|e| err(a.dest, e))?;
     guard.disarm();
-    if let Some(dir) = folder(a.dest)
-        && let Ok(d) = File::open(dir)
-    {
-        let _ = d.sync_all();
+    // The rename is durable only once the folder is: a failure here would
+    // otherwise report success for a DEST a power loss can take away.
+    if let Some(dir) = folder(a.dest) {
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| {
+            err(
+                dir,
+                format!(
+                    "cannot sync the folder after writing {}: {e}",
+                    a.dest.display()
+                ),
+            )
+        })?;
     }
     log::debug!(
         "converted {} bytes: {} read, {} written",

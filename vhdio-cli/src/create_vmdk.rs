@@ -73,7 +73,15 @@ pub fn create(options: Option<&str>, image: &Path, size: u64) -> Result<u8, Fail
         .iter()
         .map(|f| f as &dyn vdisk::Storage)
         .collect();
-    let made = match create_files(sub, name, size, grain, &files[0], &extents) {
+    // Every file durable before success is reported (create_files leaves
+    // them to the page cache; a write-back error would otherwise be lost).
+    let made = create_files(sub, name, size, grain, &files[0], &extents).and_then(|m| {
+        for (f, _) in &files {
+            f.sync_all()?;
+        }
+        Ok(m)
+    });
+    let made = match made {
         Ok(m) => m,
         Err(e) => {
             drop(files);

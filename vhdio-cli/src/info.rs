@@ -5,6 +5,7 @@ use std::path::Path;
 use vdisk::{Image, Mapping};
 
 use crate::chain::{self, LayerInfo};
+use crate::lock::ReadLocks;
 use crate::units::human;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, fail};
 
@@ -37,10 +38,10 @@ fn percent(part: u64, whole: u64) -> String {
     }
 }
 
-pub fn info(path: &Path) -> Result<u8, Failure> {
-    let layers = match chain::open_chain(path) {
+pub fn info(path: &Path, locks: &ReadLocks) -> Result<u8, Failure> {
+    let layers = match chain::open_chain(path, locks) {
         Ok(l) => l,
-        Err(e) => return crate::info_json::broken_chain(path, e, false),
+        Err(e) => return crate::info_json::broken_chain(path, e, false, locks),
     };
     let mut alloc = Vec::new();
     for l in &layers {

@@ -18,6 +18,7 @@ use vdisk::StdParentOpener;
 
 use crate::chain::{self, Layer, OpenError};
 use crate::json::Json;
+use crate::lock::ReadLocks;
 use crate::units::human;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, fail, info};
 
@@ -64,8 +65,9 @@ fn layer_object(layer: &Layer) -> Result<Json, Failure> {
 /// Whether the file holds changes not yet applied: a VHDX whose log is not
 /// empty (a writer did not finish; the next writable open replays it).
 fn dirty(layer: &Layer) -> bool {
+    // The layer itself holds the reader locks: none here.
     layer.format == vdisk::Format::Vhdx
-        && chain::open_file(&layer.path)
+        && chain::open_file(&layer.path, &ReadLocks::Skip)
             .ok()
             .and_then(|s| vdisk::vhdx::header::read_current(s.as_ref()).ok())
             .is_some_and(|(h, _)| !h.log_guid.is_zero())
@@ -79,10 +81,10 @@ fn format_name(layer: &Layer) -> String {
     }
 }
 
-pub fn info_json(path: &Path) -> Result<u8, Failure> {
-    let layers = match chain::open_chain(path) {
+pub fn info_json(path: &Path, locks: &ReadLocks) -> Result<u8, Failure> {
+    let layers = match chain::open_chain(path, locks) {
         Ok(l) => l,
-        Err(e) => return broken_chain(path, e, true),
+        Err(e) => return broken_chain(path, e, true, locks),
     };
     // Built from the base up, each object nesting its parent's.
     let mut below: Option<Json> = None;
@@ -105,12 +107,19 @@ pub fn info_json(path: &Path) -> Result<u8, Failure> {
 
 /// The chain of `path` did not open: if the image itself opens, show it and
 /// the parent it names, then fail with the chain's error.
-pub fn broken_chain(path: &Path, e: OpenError, json: bool) -> Result<u8, Failure> {
-    let Ok(top) = chain::open_file(path).and_then(|s| chain::open_layer(s, path)) else {
-        return Err(e.into());
-    };
+pub fn broken_chain(
+    path: &Path,
+    e: OpenError,
+    json: bool,
+    locks: &ReadLocks,
+) -> Result<u8, Failure> {
     let msg = match &e {
         OpenError::Unreadable(m) | OpenError::Broken(m) => m.clone(),
+        // Refused, not broken: nothing is shown of an image being written.
+        OpenError::Locked(_) => return Err(e.into()),
+    };
+    let Ok(top) = chain::open_file(path, locks).and_then(|s| chain::open_layer(s, path)) else {
+        return Err(e.into());
     };
     if json {
         let mut o = layer_object(&top)?;

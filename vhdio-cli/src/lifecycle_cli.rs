@@ -1,5 +1,6 @@
 //! The command lines of the image lifecycle commands (convert, map,
-//! compare, commit, rebase, resize): their clap arguments and dispatch.
+//! compare, commit, rebase, resize) and of info and check: their clap
+//! arguments and dispatch.
 //! The help text of each command is on its `Command` variant in main.rs.
 
 use std::ffi::OsString;
@@ -8,7 +9,11 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use vdisk::Format;
 
-use crate::{Failure, Output, commit, compare, convert, map, parse_output, rebase, resize};
+use crate::lock::ReadLocks;
+use crate::{
+    Failure, Output, check, commit, compare, convert, info, info_json, map, parse_output, rebase,
+    resize,
+};
 
 /// Formats of convert's -f and -O (raw included).
 fn parse_any_format(s: &str) -> Result<Format, String> {
@@ -45,6 +50,10 @@ pub struct Convert {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Read SOURCE (and BACKING) even while another process writes them:
+    /// no reader locks (DEST may then be inconsistent), as qemu-img -U.
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The image or raw file to read.
     source: PathBuf,
     /// The file to write (replaced if it exists).
@@ -59,6 +68,7 @@ impl Convert {
             options: self.options.as_deref(),
             backing: self.backing.as_deref(),
             progress: self.progress,
+            force_share: self.force_share,
             source: &self.source,
             dest: &self.dest,
         })
@@ -70,13 +80,20 @@ pub struct Map {
     /// human (default) or json.
     #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
     output: Output,
+    /// Read the image even while another process writes it (no reader locks).
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The image file.
     image: PathBuf,
 }
 
 impl Map {
     pub fn run(self) -> Result<u8, Failure> {
-        map::map(&self.image, self.output == Output::Json)
+        map::map(
+            &self.image,
+            self.output == Output::Json,
+            &ReadLocks::unless(self.force_share),
+        )
     }
 }
 
@@ -85,6 +102,9 @@ pub struct Compare {
     /// Show progress on stderr.
     #[arg(short = 'p')]
     progress: bool,
+    /// Read A and B even while another process writes them (no reader locks).
+    #[arg(short = 'U', long)]
+    force_share: bool,
     /// The first image or raw file.
     a: PathBuf,
     /// The second image or raw file.
@@ -93,7 +113,12 @@ pub struct Compare {
 
 impl Compare {
     pub fn run(self) -> Result<u8, Failure> {
-        compare::compare(&self.a, &self.b, self.progress)
+        compare::compare(
+            &self.a,
+            &self.b,
+            self.progress,
+            &ReadLocks::unless(self.force_share),
+        )
     }
 }
 
@@ -160,5 +185,51 @@ pub struct Resize {
 impl Resize {
     pub fn run(self) -> Result<u8, Failure> {
         resize::resize(&self.image, &self.size, self.shrink)
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct Info {
+    /// human (default) or json (qemu-img info's keys).
+    #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+    output: Output,
+    /// Read the image even while another process writes it (no reader
+    /// locks; what is shown may be inconsistent).
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// The image file.
+    image: PathBuf,
+}
+
+impl Info {
+    pub fn run(self) -> Result<u8, Failure> {
+        let locks = ReadLocks::unless(self.force_share);
+        match self.output {
+            Output::Human => info::info(&self.image, &locks),
+            Output::Json => info_json::info_json(&self.image, &locks),
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct Check {
+    /// human (default) or json (qemu-img check's keys).
+    #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
+    output: Output,
+    /// Read the image even while another process writes it (no reader
+    /// locks; a change under way may show as problems).
+    #[arg(short = 'U', long)]
+    force_share: bool,
+    /// The image file.
+    image: PathBuf,
+}
+
+impl Check {
+    pub fn run(self) -> Result<u8, Failure> {
+        check::check_output(
+            &self.image,
+            self.output == Output::Json,
+            &ReadLocks::unless(self.force_share),
+        )
     }
 }

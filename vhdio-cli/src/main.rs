@@ -50,7 +50,7 @@ pub const EXIT_NOT_FOUND: u8 = 127;
 const AFTER_HELP: &str = "\
 Exit status: 0 success (check: no problem found), 1 check found problems
 (compare: the disks differ), 2 error (bad command line; image unreadable, not an image, cannot be created;
-library not found), 126 the command of 'run' cannot be executed, 127 it was
+an image file locked by another process that writes it, or reads it refusing writers; library not found), 126 the command of 'run' cannot be executed, 127 it was
 not found. Otherwise 'run' exits with the command's status, and 'serve' with
 nbdkit's (127: nbdkit is not installed).
 
@@ -150,26 +150,14 @@ enum Command {
         image: PathBuf,
     },
     /// Show format, virtual size, block size, allocation, the parent chain and partitions.
-    Info {
-        /// human (default) or json (qemu-img info's keys).
-        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
-        output: Output,
-        /// The image file.
-        image: PathBuf,
-    },
+    Info(lifecycle_cli::Info),
     /// Check the structure of an image and its parent chain.
     ///
     /// For VHD also what qemu-img check does not check: footer and header
     /// checksums, the footer copy, BAT entries inside the file, overlapping
     /// blocks and locators, the sector bitmaps. Exit 0: clean; 1: problems
     /// found; 2: the image cannot be read at all.
-    Check {
-        /// human (default) or json (qemu-img check's keys).
-        #[arg(long, value_parser = parse_output, default_value = "human", value_name = "human|json")]
-        output: Output,
-        /// The image file.
-        image: PathBuf,
-    },
+    Check(lifecycle_cli::Check),
     /// Create an image of SIZE bytes (suffixes K, M, G, T: powers of 1024).
     Create {
         /// Image format.
@@ -363,11 +351,8 @@ fn main() -> ExitCode {
                 verbose: cli.verbose,
             })
         }
-        Command::Info { output, image } => match output {
-            Output::Human => info::info(&image),
-            Output::Json => info_json::info_json(&image),
-        },
-        Command::Check { output, image } => check::check_output(&image, output == Output::Json),
+        Command::Info(c) => c.run(),
+        Command::Check(c) => c.run(),
         Command::Create {
             format,
             options,
@@ -551,7 +536,7 @@ fn create(format: Format, options: Option<&str>, image: &Path, size: u64) -> Res
 fn snapshot(parent: &Path, child: &Path) -> Result<u8, Failure> {
     let shown = parent.display();
     // Check the parent opens (with its own parents) before linking to it.
-    chain::open_chain(parent)?;
+    chain::open_chain(parent, &lock::ReadLocks::Skip)?;
     let parent_abs =
         std::fs::canonicalize(parent).map_err(|e| fail(EXIT_ERROR, format!("{shown}: {e}")))?;
     let child_dir = match child.parent() {

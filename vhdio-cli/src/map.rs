@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use vdisk::{Image, Mapping};
 
 use crate::json::Json;
+use crate::lock::ReadLocks;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
 
 /// One extent of the map.
@@ -104,8 +105,8 @@ pub fn extents(layers: &[&dyn Image]) -> vdisk::Result<Vec<Extent>> {
     Ok(out)
 }
 
-pub fn map(path: &Path, json: bool) -> Result<u8, Failure> {
-    let layers = chain::open_chain(path)?;
+pub fn map(path: &Path, json: bool, locks: &ReadLocks) -> Result<u8, Failure> {
+    let layers = chain::open_chain(path, locks)?;
     let paths: Vec<PathBuf> = layers.iter().map(|l| l.path.clone()).collect();
     let images: Vec<&dyn Image> = layers.iter().map(|l| l.image.as_ref()).collect();
     let map = extents(&images).map_err(|e| fail(EXIT_ERROR, format!("{}: {e}", path.display())))?;

@@ -14,6 +14,7 @@ use vdisk::copy::{CHUNK, GRANULE};
 use vdisk::{Allocation, Disk, Mapping, OpenOptions, StdParentOpener};
 
 use crate::convert::{absolute_new, open_source};
+use crate::lock::ReadLocks;
 use crate::progress::Progress;
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
 
@@ -62,7 +63,7 @@ pub fn rebase(a: RebaseArgs) -> Result<u8, Failure> {
     let new_parent: Option<PathBuf> =
         (!a.new_parent.as_os_str().is_empty()).then(|| a.new_parent.to_path_buf());
     let _lock = crate::lock::lock_writer(a.image)?;
-    let top = chain::open_layer(chain::open_file(a.image)?, a.image)?;
+    let top = chain::open_layer(chain::open_file(a.image, &ReadLocks::Skip)?, a.image)?;
     let link = top.image.parent_link().cloned();
     if link.is_none() && new_parent.is_none() {
         // Standalone already (as qemu-img rebase -b "" of such an image).
@@ -70,7 +71,7 @@ pub fn rebase(a: RebaseArgs) -> Result<u8, Failure> {
     }
     if let Some(np) = &new_parent {
         // The new parent and its own chain must open.
-        let parent_chain = chain::open_chain(np)?;
+        let parent_chain = chain::open_chain(np, &ReadLocks::all())?;
         let p = &parent_chain[0];
         if p.format != top.format {
             return Err(err(
@@ -117,10 +118,13 @@ fn copy_differences(
     new_parent: Option<&Path>,
     progress: bool,
 ) -> Result<(), Failure> {
+    // Reader locks on both chains while the differences are copied (the
+    // image itself holds our writer locks).
     let new_view = match new_parent {
-        Some(p) => Some(open_source(p, None)?.disk),
+        Some(p) => Some(open_source(p, None, &ReadLocks::all())?.disk),
         None => None,
     };
+    let _old_chain = chain::open_chain(image, &ReadLocks::except(&[image.to_path_buf()]))?;
     let child = vdisk::open_disk(
         Box::new((open_rw(image)?, true)),
         image,

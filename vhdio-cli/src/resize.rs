@@ -7,6 +7,7 @@ use std::path::Path;
 
 use vdisk::{OpenOptions, StdParentOpener};
 
+use crate::lock::ReadLocks;
 use crate::rebase::open_rw;
 use crate::units::{human, parse_size};
 use crate::{EXIT_ERROR, EXIT_OK, Failure, chain, fail};
@@ -31,7 +32,7 @@ pub fn new_size(old: u64, text: &str) -> Result<u64, String> {
 }
 
 pub fn resize(image: &Path, size: &str, shrink: bool) -> Result<u8, Failure> {
-    let layer = chain::open_layer(chain::open_file(image)?, image)?;
+    let layer = chain::open_layer(chain::open_file(image, &ReadLocks::Skip)?, image)?;
     let old = layer.image.virtual_size();
     let ss = layer.image.logical_sector_size() as u64;
     let block = layer.block_size.unwrap_or(ss);
@@ -56,6 +57,8 @@ pub fn resize(image: &Path, size: &str, shrink: bool) -> Result<u8, Failure> {
     vdisk::resize::resize(&storage, new).map_err(|e| err(image, e))?;
     drop(storage);
     if new > old && !old.is_multiple_of(block) {
+        // The parents a write may read from, with reader locks.
+        let _parents = chain::open_chain(image, &ReadLocks::except(&[image.to_path_buf()]))?;
         let disk = vdisk::open_disk(
             Box::new((open_rw(image)?, true)),
             image,

@@ -140,9 +140,33 @@ fn commit_into_a_base_further_down() {
     let view = library_view(&top);
     let o = vhdio(&["commit", "-b", s(&base), s(&top)]);
     assert_eq!(o.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("no longer reads as before"));
+    // The stale image in between is named, with why.
+    let warned = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        warned.contains(&format!(
+            "vhdio: {}: stale: it was between {} and {}",
+            s(&mid),
+            s(&top),
+            s(&base)
+        )) && warned.contains("no longer reads as before"),
+        "{warned}"
+    );
     assert!(qemu_raw(&base, "vhdx") == view);
     assert!(library_view(&top) == view);
+    // It refuses to open rather than show a wrong disk (VHDX's guard: its
+    // parent's DataWriteGuid changed).
+    let o = vhdio(&["info", s(&mid)]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("identity differs"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let info = ok(&["info", s(&top)]);
     assert!(info.contains("chain (2 images"), "{info}");
     // Not in the chain; not a differencing image.

@@ -63,7 +63,7 @@ fn a_served_child_keeps_writers_off_its_parent() {
         let l = library_write(&base, 8192, 4096, 0x33);
         let err = text(&l);
         assert!(
-            !l.status.success() && err.contains(vdisk::lock::IN_USE_MESSAGE),
+            !l.status.success() && err.contains(vdisk::lock::READ_BUSY_MESSAGE),
             "{ext}: the library wrote the parent of a served child: {err}"
         );
         // A golden image: a second child of the same base served at once.

@@ -1,6 +1,7 @@
 //! Rewriting the parent link of a VHD: the parent's unique id and time
 //! stamp, its file name, and every parent locator, in the dynamic header;
-//! making a differencing VHD standalone (a dynamic disk, no parent fields).
+//! making a differencing VHD standalone (a dynamic disk, no parent fields,
+//! the sectors its bitmaps left to the parent zeroed).
 //!
 //! Whatever locators the child had (W2ru, W2ku, Wi2r, Wi2k, MacX, Mac),
 //! the new link has the three [`crate::create::snapshot`] writes: W2ru
@@ -12,6 +13,8 @@
 
 use crate::bytes::{be32, put_be16, put_be32, put_be64};
 use crate::create::Links;
+use crate::vhd::bat::BlockAllocationTable;
+use crate::vhd::bitmap;
 use crate::vhd::dynamic_header::{DynamicHeader, HEADER_SIZE, LOCATOR_COUNT};
 use crate::vhd::footer::{DiskType, FOOTER_SIZE, Footer};
 use crate::{Error, Result, Storage};
@@ -62,8 +65,10 @@ pub fn relink(child: &dyn Storage, parent: Option<(&Links, &dyn Storage)>) -> Re
     let (footer, footer_at, header) = read(child)?;
     let mut raw = header.raw;
     let Some((links, parent)) = parent else {
-        // Standalone: the footers first (a dynamic disk ignores the parent
-        // fields), then the header without them.
+        // Standalone: the sectors the bitmaps leave to the parent zeroed,
+        // then the footers (a dynamic disk ignores the parent fields), then
+        // the header without them.
+        zero_clear_sectors(child, &footer, &header, footer_at)?;
         write_footers(child, &footer, DiskType::Dynamic, footer_at)?;
         child.sync()?;
         raw[40..64].fill(0);
@@ -125,6 +130,60 @@ pub fn relink(child: &dyn Storage, parent: Option<(&Links, &dyn Storage)>) -> Re
     }
     child.sync()?;
     Ok(())
+}
+
+/// Writes zeros into every sector of an allocated block that its bitmap
+/// leaves clear (it showed the parent), then a barrier. A standalone disk
+/// shows zeros there, but only readers that honour the bitmap of a dynamic
+/// disk read them so (vdisk does, qemu does not: it reads the block), and
+/// the file may hold anything there (a block Windows allocated, space
+/// reused). While the image is still differencing these sectors are not
+/// read, so the zeros change nothing until the type does; a safe rebase has
+/// copied every one where the parent reads other than zeros.
+fn zero_clear_sectors(
+    child: &dyn Storage,
+    footer: &Footer,
+    header: &DynamicHeader,
+    footer_at: u64,
+) -> Result<()> {
+    let bs = header.block_size as u64;
+    let size = footer.virtual_size();
+    if bs == 0 || !bs.is_multiple_of(512) {
+        return Err(Error::corrupt("VHD header", format!("block size {bs}")));
+    }
+    let count = header.max_table_entries.min(size.div_ceil(bs) as u32);
+    if header.table_offset + count as u64 * 4 > footer_at {
+        return Err(Error::corrupt("VHD header", "BAT past the end of the file"));
+    }
+    let bat = BlockAllocationTable::load(child, header.table_offset, count)?;
+    let bitmap_bytes = bitmap::bitmap_size(header.block_size) as u64;
+    let zeros = vec![0u8; bs.min(1 << 20) as usize];
+    let mut bits = vec![0u8; bitmap_bytes as usize];
+    for (b, at) in bat.allocated() {
+        let sectors = ((size - b as u64 * bs).min(bs) / 512) as u32;
+        let data = at + bitmap_bytes;
+        if data + sectors as u64 * 512 > footer_at {
+            return Err(Error::corrupt(
+                "VHD BAT",
+                format!("block {b} at {at} runs past the footer"),
+            ));
+        }
+        child.read_exact_at(&mut bits, at)?;
+        let mut s = 0;
+        while s < sectors {
+            let (present, n) = bitmap::run(&bits, s, sectors - s);
+            if !present {
+                let (mut pos, end) = (s as u64 * 512, (s + n) as u64 * 512);
+                while pos < end {
+                    let len = (end - pos).min(zeros.len() as u64);
+                    child.write_all_at(&zeros[..len as usize], data + pos)?;
+                    pos += len;
+                }
+            }
+            s += n;
+        }
+    }
+    Ok(child.sync()?)
 }
 
 /// Every BAT entry unused (one write, then a barrier), then the file cut

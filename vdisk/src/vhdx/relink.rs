@@ -6,7 +6,10 @@
 //! then written in place, durable, and the header's LogGuid cleared. A crash
 //! at any point leaves the old or the new metadata (a reader replays the log).
 
+use crate::bytes::put_le64;
 use crate::create::Links;
+use crate::vhdx::MIB;
+use crate::vhdx::bat::{self, Layout};
 use crate::vhdx::guid::Guid;
 use crate::vhdx::header::{self, Header, SLOTS};
 use crate::vhdx::metadata::{self, Metadata};
@@ -148,14 +151,10 @@ fn rewrite_metadata(storage: &dyn Storage, change: impl FnOnce(&mut Metadata)) -
 }
 
 /// Makes the VHDX in `child` a differencing child of the VHDX in `parent`,
-/// named by `links`, or standalone with `None` (HasParent cleared, no
-/// locator).
+/// named by `links`, or standalone with `None` (see [`make_standalone`]).
 pub fn relink(child: &dyn Storage, parent: Option<(&Links, &dyn Storage)>) -> Result<()> {
     let Some((links, parent)) = parent else {
-        return rewrite_metadata(child, |m| {
-            m.has_parent = false;
-            m.parent_locator.clear();
-        });
+        return make_standalone(child);
     };
     header::check_identifier(parent)?;
     let (ph, _) = current_header(parent)?;
@@ -181,6 +180,127 @@ pub fn relink(child: &dyn Storage, parent: Option<(&Links, &dyn Storage)>) -> Re
             ("absolute_win32_path".into(), links.absolute_windows()),
         ];
     })
+}
+
+/// Makes a differencing VHDX standalone: HasParent and the locator
+/// cleared, and what only a differencing file may hold made plain. Its
+/// PARTIALLY_PRESENT blocks (Hyper-V writes them; vdisk copies whole blocks)
+/// become FULLY_PRESENT, the sectors their bitmap leaves clear (which showed
+/// the parent) filled with zeros, what a standalone disk shows there. A safe
+/// rebase has first copied every such sector where the parent does not read
+/// zeros (a write into a partial block makes it whole with the parent's
+/// data), so the zeros change nothing the child shows; after `-u` they are
+/// the standalone view by definition. Its sector bitmap entries become
+/// NOT_PRESENT.
+///
+/// Crash safety: the zeros go into the blocks' own clear sectors (not read
+/// while the bitmap says "parent") and are durable before a BAT entry
+/// changes; the partial entries become FULLY_PRESENT through the log, then
+/// one last log transaction clears the bitmap entries and rewrites the
+/// metadata together. A crash leaves the differencing image (some partial
+/// blocks already whole, reading the same) or the standalone one.
+fn make_standalone(child: &dyn Storage) -> Result<()> {
+    let (h, _) = current_header(child)?;
+    let regions = region::read(child, child.len()?)?;
+    let meta = metadata::read(child, regions.metadata)?;
+    let clear = |m: &mut Metadata| {
+        m.has_parent = false;
+        m.parent_locator.clear();
+    };
+    if !meta.has_parent {
+        return rewrite_metadata(child, clear);
+    }
+    let l = Layout::new(
+        meta.virtual_size,
+        meta.block_size,
+        meta.logical_sector_size,
+        true,
+    );
+    let bat = regions.bat;
+    let mut table = vec![0u8; bat.length as usize];
+    child.read_exact_at(&mut table, bat.offset)?;
+    let entries = table.len() as u64 / 8;
+    let at = |i: u64| (i * 8) as usize;
+    let get = |t: &[u8], i: u64| -> Result<u64> {
+        if i >= entries {
+            return Err(Error::corrupt(
+                "VHDX BAT",
+                format!("entry {i} is outside the BAT"),
+            ));
+        }
+        Ok(crate::bytes::le64(t, at(i)))
+    };
+    let mut whole = table.clone();
+    let zeros = vec![0u8; MIB as usize];
+    for b in 0..l.payload_blocks {
+        let index = l.payload_index(b);
+        let e = get(&table, index)?;
+        if bat::state(e) != bat::PARTIALLY_PRESENT {
+            continue;
+        }
+        let sb = get(&table, l.bitmap_index(b / l.chunk_ratio))?;
+        if bat::state(sb) != bat::SB_BLOCK_PRESENT {
+            return Err(Error::corrupt(
+                "VHDX BAT",
+                format!("partially present block {b} without a sector bitmap"),
+            ));
+        }
+        let visible = l.block_size.min(meta.virtual_size - b * l.block_size);
+        let spb = l.sectors_per_block();
+        // spb is a multiple of 8 (blocks of 1 MiB or more, sectors of 4 KiB
+        // or less): the block's bits start on a byte.
+        let mut bits = vec![0u8; (spb / 8) as usize];
+        child.read_exact_at(&mut bits, bat::offset(sb) + (b % l.chunk_ratio) * spb / 8)?;
+        let present = |s: u64| bits[(s / 8) as usize] >> (s % 8) & 1 != 0;
+        let sectors = visible.div_ceil(l.sector_size);
+        let mut s = 0;
+        while s < sectors {
+            if present(s) {
+                s += 1;
+                continue;
+            }
+            let first = s;
+            while s < sectors && !present(s) {
+                s += 1;
+            }
+            let (mut pos, end) = (first * l.sector_size, (s * l.sector_size).min(visible));
+            while pos < end {
+                let n = (end - pos).min(MIB);
+                child.write_all_at(&zeros[..n as usize], bat::offset(e) + pos)?;
+                pos += n;
+            }
+        }
+        put_le64(
+            &mut whole,
+            at(index),
+            bat::entry(bat::FULLY_PRESENT, bat::offset(e)),
+        );
+    }
+    let mut plain = whole.clone();
+    for k in 0..l.bitmap_blocks {
+        let i = l.bitmap_index(k);
+        if i < entries {
+            put_le64(&mut plain, at(i), 0);
+        }
+    }
+    // The zeros, durable before the entries that make them visible.
+    child.sync()?;
+    let sector = log::SECTOR as usize;
+    let changed = |old: &[u8], new: &[u8]| -> Vec<(u64, Vec<u8>)> {
+        new.chunks(sector)
+            .zip(old.chunks(sector))
+            .enumerate()
+            .filter(|(_, (n, o))| n != o)
+            .map(|(i, (n, _))| (bat.offset + (i * sector) as u64, n.to_vec()))
+            .collect()
+    };
+    let half = (h.log_length as u64 / 2) & !(log::SECTOR - 1);
+    for group in changed(&table, &whole).chunks(log::capacity(half).max(1)) {
+        log_transaction(child, group)?;
+    }
+    let mut last = changed(&whole, &plain);
+    last.extend(metadata_sectors(child, clear)?);
+    log_transaction(child, &last)
 }
 
 /// Adds (`Some`) or removes (`None`) parent_linkage2 in the child's
