@@ -310,7 +310,7 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
             // and programs rely on it (close(0); open(image)).
             let cloexec = flags & libc::O_CLOEXEC;
             // SAFETY: dup3 between two fds of ours.
-            if unsafe { libc::syscall(libc::SYS_dup3, fd, memfd, cloexec) } < 0 {
+            if unsafe { crate::sys::syscall!(libc::SYS_dup3, fd, memfd, cloexec) } < 0 {
                 sys::close(memfd);
                 return Ok(fd);
             }
