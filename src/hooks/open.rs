@@ -284,10 +284,11 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
     let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
         .map_err(|e| crate::errno::from_io(&e))?;
-    // Sealed empty: an access that bypasses the hooks (io_uring, a raw
-    // syscall, a libc-internal call) fails with EPERM on write and reads EOF,
-    // instead of landing in RAM and vanishing. Seeking stays free (offsets
-    // past the end of shmem are allowed), so the offset signature still works.
+    // Sealed empty: an access that bypasses the hooks (io_uring let through
+    // by LIBVHD_IO_URING=allow, a raw syscall, a libc-internal call) fails
+    // with EPERM on write and reads EOF, instead of landing in RAM and
+    // vanishing. Seeking stays free (offsets past the end of shmem are
+    // allowed), so the offset signature still works.
     if let Err(e) = sys::fcntl(
         memfd,
         libc::F_ADD_SEALS,
