@@ -65,7 +65,8 @@ fn refused(what: &str) -> bool {
 // the kernel ignores the arguments a system call does not take. The only
 // variadic extra, x86_64's %al (count of vector registers used), is set by
 // Rust when it calls the real function through its variadic type. Other
-// architectures pass variadic arguments differently: no hook there.
+// architectures are not checked (some pass variadic arguments elsewhere):
+// no hook there, their io_uring escapes as before.
 /// The program's raw system calls: everything but io_uring_setup goes to
 /// glibc's syscall with all six arguments unchanged.
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -90,6 +91,7 @@ pub unsafe extern "C" fn syscall(
 }
 
 /// io_uring_setup, or any call before the real syscall is resolved.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 #[cold]
 #[inline(never)]
 unsafe fn syscall_slow(
@@ -116,7 +118,9 @@ unsafe fn syscall_slow(
 }
 
 /// liburing's functions return -errno; the real one is liburing's own
-/// (present whenever a program calls these: it links liburing).
+/// (present whenever a program calls these: it links liburing). liburing
+/// before 2.2 made the system call through glibc's syscall(), which the hook
+/// above refuses anyway.
 macro_rules! liburing {
     ($real:expr, $what:literal, $($arg:expr),*) => {
         if refused($what) {
@@ -131,7 +135,7 @@ macro_rules! liburing {
     };
 }
 
-/// liburing ≥ 2.2's raw `io_uring_setup(entries, params)` (2.3 exports it).
+/// liburing ≥ 2.3's raw `io_uring_setup(entries, params)`.
 #[cfg_attr(not(test), unsafe(no_mangle))]
 pub unsafe extern "C" fn io_uring_setup(entries: c_uint, p: *mut c_void) -> c_int {
     liburing!(real::IO_URING_SETUP, "io_uring_setup", entries, p)
