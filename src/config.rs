@@ -13,6 +13,7 @@ static PROBE_ALL: AtomicBool = AtomicBool::new(false);
 static NO_LOCK: AtomicBool = AtomicBool::new(false);
 static TEST: AtomicBool = AtomicBool::new(false);
 static AS_FILE: AtomicBool = AtomicBool::new(false);
+static IO_URING_ALLOW: AtomicBool = AtomicBool::new(false);
 /// LIBVHD_IO_ONLY: the images and folders to virtualise (null: all).
 static ONLY: AtomicPtr<Vec<Vec<u8>>> = AtomicPtr::new(null_mut());
 /// LIBVHD_IO_VDI_PATH: more folders to search for VDI parents.
@@ -59,6 +60,10 @@ fn load_slow() {
     NO_LOCK.store(set(c"LIBVHD_IO_NO_LOCK"), Ordering::Relaxed);
     TEST.store(set(c"LIBVHD_IO_TEST"), Ordering::Relaxed);
     AS_FILE.store(set(c"LIBVHD_IO_AS_FILE"), Ordering::Relaxed);
+    IO_URING_ALLOW.store(
+        get(c"LIBVHD_IO_URING").is_some_and(|v| v.to_bytes() == b"allow"),
+        Ordering::Relaxed,
+    );
     if let Some(only) = get(c"LIBVHD_IO_ONLY").filter(|v| !v.is_empty()) {
         let list: Vec<Vec<u8>> = only
             .to_bytes()
@@ -125,6 +130,13 @@ pub fn no_lock() -> bool {
 /// take the plain-file path.
 pub fn as_file() -> bool {
     AS_FILE.load(Ordering::Relaxed)
+}
+
+/// LIBVHD_IO_URING=allow: io_uring setup goes to the kernel instead of
+/// failing with ENOSYS, for programs that use io_uring on other files only
+/// (on an image it would read the empty dummy and fail to write it).
+pub fn io_uring_allowed() -> bool {
+    IO_URING_ALLOW.load(Ordering::Relaxed)
 }
 
 /// Whether the image at absolute path `abs` may be virtualised (LIBVHD_IO_ONLY).

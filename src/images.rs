@@ -133,7 +133,7 @@ impl ImageObject {
     pub fn container_writable(&self) -> bool {
         // SAFETY: faccessat with a NUL-terminated path.
         unsafe {
-            libc::syscall(
+            crate::sys::syscall!(
                 libc::SYS_faccessat,
                 libc::AT_FDCWD,
                 self.path.as_ptr(),
@@ -408,7 +408,7 @@ fn parent_name(path: &[u8]) -> Vec<u8> {
         tv_nsec: 0,
     };
     // SAFETY: valid out pointer.
-    unsafe { libc::syscall(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &raw mut ts) };
+    unsafe { crate::sys::syscall!(libc::SYS_clock_gettime, libc::CLOCK_REALTIME, &raw mut ts) };
     let name_at = path.iter().rposition(|&b| b == b'/').map_or(0, |i| i + 1);
     let (stem, ext) = match path[name_at..].iter().rposition(|&b| b == b'.') {
         Some(dot) => (&path[..name_at + dot], &path[name_at + dot..]),

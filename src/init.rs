@@ -208,7 +208,7 @@ fn adopt_std_fds() {
         };
         let moved = of.set_position(dummy, pos as u64).is_ok()
             // SAFETY: dup3 onto a std fd number we are replacing on purpose.
-            && unsafe { libc::syscall(libc::SYS_dup3, dummy, fd, 0) } == fd as libc::c_long;
+            && unsafe { crate::sys::syscall!(libc::SYS_dup3, dummy, fd, 0) } == fd as libc::c_long;
         sys::close(dummy);
         if moved {
             fdtable::insert(fd, of);

@@ -177,6 +177,14 @@ reals! {
     FDOPEN = c"fdopen": unsafe extern "C" fn(c_int, *const c_char) -> *mut FILE;
     FREOPEN = c"freopen": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
     FREOPEN64 = c"freopen64": unsafe extern "C" fn(*const c_char, *const c_char, *mut FILE) -> *mut FILE;
+    // glibc's `syscall` takes the number and up to six arguments (see
+    // hooks/uring.rs); sys.rs makes the library's own system calls with it.
+    SYSCALL = c"syscall": unsafe extern "C" fn(c_long, ...) -> c_long;
+    // liburing.so.2 (absent unless the program links it: then never called).
+    IO_URING_SETUP = c"io_uring_setup": unsafe extern "C" fn(c_uint, *mut c_void) -> c_int;
+    IO_URING_QUEUE_INIT = c"io_uring_queue_init": unsafe extern "C" fn(c_uint, *mut c_void, c_uint) -> c_int;
+    IO_URING_QUEUE_INIT_PARAMS = c"io_uring_queue_init_params": unsafe extern "C" fn(c_uint, *mut c_void, *mut c_void) -> c_int;
+    IO_URING_QUEUE_INIT_MEM = c"io_uring_queue_init_mem": unsafe extern "C" fn(c_uint, *mut c_void, *mut c_void, *mut c_void, size_t) -> c_int;
     // libaio.so.1 (absent unless the program links it: then never called).
     IO_SETUP = c"io_setup": unsafe extern "C" fn(c_int, *mut Ctx) -> c_int;
     IO_DESTROY = c"io_destroy": unsafe extern "C" fn(Ctx) -> c_int;

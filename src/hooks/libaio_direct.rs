@@ -23,22 +23,22 @@ fn ret(f: impl FnOnce() -> c_long) -> c_int {
 
 pub unsafe extern "C" fn io_setup(n: c_int, ctxp: *mut Ctx) -> c_int {
     // SAFETY: the caller's arguments, as libaio passes them.
-    ret(|| unsafe { libc::syscall(libc::SYS_io_setup, n, ctxp) })
+    ret(|| unsafe { crate::sys::syscall!(libc::SYS_io_setup, n, ctxp) })
 }
 
 pub unsafe extern "C" fn io_destroy(ctx: Ctx) -> c_int {
     // SAFETY: as above.
-    ret(|| unsafe { libc::syscall(libc::SYS_io_destroy, ctx) })
+    ret(|| unsafe { crate::sys::syscall!(libc::SYS_io_destroy, ctx) })
 }
 
 pub unsafe extern "C" fn io_submit(ctx: Ctx, nr: c_long, ios: *mut *mut Iocb) -> c_int {
     // SAFETY: as above.
-    ret(|| unsafe { libc::syscall(libc::SYS_io_submit, ctx, nr, ios) })
+    ret(|| unsafe { crate::sys::syscall!(libc::SYS_io_submit, ctx, nr, ios) })
 }
 
 pub unsafe extern "C" fn io_cancel(ctx: Ctx, iocb: *mut Iocb, ev: *mut IoEvent) -> c_int {
     // SAFETY: as above.
-    ret(|| unsafe { libc::syscall(libc::SYS_io_cancel, ctx, iocb, ev) })
+    ret(|| unsafe { crate::sys::syscall!(libc::SYS_io_cancel, ctx, iocb, ev) })
 }
 
 pub unsafe extern "C" fn io_getevents(
@@ -49,7 +49,7 @@ pub unsafe extern "C" fn io_getevents(
     ts: *mut timespec,
 ) -> c_int {
     // SAFETY: as above.
-    ret(|| unsafe { libc::syscall(libc::SYS_io_getevents, ctx, min, nr, evs, ts) })
+    ret(|| unsafe { crate::sys::syscall!(libc::SYS_io_getevents, ctx, min, nr, evs, ts) })
 }
 
 pub unsafe extern "C" fn io_pgetevents(
@@ -68,5 +68,5 @@ pub unsafe extern "C" fn io_pgetevents(
         data.as_ptr()
     };
     // SAFETY: as above.
-    ret(|| unsafe { libc::syscall(SYS_IO_PGETEVENTS, ctx, min, nr, evs, ts, arg) })
+    ret(|| unsafe { crate::sys::syscall!(SYS_IO_PGETEVENTS, ctx, min, nr, evs, ts, arg) })
 }

@@ -20,6 +20,7 @@ pub mod posix_aio;
 pub mod rw;
 pub mod stat;
 pub mod stdio;
+pub mod uring;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 

@@ -288,10 +288,11 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
     let name = CString::new(name).map_err(|_| libc::EINVAL)?;
     let memfd = sys::memfd_create(&name, libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
         .map_err(|e| crate::errno::from_io(&e))?;
-    // Sealed empty: an access that bypasses the hooks (io_uring, a raw
-    // syscall, a libc-internal call) fails with EPERM on write and reads EOF,
-    // instead of landing in RAM and vanishing. Seeking stays free (offsets
-    // past the end of shmem are allowed), so the offset signature still works.
+    // Sealed empty: an access that bypasses the hooks (io_uring let through
+    // by LIBVHD_IO_URING=allow, a raw syscall, a libc-internal call) fails
+    // with EPERM on write and reads EOF, instead of landing in RAM and
+    // vanishing. Seeking stays free (offsets past the end of shmem are
+    // allowed), so the offset signature still works.
     if let Err(e) = sys::fcntl(
         memfd,
         libc::F_ADD_SEALS,
@@ -314,7 +315,7 @@ fn make_dummy(abs: &CStr, suffix: &str, flags: c_int) -> Result<c_int, Errno> {
             // and programs rely on it (close(0); open(image)).
             let cloexec = flags & libc::O_CLOEXEC;
             // SAFETY: dup3 between two fds of ours.
-            if unsafe { libc::syscall(libc::SYS_dup3, fd, memfd, cloexec) } < 0 {
+            if unsafe { crate::sys::syscall!(libc::SYS_dup3, fd, memfd, cloexec) } < 0 {
                 sys::close(memfd);
                 return Ok(fd);
             }

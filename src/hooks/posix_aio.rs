@@ -122,7 +122,7 @@ fn notify(ev: &Sigevent) {
                 p.add(16).cast::<c_int>().write(sys::pid());
                 p.add(20).cast::<u32>().write(libc::getuid());
                 p.add(24).cast::<*mut c_void>().write(ev.value);
-                libc::syscall(libc::SYS_rt_sigqueueinfo, sys::pid(), ev.signo, p);
+                crate::sys::syscall!(libc::SYS_rt_sigqueueinfo, sys::pid(), ev.signo, p);
             }
         }
         libc::SIGEV_THREAD => {
