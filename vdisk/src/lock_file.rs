@@ -119,14 +119,7 @@ pub struct LockingParentOpener;
 
 impl ParentOpener for LockingParentOpener {
     fn open_parent(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
-        let file = File::open(path)?;
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        Ok(Box::new(ParentFile(file)))
+        Ok(Box::new(ParentFile(crate::open::open_regular_file(path)?)))
     }
     fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
         StdParentOpener.open_extent(path, writable)

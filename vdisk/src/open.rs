@@ -60,16 +60,21 @@ pub trait ParentOpener {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct StdParentOpener;
 
+/// Opens `path` read-only as a parent candidate: a regular file only.
+pub(crate) fn open_regular_file(path: &Path) -> io::Result<File> {
+    let file = File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    Ok(file)
+}
+
 impl ParentOpener for StdParentOpener {
     fn open_parent(&self, path: &Path) -> io::Result<Box<dyn Storage>> {
-        let file = File::open(path)?;
-        if !file.metadata()?.is_file() {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "not a regular file",
-            ));
-        }
-        Ok(Box::new((file, false)))
+        Ok(Box::new((open_regular_file(path)?, false)))
     }
     fn open_extent(&self, path: &Path, writable: bool) -> io::Result<Box<dyn Storage>> {
         let file = std::fs::OpenOptions::new()
