@@ -39,6 +39,7 @@ pub mod metadata;
 pub mod region;
 pub mod relink;
 pub mod resize;
+mod resize_bat;
 mod write;
 
 use std::path::{Path, PathBuf};

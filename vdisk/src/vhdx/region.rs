@@ -136,6 +136,42 @@ pub fn read(storage: &dyn Storage, file_len: u64) -> Result<Regions> {
     }
 }
 
+/// The bytes of the table `read` takes (table 1, else table 2).
+pub fn read_raw(storage: &dyn Storage, file_len: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; TABLE_SIZE];
+    let mut first = None;
+    for slot in SLOTS {
+        storage.read_exact_at(&mut buf, slot)?;
+        match parse(&buf, file_len) {
+            Ok(_) => return Ok(buf),
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+        }
+    }
+    Err(first.unwrap_or_else(|| Error::corrupt("VHDX region table", "unreadable")))
+}
+
+/// `raw` (a table `parse` accepted) with the BAT entry naming `bat`, every
+/// other entry kept (optional regions this library does not know included),
+/// and its checksum recomputed.
+pub fn with_bat(raw: &[u8], bat: Region) -> Result<Vec<u8>> {
+    let mut b = raw.to_vec();
+    let count = (le32(&b, 8).min(MAX_ENTRIES)) as usize;
+    let e = (0..count)
+        .map(|i| 16 + 32 * i)
+        .find(|&e| b[e..e + 16] == BAT_GUID.0)
+        .ok_or_else(|| Error::corrupt("VHDX region table", "no BAT region"))?;
+    let length = u32::try_from(bat.length)
+        .map_err(|_| Error::unsupported(format!("VHDX BAT region of {} bytes", bat.length)))?;
+    put_le64(&mut b, e + 16, bat.offset);
+    put_le32(&mut b, e + 24, length);
+    b[4..8].fill(0);
+    let crc = crc32c(&b);
+    put_le32(&mut b, 4, crc);
+    Ok(b)
+}
+
 /// Encodes a table holding the BAT and metadata regions (both not required,
 /// as QEMU writes them).
 pub fn encode(regions: &Regions) -> Vec<u8> {

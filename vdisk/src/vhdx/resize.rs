@@ -5,15 +5,16 @@
 //! Growing: the new blocks are not present (read zeros, or the parent's in a
 //! differencing file); a fixed file (LeaveBlocksAllocated) gets them
 //! allocated at its end first. Shrinking: the entries of blocks past the new
-//! end are cleared (their space stays in the file). The BAT region must hold
-//! the entries of the new size (it is usually 1 MiB or more: 128 Ki
-//! entries); moving it is not implemented.
+//! end are cleared (their space stays in the file). When the BAT region
+//! cannot hold the entries of the new size (1 MiB holds 128 Ki entries),
+//! a larger one is written at the end of the file and the region tables
+//! switch to it in the same transaction (see `resize_bat`).
 
 use crate::bytes::{le64, put_le64};
 use crate::vhdx::bat::{self, Layout};
 use crate::vhdx::metadata::{self, MAX_DISK_SIZE};
 use crate::vhdx::relink::{current_header, log_transaction, metadata_sectors};
-use crate::vhdx::{log, region};
+use crate::vhdx::{log, region, resize_bat};
 use crate::{Error, Result, Storage};
 
 const MIB: u64 = 1 << 20;
@@ -46,11 +47,9 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
     let region = regions.bat;
     let in_region = region.length / 8;
     if new.total_entries().max(new.payload_entries()) > in_region {
-        return Err(Error::unsupported(format!(
-            "the VHDX BAT region holds {in_region} entries, {new_size} bytes need {}; \
-             moving the BAT is not implemented (vhdio convert -O vhdx writes a new image)",
-            new.total_entries()
-        )));
+        // Only a grow can need more entries than the region holds.
+        resize_bat::grow_moving_bat(storage, regions, &meta, &old, &new, new_size)?;
+        return Ok(old_size);
     }
     // The BAT as it is, for the entries either size uses.
     let count = old
