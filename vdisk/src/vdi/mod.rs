@@ -23,6 +23,7 @@ pub mod create;
 mod discard;
 pub mod header;
 pub mod parent;
+mod relocate;
 pub mod relink;
 pub mod resize;
 

@@ -2,8 +2,8 @@
 //!
 //! Growing: the block map grows in place, into the space before the data
 //! area (new entries free; a static image gets its new blocks allocated at
-//! its end), then the header names the new size. A map without that room is
-//! refused with a clear error (moving the data area is not implemented).
+//! its end), then the header names the new size. A map without that room
+//! moves into the first slots of the data area (see `relocate`).
 //! Shrinking: the header first; then each slot of a removed block is filled
 //! with the block of the last slot (copied, made durable, then its map entry
 //! moved), so the file ends at the last block still used.
@@ -11,6 +11,7 @@
 use crate::bytes::{le32, put_le32, put_le64};
 use crate::vdi::block_map::FREE;
 use crate::vdi::header::{HEADER_AREA, Header, ImageType, VERSION_1_1};
+use crate::vdi::relocate;
 use crate::{Error, Result, Storage};
 
 fn write_header(storage: &dyn Storage, raw: &[u8; HEADER_AREA]) -> Result<()> {
@@ -50,12 +51,8 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
     if new_blocks > old_blocks {
         let room = h.data_offset.saturating_sub(h.blocks_offset) / 4;
         if new_blocks > room {
-            return Err(Error::unsupported(format!(
-                "the VDI block map has room for {room} blocks ({} bytes) before the data area; \
-                 growing to {new_size} needs {new_blocks} (moving the data area is not implemented: \
-                 vhdio convert -O vdi writes a new image with room)",
-                room * bs
-            )));
+            relocate::grow_moving_map(storage, &mut raw, &h, new_size, new_blocks)?;
+            return Ok(old_size);
         }
         let fixed = h.image_type == ImageType::Fixed;
         for b in old_blocks..new_blocks {
