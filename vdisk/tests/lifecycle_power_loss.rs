@@ -375,3 +375,88 @@ fn making_a_vhd_child_standalone_survives_power_loss() {
     std::fs::rename(&pp, dir.path().join("gone.vhd")).unwrap();
     assert!(common::qemu_raw(&cp, "vpc") == view);
 }
+
+/// A qemu-made image of 8 MiB (`opts`) with 3 MiB of data at its start.
+fn image_with_data_opts(fmt: Fmt, opts: &str) -> (Vec<u8>, Vec<u8>) {
+    let file = qemu_create(fmt, "8M", opts);
+    let disk = open_mem(fmt, file, true).unwrap();
+    let mut rng = common::Rng(12);
+    let data: Vec<u8> = (0..3 * MIB).map(|_| rng.next() as u8).collect();
+    disk.write_at(&data, 0).unwrap();
+    disk.write_at(&data[..MIB as usize], 7 * MIB).unwrap();
+    disk.close().unwrap();
+    let layer = &disk.layers()[0];
+    let mut file = vec![0u8; layer.storage().len().unwrap() as usize];
+    layer.storage().read_exact_at(&mut file, 0).unwrap();
+    (file, data)
+}
+
+/// The disk reads the 8 MiB `old` at its start and zeros after it, up to a
+/// size of 8 MiB or `new_size`. Past 8 MiB only what the top layer stores
+/// is read (a grown disk may be far too large to read whole).
+fn reads_old_or_grown(disk: &vdisk::Disk, old: &[u8], new_size: u64) -> Result<(), String> {
+    let size = disk.size();
+    if size != 8 * MIB && size != new_size {
+        return Err(format!("size {size}"));
+    }
+    let mut v = vec![0u8; old.len()];
+    disk.read_at(&mut v, 0).map_err(|e| e.to_string())?;
+    if v != old {
+        return Err("old data changed".into());
+    }
+    let top = &disk.layers()[0];
+    let mut at = old.len() as u64;
+    let mut buf = Vec::new();
+    while at < size {
+        let (m, n) = top.map(at, size - at).map_err(|e| e.to_string())?;
+        if let vdisk::Mapping::Data { .. } = m {
+            let n = n.min(MIB);
+            buf.resize(n as usize, 0);
+            disk.read_at(&mut buf, at).map_err(|e| e.to_string())?;
+            if buf.iter().any(|&b| b != 0) {
+                return Err(format!("new space at {at} not zeros"));
+            }
+            at += n;
+        } else {
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// Grows that need a new VHDX BAT region (1 MiB blocks: 128 Ki entries fit
+/// the 1 MiB region qemu-img writes) or a VDI block map moved into the data
+/// area (qemu-img leaves room for 128 entries): every crash state reads the
+/// old disk or the grown one.
+#[test]
+fn resize_moving_the_bat_or_map_survives_power_loss() {
+    for (fmt, opts, new_size) in [
+        (Fmt::Vhdx, "block_size=1M", 130 << 30),
+        (Fmt::Vdi, "", 130 * MIB),
+        (Fmt::Vdi, "static=on", 130 * MIB),
+    ] {
+        let (file, data) = image_with_data_opts(fmt, opts);
+        let old = {
+            let d = open_mem(fmt, file.clone(), false).unwrap();
+            read_disk(&d).unwrap()
+        };
+        assert!(old[..3 * MIB as usize] == data[..]);
+        let rec = Recorder::new(file.clone());
+        assert_eq!(
+            vdisk::resize::resize(&rec.storage(true), new_size).unwrap(),
+            8 * MIB
+        );
+        let end = open_mem(fmt, rec.contents(), false).unwrap();
+        assert_eq!(end.size(), new_size, "{fmt:?} {opts}");
+        let r = recording(
+            &format!("{fmt:?} {opts} grow to {new_size}, moving the map"),
+            fmt,
+            file,
+            &rec,
+        );
+        each_state(&r, |file| {
+            let disk = open_mem(fmt, file, false).map_err(|e| format!("does not open: {e}"))?;
+            reads_old_or_grown(&disk, &old, new_size)
+        });
+    }
+}
