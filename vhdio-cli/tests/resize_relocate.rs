@@ -1,0 +1,244 @@
+//! `vhdio resize` grows that do not fit the image's table: a VHDX whose BAT
+//! region is too small (a new region at the end of the file) and a VDI whose
+//! block map has no room before the data area (the map moves into the data
+//! area). Images made by qemu-img; sizes, old data and new space read back
+//! by qemu (slices of a 200 GiB disk through qemu's raw driver), checkers
+//! clean; writes past the old end through the library land.
+
+#[path = "../../vdisk/tests/common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{qemu_image_from, qemu_raw, run};
+
+const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+fn vhdio(args: &[&str]) -> Output {
+    Command::new(VHDIO)
+        .args(args)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap()
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = vhdio(args);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "vhdio {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `len` bytes at `offset` of the disk as qemu reads it (its raw driver
+/// with offset and size over the image), so a huge disk is not read whole.
+fn qemu_slice(img: &Path, fmt: &str, offset: u64, len: u64) -> Vec<u8> {
+    let out = img.with_extension("slice.raw");
+    let opts = format!(
+        "driver=raw,offset={offset},size={len},file.driver={fmt},file.file.filename={}",
+        s(img)
+    );
+    run(
+        "qemu-img",
+        &["convert", "--image-opts", &opts, "-O", "raw", s(&out)],
+    );
+    let data = std::fs::read(&out).unwrap();
+    std::fs::remove_file(&out).ok();
+    data
+}
+
+/// The virtual size qemu-img reports.
+fn qemu_size(img: &Path) -> u64 {
+    let out = run("qemu-img", &["info", "--output=json", s(img)]);
+    // The image's own key comes after those of its children (the file).
+    let at = out.rfind("\"virtual-size\":").unwrap() + 15;
+    out[at..]
+        .trim_start()
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Writes `data` at `offset` of the disk through the library (`vhdio run
+/// dd`), or through vdisk when the library is not built (said on stderr).
+fn write_through_library(img: &Path, data: &[u8], offset: u64) {
+    let lib = Path::new(VHDIO).parent().unwrap().join("libvhdio.so");
+    if !lib.is_file() {
+        eprintln!("{} not built: written by vdisk, not dd", lib.display());
+        let disk = common::open(img, true).unwrap();
+        disk.write_at(data, offset).unwrap();
+        disk.close().unwrap();
+        return;
+    }
+    let src = img.with_extension("src");
+    std::fs::write(&src, data).unwrap();
+    let (i, o, seek) = (
+        format!("if={}", s(&src)),
+        format!("of={}", s(img)),
+        format!("seek={}", offset / MIB),
+    );
+    assert_eq!(offset % MIB, 0);
+    ok(&[
+        "run",
+        "dd",
+        &i,
+        &o,
+        "bs=1M",
+        &seek,
+        "conv=notrunc",
+        "status=none",
+    ]);
+}
+
+fn check_clean(img: &Path, fmt: &str) {
+    let out = ok(&["check", s(img)]);
+    assert!(out.contains("No problems found"), "{out}");
+    run("qemu-img", &["check", "-f", fmt, s(img)]);
+}
+
+#[test]
+fn vhdx_grow_past_its_bat_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = common::Rng(5);
+    let data: Vec<u8> = (0..64 * MIB).map(|_| rng.next() as u8 | 1).collect();
+    // qemu-img writes a 1 MiB BAT region: 128 Ki entries, 128 GiB of 1 MiB blocks.
+    let img = qemu_image_from(&data, dir.path(), "a.vhdx", "vhdx", "block_size=1M");
+    let before = std::fs::metadata(&img).unwrap().len();
+    ok(&["resize", s(&img), "+200G"]);
+    let size = 64 * MIB + 200 * GIB;
+    assert_eq!(qemu_size(&img), size);
+    assert_eq!(common::open(&img, false).unwrap().size(), size);
+    check_clean(&img, "vhdx");
+    assert!(qemu_slice(&img, "vhdx", 0, 64 * MIB) == data, "old data");
+    for at in [64 * MIB, 100 * GIB, size - 64 * MIB] {
+        let v = qemu_slice(&img, "vhdx", at, 64 * MIB);
+        assert!(v.iter().all(|&b| b == 0), "new space at {at}");
+    }
+    // The new region (1 MiB aligned, after the old end) and no block yet.
+    assert!(std::fs::metadata(&img).unwrap().len() <= before.next_multiple_of(MIB) + 2 * MIB);
+    // Writes past the old end land after the new region, and read back.
+    let new: Vec<u8> = (0..5 * MIB).map(|_| rng.next() as u8).collect();
+    write_through_library(&img, &new, 150 * GIB);
+    write_through_library(&img, &new[..MIB as usize], size - MIB);
+    check_clean(&img, "vhdx");
+    assert!(qemu_slice(&img, "vhdx", 150 * GIB, 5 * MIB) == new);
+    assert!(qemu_slice(&img, "vhdx", size - MIB, MIB) == new[..MIB as usize]);
+    assert!(
+        qemu_slice(&img, "vhdx", 0, 64 * MIB) == data,
+        "old data after writes"
+    );
+}
+
+#[test]
+fn vhdx_child_grow_past_its_bat_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![0x11u8; 16 * MIB as usize];
+    let parent = qemu_image_from(&data, dir.path(), "p.vhdx", "vhdx", "block_size=1M");
+    let child = dir.path().join("c.vhdx");
+    ok(&["snapshot", s(&parent), s(&child)]);
+    let own = vec![0x22u8; 2 * MIB as usize];
+    write_through_library(&child, &own, 4 * MIB);
+    let parent_before = std::fs::read(&parent).unwrap();
+    // A child's BAT holds a sector-bitmap entry per chunk of 4096 blocks.
+    ok(&["resize", s(&child), "+200G"]);
+    let size = 16 * MIB + 200 * GIB;
+    assert!(
+        std::fs::read(&parent).unwrap() == parent_before,
+        "parent written"
+    );
+    let out = ok(&["check", s(&child)]);
+    assert!(out.contains("No problems found"), "{out}");
+    let read = |at: u64, len: u64| {
+        let disk = common::open(&child, false).unwrap();
+        assert_eq!(disk.size(), size);
+        let mut v = vec![0u8; len as usize];
+        disk.read_at(&mut v, at).unwrap();
+        v
+    };
+    let head = read(0, 16 * MIB);
+    assert!(head[..4 * MIB as usize].iter().all(|&b| b == 0x11));
+    assert!(head[4 * MIB as usize..6 * MIB as usize] == own[..]);
+    assert!(head[6 * MIB as usize..].iter().all(|&b| b == 0x11));
+    assert!(read(16 * MIB, 64 * MIB).iter().all(|&b| b == 0));
+    let new = vec![0x5Au8; 3 * MIB as usize];
+    write_through_library(&child, &new, 170 * GIB);
+    assert!(read(170 * GIB, 3 * MIB) == new);
+    assert!(read(170 * GIB + 3 * MIB, MIB).iter().all(|&b| b == 0));
+    assert!(read(4 * MIB, 2 * MIB) == own);
+    let out = ok(&["check", s(&child)]);
+    assert!(out.contains("No problems found"), "{out}");
+}
+
+#[test]
+fn vdi_grow_past_its_block_map_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = common::Rng(6);
+    let mut data: Vec<u8> = (0..64 * MIB).map(|_| rng.next() as u8).collect();
+    // A hole, so the dynamic image has unallocated blocks too.
+    data[20 * MIB as usize..30 * MIB as usize].fill(0);
+    for (name, opts) in [("dyn.vdi", ""), ("static.vdi", "static=on")] {
+        // qemu-img leaves room for 128 map entries (512 bytes) before the data.
+        let img = qemu_image_from(&data, dir.path(), name, "vdi", opts);
+        ok(&["resize", s(&img), "+200M"]);
+        assert_eq!(qemu_size(&img), 264 * MIB, "{name}");
+        check_clean(&img, "vdi");
+        let back = qemu_raw(&img, "vdi");
+        assert!(back[..64 * MIB as usize] == data[..], "{name}: old data");
+        assert!(
+            back[64 * MIB as usize..].iter().all(|&b| b == 0),
+            "{name}: new space"
+        );
+        let new: Vec<u8> = (0..5 * MIB).map(|_| rng.next() as u8).collect();
+        write_through_library(&img, &new, 250 * MIB);
+        check_clean(&img, "vdi");
+        let back = qemu_raw(&img, "vdi");
+        assert!(back[..64 * MIB as usize] == data[..], "{name}: old data");
+        assert!(
+            back[250 * MIB as usize..255 * MIB as usize] == new[..],
+            "{name}"
+        );
+        assert!(back[255 * MIB as usize..].iter().all(|&b| b == 0), "{name}");
+        // And once more: the moved map grows in place now (VirtualBox-like room).
+        ok(&["resize", s(&img), "+64M"]);
+        check_clean(&img, "vdi");
+        let back = qemu_raw(&img, "vdi");
+        assert_eq!(back.len() as u64, 328 * MIB, "{name}");
+        assert!(
+            back[250 * MIB as usize..255 * MIB as usize] == new[..],
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn vdi_static_without_any_map_room_is_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("full.vdi");
+    // 128 blocks: the map fills its 512 bytes, and every slot is in use.
+    run(
+        "qemu-img",
+        &["create", "-f", "vdi", "-o", "static=on", s(&img), "128M"],
+    );
+    let before = std::fs::read(&img).unwrap();
+    let o = vhdio(&["resize", s(&img), "+1G"]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("crash-safe") && err.contains("convert"),
+        "{err}"
+    );
+    assert!(std::fs::read(&img).unwrap() == before, "changed anyway");
+}
