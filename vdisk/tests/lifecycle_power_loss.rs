@@ -425,13 +425,16 @@ fn reads_old_or_grown(disk: &vdisk::Disk, old: &[u8], new_size: u64) -> Result<(
 }
 
 /// Grows that need a new VHDX BAT region (1 MiB blocks: 128 Ki entries fit
-/// the 1 MiB region qemu-img writes) or a VDI block map moved into the data
-/// area (qemu-img leaves room for 128 entries): every crash state reads the
-/// old disk or the grown one.
+/// the 1 MiB region qemu-img writes), VHD blocks moved out of the way of the
+/// BAT, or a VDI block map moved into the data area (qemu-img leaves room
+/// for 128 entries): every crash state reads the old disk or the grown one.
 #[test]
 fn resize_moving_the_bat_or_map_survives_power_loss() {
     for (fmt, opts, new_size) in [
         (Fmt::Vhdx, "block_size=1M", 130 << 30),
+        // 2 MiB blocks; the first block (written by vdisk: data 4 KiB
+        // aligned) starts 2 KiB after the BAT, so 1024 entries move it.
+        (Fmt::Vhd, "", 2 << 30),
         (Fmt::Vdi, "", 130 * MIB),
         (Fmt::Vdi, "static=on", 130 * MIB),
     ] {
@@ -449,7 +452,7 @@ fn resize_moving_the_bat_or_map_survives_power_loss() {
         let end = open_mem(fmt, rec.contents(), false).unwrap();
         assert_eq!(end.size(), new_size, "{fmt:?} {opts}");
         let r = recording(
-            &format!("{fmt:?} {opts} grow to {new_size}, moving the map"),
+            &format!("{fmt:?} {opts} grow to {new_size}, moving the BAT, blocks or map"),
             fmt,
             file,
             &rec,

@@ -1,12 +1,15 @@
 //! `vhdio resize` grows that do not fit the image's table: a VHDX whose BAT
 //! region is too small (a new region at the end of the file) and a VDI whose
 //! block map has no room before the data area (the map moves into the data
-//! area). Images made by qemu-img; sizes, old data and new space read back
+//! area), and a dynamic VHD whose BAT room is used up (the blocks after the
+//! BAT move to the end of the file). Images made by qemu-img; sizes, old data and new space read back
 //! by qemu (slices of a 200 GiB disk through qemu's raw driver), checkers
 //! clean; writes past the old end through the library land.
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
+#[path = "../../vdisk/tests/vhd_util/mod.rs"]
+mod vhd_util;
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -241,4 +244,42 @@ fn vdi_static_without_any_map_room_is_refused_clearly() {
         "{err}"
     );
     assert!(std::fs::read(&img).unwrap() == before, "changed anyway");
+}
+
+#[test]
+fn vhd_grow_past_its_bat_room_moves_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = common::Rng(7);
+    let data: Vec<u8> = (0..16 * MIB).map(|_| rng.next() as u8 | 1).collect();
+    // qemu-img pads the BAT to 512 bytes (128 blocks of 2 MiB) and puts the
+    // first block right after it: growing to 1 TiB moves blocks.
+    let img = qemu_image_from(
+        &data,
+        dir.path(),
+        "a.vhd",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+    );
+    ok(&["resize", s(&img), "1T"]);
+    let size = 1 << 40;
+    assert_eq!(qemu_size(&img), size);
+    assert_eq!(common::open(&img, false).unwrap().size(), size);
+    let out = ok(&["check", s(&img)]);
+    assert!(out.contains("No problems found"), "{out}");
+    vhd_util::check_file(&img).unwrap();
+    assert!(qemu_slice(&img, "vpc", 0, 16 * MIB) == data, "old data");
+    for at in [16 * MIB, 500 * GIB, size - 64 * MIB] {
+        let v = qemu_slice(&img, "vpc", at, 64 * MIB);
+        assert!(v.iter().all(|&b| b == 0), "new space at {at}");
+    }
+    let new: Vec<u8> = (0..5 * MIB).map(|_| rng.next() as u8).collect();
+    write_through_library(&img, &new, 700 * GIB);
+    let out = ok(&["check", s(&img)]);
+    assert!(out.contains("No problems found"), "{out}");
+    vhd_util::check_file(&img).unwrap();
+    assert!(qemu_slice(&img, "vpc", 700 * GIB, 5 * MIB) == new);
+    assert!(
+        qemu_slice(&img, "vpc", 0, 16 * MIB) == data,
+        "old data after writes"
+    );
 }

@@ -16,6 +16,7 @@ pub mod footer;
 pub mod locator;
 pub mod relink;
 pub mod resize;
+mod resize_bat;
 
 mod alloc;
 
@@ -33,7 +34,7 @@ use footer::{DiskType, FOOTER_SIZE, Footer, NO_DATA_OFFSET};
 
 /// Data of newly allocated blocks starts on this boundary in the file (as
 /// Windows and blktap do), so guest pages map to file pages.
-const DATA_ALIGN: u64 = 4096;
+pub(crate) const DATA_ALIGN: u64 = 4096;
 
 /// A VHD file.
 pub struct VhdImage {

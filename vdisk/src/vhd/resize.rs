@@ -2,11 +2,11 @@
 //!
 //! Fixed: the footer moves to the new end (written there first, then the
 //! old one, now inside the disk, is zeroed; shrinking writes the footer,
-//! then truncates). Dynamic and differencing: within the room the BAT has
-//! before the first block or locator (max_table_entries grows into it), new
-//! entries unused, then the footers; past that room, a clear error (the BAT
-//! cannot move without moving blocks). Shrinking clears the BAT entries of
-//! blocks past the end (their space stays in the file).
+//! then truncates). Dynamic and differencing: the BAT grows in place
+//! (max_table_entries), new entries unused, then the footers; blocks in the
+//! way move to the end of the file first (`resize_bat`); parent locator data
+//! or a header after the BAT do not move (a clear error). Shrinking clears
+//! the BAT entries of blocks past the end (their space stays in the file).
 //!
 //! The footers record the new size in `current_size`, with the geometry of
 //! the size; a disk whose creator is sized by its geometry (`vpc `, `qemu`)
@@ -17,6 +17,7 @@ use crate::bytes::{be32, put_be16, put_be32, put_be64};
 use crate::vhd::create::{MAX_SIZE, chs_geometry};
 use crate::vhd::dynamic_header::{DynamicHeader, HEADER_SIZE};
 use crate::vhd::footer::{DiskType, FOOTER_SIZE, Footer};
+use crate::vhd::resize_bat;
 use crate::{Error, Result, Storage};
 
 const UNUSED: u32 = 0xFFFF_FFFF;
@@ -104,10 +105,11 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
         .map(|e| e as u64 * 512)
         .collect();
     if new_size > old_size {
+        let mut footer_at = footer_at;
         if entries > old_entries {
-            // Room: up to the first block, locator data, or the footer.
-            let mut limit = footer_at;
-            limit = limit.min(used.iter().copied().min().unwrap_or(u64::MAX));
+            // What cannot move: parent locator data and the header after the
+            // BAT (blocks and the footer move, see `resize_bat`).
+            let mut limit = u64::MAX;
             for l in header.locators.iter().filter(|l| l.is_used()) {
                 if l.data_offset > table {
                     limit = limit.min(l.data_offset);
@@ -119,11 +121,29 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
             let room = limit.saturating_sub(table) / 4;
             if entries > room {
                 return Err(Error::unsupported(format!(
-                    "the VHD BAT has room for {room} blocks of {bs} bytes ({} bytes) before the first \
-                     block; growing to {new_size} needs {entries} (the BAT cannot move: convert the \
-                     image with vhdio convert -O vhd, or use VHDX)",
+                    "the VHD BAT has room for {room} blocks of {bs} bytes ({} bytes) before the \
+                     parent locators or header that follow it; growing to {new_size} needs \
+                     {entries} (convert the image with vhdio convert -O vhd, or use VHDX)",
                     room * bs
                 )));
+            }
+            let batmap_at = table + (old_entries * 4).next_multiple_of(512);
+            let mut cookie = [0u8; 8];
+            if batmap_at + 512 <= len {
+                storage.read_exact_at(&mut cookie, batmap_at)?;
+            }
+            if &cookie == b"tdbatmap" {
+                return Err(Error::unsupported(
+                    "growing the BAT of a VHD with a blktap batmap after it \
+                     (vhdio convert -O vhd writes a new image)",
+                ));
+            }
+            let bat_end = table + (entries * 4).next_multiple_of(512);
+            let first_block = used.iter().copied().min().unwrap_or(u64::MAX);
+            if bat_end > first_block.min(footer_at) {
+                footer_at = resize_bat::move_blocks_before(
+                    storage, &mut bat, table, bs, &raw, footer_at, bat_end,
+                )?;
             }
             let fill = vec![0xFFu8; ((entries - old_entries) * 4) as usize];
             storage.write_all_at(&fill, table + old_entries * 4)?;
