@@ -23,8 +23,8 @@ pub mod create;
 mod discard;
 pub mod header;
 pub mod parent;
-mod relocate;
 pub mod relink;
+mod relocate;
 pub mod resize;
 
 use std::io::Read;
