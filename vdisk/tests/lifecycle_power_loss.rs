@@ -473,3 +473,61 @@ fn resize_moving_the_bat_or_map_survives_power_loss() {
         });
     }
 }
+
+/// The VHDX BAT move as QEMU sees it: at every kill point (each prefix of
+/// the recorded writes on disk), QEMU opens the file (replaying a pending
+/// log, which writes the region tables below 1 MiB), reads the old data,
+/// reports the old or the new size, and `qemu-img check` finds no errors.
+#[test]
+fn qemu_replays_a_vhdx_bat_move_at_every_kill_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = qemu_create(Fmt::Vhdx, "8M", "block_size=1M");
+    let img = dir.path().join("k.vhdx");
+    std::fs::write(&img, &file).unwrap();
+    let path = img.to_str().unwrap();
+    common::run("qemu-io", &["-f", "vhdx", "-c", "write -P 0x5a 0 3M", path]);
+    let initial = std::fs::read(&img).unwrap();
+    let new_size: u64 = 130 << 30;
+    let rec = Recorder::new(initial.clone());
+    vdisk::resize::resize(&rec.storage(true), new_size).unwrap();
+    let ops = rec.ops();
+    let mut state = initial;
+    let mut seen_pending_log = false;
+    for (i, op) in ops.iter().enumerate() {
+        crashsim::apply(&mut state, op);
+        std::fs::write(&img, &state).unwrap();
+        let (h, _) =
+            vdisk::vhdx::header::read_current(&vdisk::MemStorage::read_only(state.clone()))
+                .unwrap();
+        seen_pending_log |= !h.log_guid.is_zero();
+        // A read-write open replays the log.
+        let out = common::run(
+            "qemu-io",
+            &[
+                "-f",
+                "vhdx",
+                "-c",
+                "read -P 0x5a 0 3M",
+                "-c",
+                "read -P 0 3M 5M",
+                path,
+            ],
+        );
+        assert!(!out.contains("failed"), "after op {i}: {out}");
+        let info = common::run("qemu-img", &["info", "--output=json", path]);
+        let at = info.rfind("\"virtual-size\":").unwrap() + 15;
+        let size: u64 = info[at..]
+            .trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(size == 8 * MIB || size == new_size, "after op {i}: {size}");
+        common::run("qemu-img", &["check", "-f", "vhdx", path]);
+    }
+    assert!(
+        seen_pending_log,
+        "no kill point left a log for QEMU to replay"
+    );
+}
