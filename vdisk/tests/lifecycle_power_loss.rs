@@ -531,3 +531,36 @@ fn qemu_replays_a_vhdx_bat_move_at_every_kill_point() {
         "no kill point left a log for QEMU to replay"
     );
 }
+
+/// A VHD child grown past its BAT room: its parent locators follow the BAT,
+/// so the BAT moves to the end of the file. Every crash state reads the
+/// child's old view (parent data under its own) or the grown one.
+#[test]
+fn vhd_child_bat_move_survives_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (parent, _) = image_with_data(Fmt::Vhd);
+    let pp = dir.path().join("p.vhd");
+    std::fs::write(&pp, &parent).unwrap();
+    let cp = dir.path().join("c.vhd");
+    let child = vdisk::MemStorage::new(Vec::new());
+    vdisk::snapshot(&pp, &vdisk::MemStorage::read_only(parent), &child, &cp).unwrap();
+    std::fs::write(&cp, child.into_inner()).unwrap();
+    let disk = common::open(&cp, true).unwrap();
+    disk.write_at(&vec![0x5Au8; 2 * MIB as usize], 5 * MIB)
+        .unwrap();
+    disk.close().unwrap();
+    drop(disk);
+    let view = read_disk(&common::open(&cp, false).unwrap()).unwrap();
+    let initial = std::fs::read(&cp).unwrap();
+    let new_size: u64 = 1 << 30;
+    let rec = Recorder::new(initial.clone());
+    vdisk::resize::resize(&rec.storage(true), new_size).unwrap();
+    let r = recording("Vhd child grow, moving the BAT", Fmt::Vhd, initial, &rec);
+    each_state(&r, |file| {
+        std::fs::write(&cp, &file).map_err(|e| e.to_string())?;
+        let disk = common::open(&cp, false).map_err(|e| format!("does not open: {e}"))?;
+        reads_old_or_grown(&disk, &view, new_size)
+    });
+    std::fs::write(&cp, rec.contents()).unwrap();
+    assert_eq!(common::open(&cp, false).unwrap().size(), new_size);
+}

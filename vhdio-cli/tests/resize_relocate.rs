@@ -283,3 +283,53 @@ fn vhd_grow_past_its_bat_room_moves_blocks() {
         "old data after writes"
     );
 }
+
+#[test]
+fn vhd_child_grow_moves_its_bat() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![0x11u8; 16 * MIB as usize];
+    let parent = qemu_image_from(
+        &data,
+        dir.path(),
+        "p.vhd",
+        "vpc",
+        "subformat=dynamic,force_size=on",
+    );
+    // The child's parent locators follow its BAT: the BAT moves to the end.
+    let child = dir.path().join("c.vhd");
+    ok(&["snapshot", s(&parent), s(&child)]);
+    let own = vec![0x22u8; 3 * MIB as usize];
+    write_through_library(&child, &own, 4 * MIB);
+    let parent_before = std::fs::read(&parent).unwrap();
+    ok(&["resize", s(&child), "1T"]);
+    let size: u64 = 1 << 40;
+    assert!(
+        std::fs::read(&parent).unwrap() == parent_before,
+        "parent written"
+    );
+    let out = ok(&["check", s(&child)]);
+    assert!(out.contains("No problems found"), "{out}");
+    vhd_util::check_file(&child).unwrap();
+    // qemu reads a VHD child alone (it ignores VHD parents): its own data.
+    assert_eq!(qemu_size(&child), size);
+    assert!(qemu_slice(&child, "vpc", 4 * MIB, 3 * MIB) == own);
+    let read = |at: u64, len: u64| {
+        let disk = common::open(&child, false).unwrap();
+        assert_eq!(disk.size(), size);
+        let mut v = vec![0u8; len as usize];
+        disk.read_at(&mut v, at).unwrap();
+        v
+    };
+    let head = read(0, 16 * MIB);
+    assert!(head[..4 * MIB as usize].iter().all(|&b| b == 0x11));
+    assert!(head[4 * MIB as usize..7 * MIB as usize] == own[..]);
+    assert!(head[7 * MIB as usize..].iter().all(|&b| b == 0x11));
+    assert!(read(16 * MIB, 64 * MIB).iter().all(|&b| b == 0));
+    let new = vec![0x5Au8; 3 * MIB as usize];
+    write_through_library(&child, &new, 900 * GIB);
+    assert!(read(900 * GIB, 3 * MIB) == new);
+    assert!(read(4 * MIB, 3 * MIB) == own);
+    vhd_util::check_file(&child).unwrap();
+    let out = ok(&["check", s(&child)]);
+    assert!(out.contains("No problems found"), "{out}");
+}

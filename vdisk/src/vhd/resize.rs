@@ -4,8 +4,9 @@
 //! old one, now inside the disk, is zeroed; shrinking writes the footer,
 //! then truncates). Dynamic and differencing: the BAT grows in place
 //! (max_table_entries), new entries unused, then the footers; blocks in the
-//! way move to the end of the file first (`resize_bat`); parent locator data
-//! or a header after the BAT do not move (a clear error). Shrinking clears
+//! way move to the end of the file first (`resize_bat`); where parent
+//! locator data or the header follow the BAT, the BAT moves to the end of
+//! the file instead. Shrinking clears
 //! the BAT entries of blocks past the end (their space stays in the file).
 //!
 //! The footers record the new size in `current_size`, with the geometry of
@@ -107,8 +108,8 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
     if new_size > old_size {
         let mut footer_at = footer_at;
         if entries > old_entries {
-            // What cannot move: parent locator data and the header after the
-            // BAT (blocks and the footer move, see `resize_bat`).
+            // What does not move: parent locator data and the header after
+            // the BAT (blocks and the footer do, see `resize_bat`).
             let mut limit = u64::MAX;
             for l in header.locators.iter().filter(|l| l.is_used()) {
                 if l.data_offset > table {
@@ -117,15 +118,6 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
             }
             if footer.data_offset > table {
                 limit = limit.min(footer.data_offset);
-            }
-            let room = limit.saturating_sub(table) / 4;
-            if entries > room {
-                return Err(Error::unsupported(format!(
-                    "the VHD BAT has room for {room} blocks of {bs} bytes ({} bytes) before the \
-                     parent locators or header that follow it; growing to {new_size} needs \
-                     {entries} (convert the image with vhdio convert -O vhd, or use VHDX)",
-                    room * bs
-                )));
             }
             let batmap_at = table + (old_entries * 4).next_multiple_of(512);
             let mut cookie = [0u8; 8];
@@ -137,6 +129,23 @@ pub fn resize(storage: &dyn Storage, new_size: u64) -> Result<u64> {
                     "growing the BAT of a VHD with a blktap batmap after it \
                      (vhdio convert -O vhd writes a new image)",
                 ));
+            }
+            let room = limit.saturating_sub(table) / 4;
+            if entries > room {
+                // Locators or the header follow the BAT: the BAT moves.
+                footer_at = resize_bat::move_bat_to_end(
+                    storage,
+                    &bat,
+                    entries,
+                    &header,
+                    footer.data_offset,
+                    &raw,
+                    footer_at,
+                )?;
+                storage.write_all_at(&new_footer.encode(), footer_at)?;
+                storage.write_all_at(&new_footer.encode(), 0)?;
+                storage.sync()?;
+                return Ok(old_size);
             }
             let bat_end = table + (entries * 4).next_multiple_of(512);
             let first_block = used.iter().copied().min().unwrap_or(u64::MAX);

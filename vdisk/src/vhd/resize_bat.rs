@@ -16,14 +16,17 @@
 //!    Barrier. Their old places are unused now.
 //! 4. Then `resize` grows the BAT over them, the header, the footers.
 //!
-//! Not moved (the grow is refused with the reason): parent locator data or
-//! the dynamic header after the BAT, and a blktap batmap. A differencing
-//! VHD made by this crate (or blktap's vhd-util) has its locator data right
-//! after the BAT: moving it would rewrite the locator entries in the
-//! header's second sector and the checksum in its first, a two-sector write
-//! that a torn write leaves with a bad checksum.
+//! Parent locator data or the dynamic header after the BAT (a differencing
+//! VHD made by this crate or blktap's vhd-util has its locators right after
+//! the BAT) are not moved: their offsets are in the header's second sector
+//! and its checksum in the first, a two-sector write that a torn write
+//! leaves with a bad checksum. There the BAT itself moves instead, to the
+//! end of the file (`move_bat_to_end`): its offset, the entry count and the
+//! checksum are all in the header's first sector, one atomic write. A
+//! blktap batmap after the BAT is refused.
 
-use crate::bytes::{be32, put_be32};
+use crate::bytes::{be32, put_be32, put_be64};
+use crate::vhd::dynamic_header::DynamicHeader;
 use crate::vhd::{DATA_ALIGN, bitmap};
 use crate::{Error, Result};
 use crate::{Storage, bytes::align_up};
@@ -91,6 +94,46 @@ pub(super) fn move_blocks_before(
         put_be32(bat, b * 4, (to / 512) as u32);
     }
     storage.write_all_at(bat, table)?;
+    storage.sync()?;
+    Ok(new_footer_at)
+}
+
+/// Writes the BAT (`bat`, the old entries; grown to `entries`, the new ones
+/// unused) at the end of the file, then names it in the dynamic header at
+/// `header_offset`. Order: `footer` (unchanged) past the new BAT, barrier
+/// (the old footer is unused bytes now); the BAT over the old footer,
+/// barrier; the header's first sector (table offset, entry count,
+/// checksum), barrier. Returns the new footer offset.
+pub(super) fn move_bat_to_end(
+    storage: &dyn Storage,
+    bat: &[u8],
+    entries: u64,
+    header: &DynamicHeader,
+    header_offset: u64,
+    footer: &[u8],
+    footer_at: u64,
+) -> Result<u64> {
+    let no_space = || Error::NoSpace("VHD file offset".into());
+    let at = align_up(footer_at, 512).ok_or_else(no_space)?;
+    let bat_len = (entries * 4).next_multiple_of(512);
+    let mut table = vec![0xFFu8; bat_len as usize];
+    table[..bat.len()].copy_from_slice(bat);
+    let new_footer_at = at + bat_len;
+    storage.write_all_at(footer, new_footer_at)?;
+    storage.sync()?;
+    storage.write_all_at(&table, at)?;
+    storage.sync()?;
+    let mut raw = header.raw;
+    put_be64(&mut raw, 16, at);
+    put_be32(&mut raw, 28, entries as u32);
+    let encoded = DynamicHeader::parse(&raw)?.encode();
+    // Only the first sector differs (the checksum is at 36).
+    let first = if encoded[512..] == header.raw[512..] {
+        512
+    } else {
+        encoded.len()
+    };
+    storage.write_all_at(&encoded[..first], header_offset)?;
     storage.sync()?;
     Ok(new_footer_at)
 }
