@@ -223,4 +223,27 @@ mod tests {
         };
         assert!(parse(&encode(&overlapping), 8 * MIB).is_err());
     }
+
+    #[test]
+    fn with_bat_moves_only_the_bat() {
+        let r = Regions {
+            bat: Region {
+                offset: 2 * MIB,
+                length: MIB,
+            },
+            metadata: Region {
+                offset: 3 * MIB,
+                length: MIB,
+            },
+        };
+        let bat = Region {
+            offset: 8 * MIB,
+            length: 2 * MIB,
+        };
+        let moved = with_bat(&encode(&r), bat).unwrap();
+        assert_eq!(parse(&moved, 10 * MIB).unwrap(), Regions { bat, ..r });
+        assert!(parse(&moved, 10 * MIB - 1).is_err(), "past end of file");
+        // Only the first 4 KiB sector changes (the CRC covers all 64 KiB).
+        assert_eq!(moved[4096..], encode(&r)[4096..]);
+    }
 }
