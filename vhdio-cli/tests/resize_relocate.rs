@@ -333,3 +333,31 @@ fn vhd_child_grow_moves_its_bat() {
     let out = ok(&["check", s(&child)]);
     assert!(out.contains("No problems found"), "{out}");
 }
+
+#[test]
+fn fixed_vhdx_grow_past_its_bat_region() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![0x3Cu8; 8 * MIB as usize];
+    let img = qemu_image_from(
+        &data,
+        dir.path(),
+        "f.vhdx",
+        "vhdx",
+        "subformat=fixed,block_size=1M",
+    );
+    // Every new block is allocated, after the new BAT region (a sparse file).
+    ok(&["resize", s(&img), "+130G"]);
+    let size = 8 * MIB + 130 * GIB;
+    assert_eq!(qemu_size(&img), size);
+    check_clean(&img, "vhdx");
+    assert!(qemu_slice(&img, "vhdx", 0, 8 * MIB) == data);
+    assert!(
+        qemu_slice(&img, "vhdx", size - 8 * MIB, 8 * MIB)
+            .iter()
+            .all(|&b| b == 0)
+    );
+    let new = vec![0x6Bu8; 2 * MIB as usize];
+    write_through_library(&img, &new, 100 * GIB);
+    assert!(qemu_slice(&img, "vhdx", 100 * GIB, 2 * MIB) == new);
+    check_clean(&img, "vhdx");
+}
