@@ -14,6 +14,7 @@ static NO_LOCK: AtomicBool = AtomicBool::new(false);
 static TEST: AtomicBool = AtomicBool::new(false);
 static AS_FILE: AtomicBool = AtomicBool::new(false);
 static IO_URING_ALLOW: AtomicBool = AtomicBool::new(false);
+static PUNCH_HOLES: AtomicBool = AtomicBool::new(false);
 /// LIBVHD_IO_ONLY: the images and folders to virtualise (null: all).
 static ONLY: AtomicPtr<Vec<Vec<u8>>> = AtomicPtr::new(null_mut());
 /// LIBVHD_IO_VDI_PATH: more folders to search for VDI parents.
@@ -64,6 +65,7 @@ fn load_slow() {
         get(c"LIBVHD_IO_URING").is_some_and(|v| v.to_bytes() == b"allow"),
         Ordering::Relaxed,
     );
+    PUNCH_HOLES.store(set(c"LIBVHD_IO_PUNCH_HOLES"), Ordering::Relaxed);
     if let Some(only) = get(c"LIBVHD_IO_ONLY").filter(|v| !v.is_empty()) {
         let list: Vec<Vec<u8>> = only
             .to_bytes()
@@ -137,6 +139,14 @@ pub fn as_file() -> bool {
 /// (on an image it would read the empty dummy and fail to write it).
 pub fn io_uring_allowed() -> bool {
     IO_URING_ALLOW.load(Ordering::Relaxed)
+}
+
+/// LIBVHD_IO_PUNCH_HOLES: discards punch holes in the image file where data
+/// stays in place (fixed images, parts of blocks) instead of writing zeros.
+/// Off by default: the image file becomes sparse, which Windows refuses for
+/// VHDX files.
+pub fn punch_holes() -> bool {
+    PUNCH_HOLES.load(Ordering::Relaxed)
 }
 
 /// Whether the image at absolute path `abs` may be virtualised (LIBVHD_IO_ONLY).

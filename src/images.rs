@@ -250,6 +250,7 @@ impl ImageObject {
             vdisk::OpenOptions { writable: true },
             &RawParentOpener,
         )
+        .map(with_options)
         .map_err(|e| format!("reopen: {e}"))?;
         *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(disk);
         self.stat_fd.replace(stat_fd);
@@ -357,7 +358,8 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         path_of(abs),
         vdisk::OpenOptions { writable },
         &RawParentOpener,
-    );
+    )
+    .map(with_options);
     let disk = match disk {
         Ok(d) => Arc::new(d),
         Err(e) => {
@@ -510,6 +512,12 @@ fn reopen_writable(abs: &CStr, id: (u64, u64)) -> vdisk::Result<vdisk::Disk> {
         vdisk::OpenOptions { writable: true },
         &RawParentOpener,
     )
+    .map(with_options)
+}
+
+/// The disk options the environment sets (LIBVHD_IO_PUNCH_HOLES).
+fn with_options(disk: vdisk::Disk) -> vdisk::Disk {
+    disk.with_punch_holes(crate::config::punch_holes())
 }
 
 /// Whether the regular file at `abs` is an image (for stat on a path).

@@ -53,4 +53,10 @@ impl vdisk::Storage for FdStorage {
     fn lock_as_parent(&self) -> Result<(), vdisk::lock::WriterLockError> {
         crate::lock::lock_parent(self.fd())
     }
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        if !self.writable {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        sys::punch_hole(self.fd(), offset, len)
+    }
 }

@@ -132,6 +132,21 @@ pub fn ftruncate(fd: c_int, len: u64) -> io::Result<()> {
     retry(|| unsafe { syscall!(libc::SYS_ftruncate, fd, len as i64) }).map(drop)
 }
 
+/// fallocate(PUNCH_HOLE|KEEP_SIZE). EOPNOTSUPP (a file system without
+/// holes) is `ErrorKind::Unsupported`.
+pub fn punch_hole(fd: c_int, off: u64, len: u64) -> io::Result<()> {
+    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    // SAFETY: plain syscall.
+    match retry(|| unsafe { libc::syscall(libc::SYS_fallocate, fd, mode, off as i64, len as i64) })
+    {
+        Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "the file system cannot punch holes",
+        )),
+        r => r.map(drop),
+    }
+}
+
 pub fn fcntl(fd: c_int, cmd: c_int, arg: c_long) -> io::Result<c_long> {
     // SAFETY: integer-argument fcntl commands only.
     check(unsafe { syscall!(libc::SYS_fcntl, fd, cmd, arg) })

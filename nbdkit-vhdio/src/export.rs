@@ -10,7 +10,8 @@ use vdisk::Disk;
 
 use vdisk::FileWriterLock as WriterLock;
 
-/// The plugin's parameters (`nbdkit vhdio file=... [partition=N] [readonly=BOOL]`).
+/// The plugin's parameters (`nbdkit vhdio file=... [partition=N] [readonly=BOOL]
+/// [punch-holes=BOOL]`).
 #[derive(Clone, Debug, Default)]
 pub struct Config {
     pub file: Option<PathBuf>,
@@ -19,6 +20,9 @@ pub struct Config {
     /// `Some(false)`: open for writing and take the writer lock at startup.
     /// `None`: decided by the first client (`-r` or not).
     pub readonly: Option<bool>,
+    /// `punch-holes=true`: trims and zeroing punch holes in the image file
+    /// where data stays in place ([`vdisk::Disk::with_punch_holes`]).
+    pub punch_holes: bool,
 }
 
 /// One opened image, shared by every connection.
@@ -41,6 +45,7 @@ pub static CONFIG: Mutex<Config> = Mutex::new(Config {
     file: None,
     partition: None,
     readonly: None,
+    punch_holes: false,
 });
 /// The current export: opened read-only at startup (to fail early on a bad
 /// image), replaced by a writable one at the first read-write client.
@@ -141,7 +146,8 @@ fn open(config: &Config, writable: bool) -> Result<Export, String> {
         // writes them under the child (and a parent being written is refused).
         &vdisk::LockingParentOpener,
     )
-    .map_err(|e| format!("{shown}: {e}"))?;
+    .map_err(|e| format!("{shown}: {e}"))?
+    .with_punch_holes(config.punch_holes);
     let (start, size) = match partition {
         None => (0, disk.size()),
         Some(n) => match vdisk::part::partition(&disk, n) {

@@ -1,9 +1,9 @@
 //! nbdkit plugin `vhdio`: serves a VHD, VHDX or VDI image (with its parent
 //! chain), or one partition of it, over NBD through `vdisk`.
 //!
-//! `nbdkit vhdio file=disk.vhdx [partition=N] [readonly=BOOL]`, or `-r` for a
-//! read-only export. Reads take no lock (thread model PARALLEL); writes go to
-//! the top layer only, under the qemu-compatible writer lock that the preload
+//! `nbdkit vhdio file=disk.vhdx [partition=N] [readonly=BOOL]
+//! [punch-holes=BOOL]`, or `-r` for a read-only export. Reads take no lock
+//! (thread model PARALLEL); writes go to the top layer only, under the qemu-compatible writer lock that the preload
 //! library takes too, so nbdkit, the library and qemu refuse each other as
 //! second writers.
 //!
@@ -108,7 +108,10 @@ impl Server for Vhdio {
              \x20                 a symlink to disk.vhdx) to serve partition 2\n\
              partition=<N>    serve partition N of the image\n\
              readonly=<BOOL>  true: open read-only, no lock (with -r); false: take\n\
-             \x20                 the writer lock at startup. Default: at the first client",
+             \x20                 the writer lock at startup. Default: at the first client\n\
+             punch-holes=<BOOL> true: trims and zeroing punch holes in the image\n\
+             \x20                 file where data stays in place (fixed images, parts\n\
+             \x20                 of blocks) instead of writing zeros. Default: false",
         )
     }
     fn magic_config_key() -> Option<&'static str> {
@@ -130,10 +133,11 @@ impl Server for Vhdio {
                 })?);
             }
             "readonly" => config.readonly = Some(nbdkit::parse_bool(value)?),
+            "punch-holes" => config.punch_holes = nbdkit::parse_bool(value)?,
             _ => {
                 return Err(error(
                     libc::EINVAL,
-                    format!("unknown parameter '{key}' (file, partition, readonly)"),
+                    format!("unknown parameter '{key}' (file, partition, readonly, punch-holes)"),
                 ));
             }
         }

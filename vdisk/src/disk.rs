@@ -31,6 +31,9 @@ pub struct Disk {
     dirty: AtomicBool,
     /// Cleared by [`Disk::disown`]: dropping the disk then writes nothing.
     owned: AtomicBool,
+    /// Discards punch holes in the container where data stays in place
+    /// ([`Disk::with_punch_holes`]).
+    punch_holes: bool,
 }
 
 impl std::fmt::Debug for Disk {
@@ -62,7 +65,22 @@ impl Disk {
             writes_begun: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             owned: AtomicBool::new(true),
+            punch_holes: false,
         })
+    }
+
+    /// With `on`, discards and zeroing make the data they keep in place
+    /// (fixed images, parts of blocks) holes in the top image's container
+    /// file where its file system can punch them, instead of writing zeros.
+    /// Off by default: the file becomes sparse, which some hosts refuse
+    /// (Windows will not attach a sparse VHDX).
+    pub fn with_punch_holes(mut self, on: bool) -> Disk {
+        self.punch_holes = on;
+        self
+    }
+    /// Whether discards punch holes ([`Disk::with_punch_holes`]).
+    pub fn punch_holes(&self) -> bool {
+        self.punch_holes
     }
 
     pub fn format(&self) -> Format {

@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use super::Disk;
-use crate::{Error, Image, Mapping, Result};
+use crate::{Error, Image, Mapping, Result, Zeroing};
 
 /// Writes of at least this size that are all zeros take the zeroing path
 /// even over allocated data (whole blocks of every format are at least
@@ -24,19 +24,37 @@ pub(crate) fn is_zero(buf: &[u8]) -> bool {
         && chunks.remainder().iter().all(|&b| b == 0)
 }
 
-/// The generic discard: zeros written through [`Image::write`].
+/// The generic discard: zeros written through [`Image::write`]. With
+/// `punch`, the runs the layer stores in place ([`Image::map_for_overwrite`]
+/// says `Data`) are zeroed there instead ([`Image::zero_data`]: holes in the
+/// container where the file system can).
 pub(crate) fn zero_fill<I: Image + ?Sized>(
     image: &I,
     offset: u64,
     len: u64,
+    punch: bool,
     parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
 ) -> Result<()> {
     let zeros = vec![0u8; ZERO_CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = ZERO_CHUNK.min(len - done);
-        image.write(&zeros[..n as usize], offset + done, parent)?;
-        done += n;
+    let end = offset + len;
+    let mut pos = offset;
+    while pos < end {
+        let n = ZERO_CHUNK.min(end - pos);
+        if punch {
+            let (mapping, run) = image.map_for_overwrite(pos, n)?;
+            if let Mapping::Data { file_offset } = mapping {
+                image.zero_data(file_offset, run, true)?;
+                pos += run;
+                continue;
+            }
+            if mapping != Mapping::Zero {
+                image.write(&zeros[..run as usize], pos, parent)?;
+            }
+            pos += run;
+            continue;
+        }
+        image.write(&zeros[..n as usize], pos, parent)?;
+        pos += n;
     }
     Ok(())
 }
@@ -78,7 +96,12 @@ impl Disk {
         let _serial = self.write_lock.write().unwrap_or_else(|e| e.into_inner());
         self.writes_begun.store(true, Ordering::Release);
         let parent = |b: &mut [u8], off: u64| self.read_layer(1, b, off);
-        let done = self.layers[0].discard(offset, len, unmap, &parent);
+        // A zeroing that keeps space (BLKZEROOUT's NOUNMAP) punches nothing.
+        let how = Zeroing {
+            unmap,
+            punch: unmap && self.punch_holes,
+        };
+        let done = self.layers[0].discard(offset, len, how, &parent);
         self.dirty.store(true, Ordering::Release);
         done
     }
@@ -98,8 +121,12 @@ impl Disk {
         }
         let parent = |b: &mut [u8], off: u64| self.read_layer(1, b, off);
         let top = &self.layers[0];
+        let how = Zeroing {
+            unmap: true,
+            punch: self.punch_holes,
+        };
         if self.layers.len() == 1 {
-            return top.discard(offset, buf.len() as u64, true, &parent);
+            return top.discard(offset, buf.len() as u64, how, &parent);
         }
         // A child: where it holds nothing and the parent reads zeros, there
         // is nothing to do; elsewhere zeros are written (or a zero state set).
@@ -121,7 +148,7 @@ impl Disk {
                     continue;
                 }
             }
-            top.discard(off, n, true, &parent)?;
+            top.discard(off, n, how, &parent)?;
         }
         Ok(())
     }

@@ -54,6 +54,21 @@ pub enum Mapping {
     Compressed,
 }
 
+/// What a discard ([`Image::discard`]) may do with the space it zeroes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Zeroing {
+    /// Whole blocks may give their space up (unallocated in a base image,
+    /// the format's zero state in a child); without, blocks this layer
+    /// holds keep it and read zeros.
+    pub unmap: bool,
+    /// Data kept in place (fixed images, parts of blocks, blocks a format
+    /// cannot unmap) becomes holes in the container file where the host
+    /// file system can punch them, instead of written zeros (an open
+    /// option, [`crate::Disk::with_punch_holes`]: some hosts refuse sparse
+    /// image files).
+    pub punch: bool,
+}
+
 /// How a differencing image names its parent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ParentLink {
@@ -99,6 +114,21 @@ pub trait Image: Send + Sync {
     /// changes); formats whose data spans several files override it.
     fn write_data(&self, buf: &[u8], file_offset: u64) -> Result<()> {
         Ok(self.storage().write_all_at(buf, file_offset)?)
+    }
+    /// Makes bytes of a `Mapping::Data` run read zeros in place (no
+    /// metadata changes): with `punch`, a hole in the container where the
+    /// file system can punch one, else zeros written. Formats whose data
+    /// spans several files override it, as [`Image::write_data`].
+    fn zero_data(&self, file_offset: u64, len: u64, punch: bool) -> Result<()> {
+        if !self.is_writable() {
+            return Err(crate::Error::ReadOnly);
+        }
+        Ok(crate::storage::zero_file_range(
+            self.storage(),
+            file_offset,
+            len,
+            punch,
+        )?)
     }
     /// Syncs the layer's files without committing anything.
     fn sync(&self) -> Result<()> {
@@ -185,20 +215,19 @@ pub trait Image: Send + Sync {
     }
     /// Makes `offset..offset + len` (sector-aligned, inside the disk) read
     /// as zeros in this layer, whatever its parents hold (never stale data,
-    /// never the parent's). With `unmap`, whole blocks may give their space
-    /// up (unallocated in a base image, the format's zero state in a child);
-    /// without, blocks this layer holds keep it and get zeros written.
-    /// `parent` reads the chain below, as for [`Image::write`]. The default
-    /// writes zeros, which is right for every format.
+    /// never the parent's); `how` says what may become of the space (see
+    /// [`Zeroing`]). `parent` reads the chain below, as for
+    /// [`Image::write`]. The default writes zeros (or punches the runs this
+    /// layer stores in place, with `how.punch`), which is right for every
+    /// format.
     fn discard(
         &self,
         offset: u64,
         len: u64,
-        unmap: bool,
+        how: Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
-        let _ = unmap;
-        crate::disk::zero_fill(self, offset, len, parent)
+        crate::disk::zero_fill(self, offset, len, how.punch, parent)
     }
     /// The unit in which this layer allocates space (its block size), for
     /// formats that allocate in blocks; `None` for fixed and raw files.

@@ -49,7 +49,7 @@ pub use create::{CreateOptions, NewImage, create, snapshot};
 pub use disk::{Disk, MAX_CHAIN_DEPTH};
 pub use disk_map::Allocation;
 pub use error::{Error, Result};
-pub use image::{Format, Geometry, Image, Mapping, ParentLink};
+pub use image::{Format, Geometry, Image, Mapping, ParentLink, Zeroing};
 pub use open::{
     OpenOptions, ParentOpener, StdParentOpener, open_disk, open_image, open_image_with,
 };

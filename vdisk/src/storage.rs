@@ -33,6 +33,17 @@ pub trait Storage: Send + Sync {
     fn lock_as_parent(&self) -> Result<(), crate::lock::WriterLockError> {
         Ok(())
     }
+    /// Deallocates `len` bytes at `offset` in the host file, keeping its
+    /// size (fallocate PUNCH_HOLE|KEEP_SIZE): afterwards they read zeros.
+    /// `ErrorKind::Unsupported` where the storage or its file system cannot
+    /// (the default): callers write zeros instead.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this storage cannot punch holes",
+        ))
+    }
 
     /// Reads exactly `buf.len()` bytes; a short file is `UnexpectedEof`.
     fn read_exact_at(&self, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
@@ -98,6 +109,75 @@ impl Storage for (File, bool) {
     fn is_writable(&self) -> bool {
         self.1
     }
+    #[cfg(all(feature = "punch-hole", target_os = "linux"))]
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        if !self.1 {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        let (Ok(off), Ok(n)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let mode = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        loop {
+            match fallocate(&self.0, mode, off, n) {
+                Ok(()) => return Ok(()),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(nix::errno::Errno::EOPNOTSUPP | nix::errno::Errno::ENOSYS) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::Unsupported,
+                        "the file system cannot punch holes",
+                    ));
+                }
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+    }
+}
+
+/// Host pages: holes are punched in whole pages only; the bytes around
+/// them get zeros written (punching a part of a page would zero it in the
+/// page cache anyway, at the cost of a system call).
+const HOLE_UNIT: u64 = 4096;
+
+/// Makes `len` bytes at `offset` of `storage` read zeros. With `punch`, the
+/// whole 4 KiB pages inside the range become a hole in the host file where
+/// the storage can punch one ([`Storage::punch_hole`]); zeros are written
+/// around them, and everywhere when the file system cannot punch.
+pub fn zero_file_range(
+    storage: &dyn Storage,
+    offset: u64,
+    len: u64,
+    punch: bool,
+) -> io::Result<()> {
+    let end = offset + len;
+    let (first, last) = (
+        offset.next_multiple_of(HOLE_UNIT),
+        end / HOLE_UNIT * HOLE_UNIT,
+    );
+    if punch && first < last {
+        match storage.punch_hole(first, last - first) {
+            Ok(()) => {
+                write_zeros(storage, offset, first - offset)?;
+                return write_zeros(storage, last, end - last);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Unsupported => {}
+            Err(e) => return Err(e),
+        }
+    }
+    write_zeros(storage, offset, len)
+}
+
+fn write_zeros(storage: &dyn Storage, offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zeros = vec![0u8; CHUNK.min(len) as usize];
+    let mut done = 0;
+    while done < len {
+        let k = CHUNK.min(len - done);
+        storage.write_all_at(&zeros[..k as usize], offset + done)?;
+        done += k;
+    }
+    Ok(())
 }
 
 /// An in-memory file, for tests and for building images in memory.

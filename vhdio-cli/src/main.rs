@@ -146,6 +146,11 @@ enum Command {
         /// Use this plugin instead of searching for it.
         #[arg(long, value_name = "PATH")]
         plugin: Option<PathBuf>,
+        /// Trims and zeroing punch holes in the image file where data stays
+        /// in place (fixed images, parts of blocks) instead of writing
+        /// zeros. The file becomes sparse: Windows refuses sparse VHDX files.
+        #[arg(long)]
+        punch_holes: bool,
         /// The image file.
         image: PathBuf,
     },
@@ -332,6 +337,7 @@ fn main() -> ExitCode {
             tls_psk,
             partition,
             plugin,
+            punch_holes,
             image,
         } => {
             let listen = match port {
@@ -349,6 +355,7 @@ fn main() -> ExitCode {
                 },
                 plugin: plugin.as_deref(),
                 verbose: cli.verbose,
+                punch_holes,
             })
         }
         Command::Info(c) => c.run(),

@@ -44,6 +44,8 @@ pub struct ServeOptions<'a> {
     pub plugin: Option<&'a Path>,
     /// nbdkit -v: debug messages of nbdkit and the plugin.
     pub verbose: bool,
+    /// The plugin's punch-holes=true: trims punch holes in the image file.
+    pub punch_holes: bool,
 }
 
 /// Where to look for the plugin, relative to the folder of the vhdio binary:
@@ -173,6 +175,9 @@ pub fn nbdkit_args(o: &ServeOptions, plugin: &Path, image: &Path) -> Vec<OsStrin
     // Read-write: the writer lock is taken at startup, so that nbdkit refuses
     // to start on an image another process writes.
     a.push(format!("readonly={}", o.read_only).into());
+    if o.punch_holes {
+        a.push("punch-holes=true".into());
+    }
     a
 }
 
@@ -245,6 +250,7 @@ mod tests {
             tls: Tls::default(),
             plugin: None,
             verbose: false,
+            punch_holes: false,
         };
         let a = nbdkit_args(&o, Path::new("/p.so"), Path::new("/i/d.vhdx"));
         let a: Vec<&str> = a.iter().map(|s| s.to_str().unwrap()).collect();

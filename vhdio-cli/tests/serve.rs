@@ -490,3 +490,59 @@ fn vmdk_chain_served_to_real_clients() {
         "parent changed"
     );
 }
+
+/// `vhdio serve --punch-holes` (the plugin's punch-holes=true): an NBD trim
+/// on a fixed VHDX punches holes in the file; without it, it does not. The
+/// range reads zeros either way.
+#[test]
+fn punch_holes_parameter_of_the_plugin() {
+    use std::os::unix::fs::MetadataExt;
+    for punch in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let raw = d.join("src.raw");
+        let data: Vec<u8> = (0..16 * MIB).map(|i| (i % 251) as u8 | 1).collect();
+        fs::write(&raw, &data).unwrap();
+        let img = d.join("d.vhdx");
+        ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "vhdx",
+                "-o",
+                "subformat=fixed",
+                s(&raw),
+                s(&img),
+            ],
+        );
+        let before = fs::metadata(&img).unwrap().blocks() * 512;
+        let mut args = vec![s(&img)];
+        if punch {
+            args.insert(0, "--punch-holes");
+        }
+        let mut server = Server::vhdio(d, &args);
+        let uri = server.uri.clone();
+        ok("qemu-io", &["-f", "raw", "-c", "discard 2M 4M", &uri]);
+        assert!(server.alive());
+        drop(server);
+        let after = fs::metadata(&img).unwrap().blocks() * 512;
+        if punch {
+            assert!(
+                after + 4 * MIB <= before,
+                "punch-holes: {before} -> {after}"
+            );
+        } else {
+            assert!(after >= before, "no punch-holes: {before} -> {after}");
+        }
+        let mut expect = data;
+        expect[2 * MIB as usize..6 * MIB as usize].fill(0);
+        assert!(
+            library_view(&img, &d.join("view.raw")) == expect,
+            "punch={punch}: view"
+        );
+        ok("qemu-img", &["check", "-f", "vhdx", s(&img)]);
+    }
+}

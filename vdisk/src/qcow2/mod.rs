@@ -425,6 +425,14 @@ impl Image for Qcow2Image {
     fn map_for_overwrite(&self, offset: u64, len: u64) -> Result<(Mapping, u64)> {
         self.map_run(offset, len, true)
     }
+    fn zero_data(&self, file_offset: u64, len: u64, punch: bool) -> Result<()> {
+        // Where read_data reads (an external data file, when there is one).
+        if !self.writable {
+            return Err(Error::ReadOnly);
+        }
+        let s = self.data_storage()?;
+        Ok(crate::storage::zero_file_range(s, file_offset, len, punch)?)
+    }
     fn read_data(&self, buf: &mut [u8], file_offset: u64) -> Result<()> {
         let s = self.data_storage()?;
         // Like qemu's file driver: bytes past the end of the file read zeros

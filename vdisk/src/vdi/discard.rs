@@ -16,14 +16,14 @@
 use super::block_map::Entry;
 use super::header::ImageType;
 use super::{COPY_CHUNK, State, VdiImage};
-use crate::{Error, Result};
+use crate::{Error, Result, Zeroing};
 
 impl VdiImage {
     pub(super) fn discard_range(
         &self,
         offset: u64,
         len: u64,
-        unmap: bool,
+        how: Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
         if !self.storage.is_writable() {
@@ -32,7 +32,7 @@ impl VdiImage {
         let mut st = self.state();
         self.mark_modified(&mut st)?;
         // A fixed image keeps its slots.
-        let unmap = unmap && self.image_type != ImageType::Fixed;
+        let unmap = how.unmap && self.image_type != ImageType::Fixed;
         let zero_state = if self.parent.is_some() {
             Entry::Zero
         } else {
@@ -56,7 +56,7 @@ impl VdiImage {
                 }
                 Entry::Slot(s) => {
                     let at = self.slot_offset(s) + in_block;
-                    self.write_zeros(at, n)?;
+                    self.write_zeros(at, n, how.punch)?;
                 }
                 Entry::Free if whole => self.map.stage(b as usize, Entry::Zero),
                 Entry::Free => {
@@ -83,15 +83,13 @@ impl VdiImage {
         Ok(())
     }
 
-    fn write_zeros(&self, at: u64, n: u64) -> Result<()> {
-        let zeros = vec![0u8; n.min(COPY_CHUNK) as usize];
-        let mut done = 0;
-        while done < n {
-            let k = (n - done).min(COPY_CHUNK);
-            self.storage.write_all_at(&zeros[..k as usize], at + done)?;
-            done += k;
-        }
-        Ok(())
+    fn write_zeros(&self, at: u64, n: u64, punch: bool) -> Result<()> {
+        Ok(crate::storage::zero_file_range(
+            self.storage.as_ref(),
+            at,
+            n,
+            punch,
+        )?)
     }
 
     /// Makes the freed slots unused on the disk, then fills the holes below

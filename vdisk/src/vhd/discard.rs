@@ -9,7 +9,7 @@
 use std::sync::atomic::Ordering;
 
 use super::{Sparse, VhdImage};
-use crate::Result;
+use crate::{Result, Zeroing};
 
 /// Staged BAT entries that trigger a commit without waiting for a flush
 /// (as for allocations).
@@ -20,11 +20,11 @@ impl VhdImage {
         &self,
         offset: u64,
         len: u64,
-        unmap: bool,
+        how: Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
         let Some(s) = self.sparse.as_ref().filter(|_| self.parent.is_none()) else {
-            return crate::disk::zero_fill(self, offset, len, parent);
+            return crate::disk::zero_fill(self, offset, len, how.punch, parent);
         };
         if !self.storage.is_writable() {
             return Err(crate::Error::ReadOnly);
@@ -38,13 +38,13 @@ impl VhdImage {
             let visible = s.block_size.min(self.size - b as u64 * s.block_size);
             let n = (visible - in_block).min(end - pos);
             if let Some(bitmap_offset) = s.bat.get(b) {
-                if unmap && in_block == 0 && n == visible {
+                if how.unmap && in_block == 0 && n == visible {
                     s.freed().staged.push(bitmap_offset);
                     s.bat.unmap(b);
                     s.clear_full(b);
                     s.bitmaps.written(b);
                 } else {
-                    self.zero_in_block(s, b, bitmap_offset, in_block, n)?;
+                    self.zero_in_block(s, b, bitmap_offset, (in_block, n), how.punch)?;
                 }
             }
             pos += n;
@@ -56,18 +56,19 @@ impl VhdImage {
     }
 
     /// Zeros over the sectors of an allocated block that this file holds
-    /// (the others read zeros already in a base disk).
+    /// (the others read zeros already in a base disk): `(in_block, n)` is
+    /// the range inside the block; with `punch`, holes where the host can.
     fn zero_in_block(
         &self,
         s: &Sparse,
         b: usize,
         bitmap_offset: u64,
-        in_block: u64,
-        n: u64,
+        (in_block, n): (u64, u64),
+        punch: bool,
     ) -> Result<()> {
         let data = bitmap_offset + s.bitmap_size;
         if s.is_full(b) {
-            return self.write_zeros(data + in_block, n);
+            return self.write_zeros(data + in_block, n, punch);
         }
         let bits = self.current_bitmap(s, b, bitmap_offset)?;
         let (first, count) = ((in_block / 512) as u32, (n / 512) as u32);
@@ -76,7 +77,7 @@ impl VhdImage {
             let (present, run) = super::bitmap::run(&bits, first + k, count - k);
             if present {
                 let at = data + (first + k) as u64 * 512;
-                self.write_zeros(at, run as u64 * 512)?;
+                self.write_zeros(at, run as u64 * 512, punch)?;
             }
             k += run;
         }
@@ -85,16 +86,13 @@ impl VhdImage {
 }
 
 impl VhdImage {
-    fn write_zeros(&self, at: u64, n: u64) -> Result<()> {
-        const CHUNK: u64 = 256 * 1024;
-        let zeros = vec![0u8; CHUNK.min(n) as usize];
-        let mut done = 0;
-        while done < n {
-            let k = CHUNK.min(n - done);
-            self.storage.write_all_at(&zeros[..k as usize], at + done)?;
-            done += k;
-        }
-        Ok(())
+    fn write_zeros(&self, at: u64, n: u64, punch: bool) -> Result<()> {
+        Ok(crate::storage::zero_file_range(
+            self.storage.as_ref(),
+            at,
+            n,
+            punch,
+        )?)
     }
 }
 

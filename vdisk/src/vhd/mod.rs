@@ -553,10 +553,10 @@ impl Image for VhdImage {
         &self,
         offset: u64,
         len: u64,
-        unmap: bool,
+        how: crate::Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
-        self.discard_range(offset, len, unmap, parent)
+        self.discard_range(offset, len, how, parent)
     }
 
     fn allocation_block(&self) -> Option<u64> {

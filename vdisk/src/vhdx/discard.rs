@@ -7,14 +7,14 @@
 //! zeros.
 
 use super::{State, VhdxImage, bat, log};
-use crate::{Error, Result};
+use crate::{Error, Result, Zeroing};
 
 impl VhdxImage {
     pub(super) fn discard_range(
         &self,
         offset: u64,
         len: u64,
-        unmap: bool,
+        how: Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
         if !self.writable {
@@ -23,7 +23,10 @@ impl VhdxImage {
         let mut st = self.lock();
         self.begin_session(&mut st)?;
         // A fixed file keeps every block present.
-        let unmap = unmap && !self.meta.leave_blocks_allocated;
+        let how = Zeroing {
+            unmap: how.unmap && !self.meta.leave_blocks_allocated,
+            ..how
+        };
         let bs = self.layout.block_size;
         let end = offset + len;
         let mut pos = offset;
@@ -31,7 +34,7 @@ impl VhdxImage {
             let (b, in_block) = self.layout.block_of(pos);
             let visible = bs.min(self.meta.virtual_size - b * bs);
             let n = (visible - in_block).min(end - pos);
-            self.discard_in_block(&mut st, b, in_block, n, unmap, parent)?;
+            self.discard_in_block(&mut st, b, (in_block, n), how, parent)?;
             pos += n;
         }
         if st.pending.len() >= log::capacity(self.log_half()) {
@@ -44,11 +47,11 @@ impl VhdxImage {
         &self,
         st: &mut State,
         b: u64,
-        in_block: u64,
-        n: u64,
-        unmap: bool,
+        (in_block, n): (u64, u64),
+        how: Zeroing,
         parent: &dyn Fn(&mut [u8], u64) -> Result<()>,
     ) -> Result<()> {
+        let unmap = how.unmap;
         let l = &self.layout;
         let index = l.payload_index(b);
         let e = self.entry(index)?;
@@ -73,6 +76,16 @@ impl VhdxImage {
             st.pending
                 .insert(self.bat.entry_offset(index) & !(log::SECTOR - 1));
             return Ok(());
+        }
+        // Data of a present block stays in place: a hole where punching is on.
+        if state == bat::FULLY_PRESENT {
+            let at = bat::offset(e) + in_block;
+            return Ok(crate::storage::zero_file_range(
+                self.storage.as_ref(),
+                at,
+                n,
+                how.punch,
+            )?);
         }
         let zeros = vec![0u8; n.min(super::MIB) as usize];
         let mut done = 0;

@@ -410,6 +410,14 @@ impl Image for VmdkImage {
         Ok(file.write_all_at(buf, off)?)
     }
 
+    fn zero_data(&self, addr: u64, len: u64, punch: bool) -> Result<()> {
+        let (e, file, off) = self.decode(addr)?;
+        if !self.writable || !e.writable {
+            return Err(Error::ReadOnly);
+        }
+        Ok(crate::storage::zero_file_range(file, off, len, punch)?)
+    }
+
     fn write(
         &self,
         buf: &[u8],
