@@ -125,8 +125,12 @@ impl VhdImage {
         // leaked blocks, or a gap Windows leaves before the footer (formats.md
         // trap 7). Sectors this write does not cover must read as zeros, also
         // for readers that ignore bitmaps (qemu), so clear them before the BAT
-        // points here.
-        let zeros_from = s.zeros_from.load(Ordering::Acquire);
+        // points here. `zeros_from` only speaks for space above `next_free`:
+        // a reused place (below it) holds the freed block's data everywhere.
+        let zeros_from = match reused {
+            Some(_) => u64::MAX,
+            None => s.zeros_from.load(Ordering::Acquire),
+        };
         let written = data + first as u64 * 512..data + (first + count) as u64 * 512;
         self.zero(data..written.start, zeros_from)?;
         self.zero(written.end..end, zeros_from)?;
