@@ -129,10 +129,25 @@ impl Disk {
     /// reads zeros past its end (a child may be larger than its parent).
     /// Data runs that continue each other in the file are read with one call.
     fn read_layer(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
-        let (Some(image), Some(&size)) = (self.layers.get(level), self.sizes.get(level)) else {
+        let Some(image) = self.layers.get(level) else {
             buf.fill(0);
             return Ok(());
         };
+        // A place this read was mapped to may have been given to another
+        // block meanwhile (see Image::mapping_epoch): then it reads again.
+        loop {
+            let epoch = image.mapping_epoch();
+            self.read_layer_once(level, buf, offset)?;
+            std::sync::atomic::fence(Ordering::SeqCst);
+            if image.mapping_epoch() == epoch {
+                return Ok(());
+            }
+        }
+    }
+
+    fn read_layer_once(&self, level: usize, buf: &mut [u8], offset: u64) -> Result<()> {
+        let image = &self.layers[level];
+        let size = self.sizes[level];
         let inside = size.saturating_sub(offset).min(buf.len() as u64) as usize;
         buf[inside..].fill(0);
         let mut runs = FileRuns::default();
@@ -305,7 +320,14 @@ impl Disk {
     /// committed, then the file is synced (also when opened read-only).
     pub fn flush(&self) -> Result<()> {
         let was_dirty = self.dirty.swap(false, Ordering::AcqRel);
-        let flushed = self.layers[0].flush();
+        let top = &self.layers[0];
+        let flushed = if top.reclaim_pending() {
+            // Blocks move: no overwrite in place may run meanwhile.
+            let _serial = self.write_lock.write().unwrap_or_else(|e| e.into_inner());
+            top.reclaim().and_then(|()| top.flush())
+        } else {
+            top.flush()
+        };
         if flushed.is_err() && was_dirty {
             self.dirty.store(true, Ordering::Release);
         }

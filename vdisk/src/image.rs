@@ -229,6 +229,27 @@ pub trait Image: Send + Sync {
     ) -> Result<()> {
         crate::disk::zero_fill(self, offset, len, how.punch, parent)
     }
+    /// Changes whenever a place in the file that a block's mapping named
+    /// may come to hold another block's data (a freed place reused, a block
+    /// moved into a freed slot), before any such data is written there.
+    /// Readers take no lock: one that finds it changed across a map and
+    /// the read of the data maps and reads again ([`crate::Disk`]). Layers
+    /// that never reuse places answer 0.
+    fn mapping_epoch(&self) -> u64 {
+        0
+    }
+    /// Whether the next flush has space to give back by moving blocks (VDI
+    /// slots freed by discards): [`crate::Disk::flush`] then runs
+    /// [`Image::reclaim`] with every writer shut out, as in-place overwrites
+    /// of a block being moved would be lost.
+    fn reclaim_pending(&self) -> bool {
+        false
+    }
+    /// Gives back the space [`Image::reclaim_pending`] announced. The
+    /// caller holds off every other writer of the disk.
+    fn reclaim(&self) -> Result<()> {
+        Ok(())
+    }
     /// The unit in which this layer allocates space (its block size), for
     /// formats that allocate in blocks; `None` for fixed and raw files.
     fn allocation_block(&self) -> Option<u64> {

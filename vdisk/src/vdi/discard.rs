@@ -13,6 +13,8 @@
 //! crash in between leaves at worst unused slots below the count: a leak the
 //! next writable open takes back.
 
+use std::sync::atomic::Ordering;
+
 use super::block_map::Entry;
 use super::header::ImageType;
 use super::{COPY_CHUNK, State, VdiImage};
@@ -72,7 +74,8 @@ impl VdiImage {
         Ok(())
     }
 
-    /// At a commit: after discards freed slots, the blocks of the last
+    /// At a flush ([`crate::Image::reclaim`], with every other writer of
+    /// the disk shut out): after discards freed slots, the blocks of the last
     /// slots move into them.
     pub(super) fn commit_with_holes(&self) -> Result<()> {
         let mut st = self.state();
@@ -109,6 +112,10 @@ impl VdiImage {
                 *o = Some(b as u32);
             }
         }
+        // Readers take no lock: one that mapped a block into a freed slot
+        // (or into a slot about to move) reads again when the epoch changed
+        // across its read. Before any slot gets another block's data...
+        self.slot_epoch.fetch_add(1, Ordering::SeqCst);
         let mut n = st.next_slot;
         let mut moves = Vec::new();
         let mut hole = 0u32;
@@ -139,6 +146,8 @@ impl VdiImage {
             self.commit_state(st)?;
             self.storage.sync()?;
         }
+        // ... and before the slots above `n` may be taken by new blocks.
+        self.slot_epoch.fetch_add(1, Ordering::SeqCst);
         st.next_slot = n;
         st.free_slots.clear();
         st.gave_back = true;

@@ -68,6 +68,9 @@ pub struct VdiImage {
     parent: Option<ParentLink>,
     /// Header and allocation state; taken by writes only.
     state: Mutex<State>,
+    /// Counts give-backs, which move blocks into freed slots and free the
+    /// slots above ([`Image::mapping_epoch`]).
+    slot_epoch: std::sync::atomic::AtomicU64,
 }
 
 struct State {
@@ -135,6 +138,7 @@ impl VdiImage {
                 gave_back: false,
                 holes: false,
             }),
+            slot_epoch: Default::default(),
             storage,
         })
     }
@@ -445,6 +449,19 @@ impl Image for VdiImage {
     }
 
     fn commit(&self) -> Result<()> {
+        let mut st = self.state();
+        self.commit_state(&mut st)
+    }
+
+    fn mapping_epoch(&self) -> u64 {
+        self.slot_epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn reclaim_pending(&self) -> bool {
+        self.state().holes
+    }
+
+    fn reclaim(&self) -> Result<()> {
         self.commit_with_holes()
     }
 

@@ -116,9 +116,14 @@ impl VhdImage {
         Ok(())
     }
 
-    /// A durable freed place for a new block, if any.
+    /// A durable freed place for a new block, if any. A reader may still
+    /// hold the place's old mapping: the epoch tells it to read again.
     pub(super) fn take_reusable(&self, s: &Sparse) -> Option<u64> {
-        s.freed().reusable.pop()
+        let place = s.freed().reusable.pop();
+        if place.is_some() {
+            s.reuse_epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        place
     }
 }
 

@@ -77,6 +77,8 @@ struct Sparse {
     structures: Vec<(u64, u64)>,
     /// File space freed by discards, and when it may be reused.
     freed: Mutex<discard::Freed>,
+    /// Counts reuses of freed places ([`Image::mapping_epoch`]).
+    reuse_epoch: AtomicU64,
 }
 
 impl Sparse {
@@ -426,6 +428,7 @@ fn open_sparse(storage: &dyn Storage, footer: &Footer, size: u64, len: u64) -> R
         allocated_here: AtomicU64::new(0),
         structures,
         freed: Default::default(),
+        reuse_epoch: AtomicU64::new(0),
     })
 }
 
@@ -561,6 +564,12 @@ impl Image for VhdImage {
 
     fn allocation_block(&self) -> Option<u64> {
         self.sparse.as_ref().map(|s| s.block_size)
+    }
+
+    fn mapping_epoch(&self) -> u64 {
+        self.sparse
+            .as_ref()
+            .map_or(0, |s| s.reuse_epoch.load(Ordering::SeqCst))
     }
 
     fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {

@@ -126,6 +126,8 @@ pub struct VhdxImage {
     bat: Bat,
     parent: Option<ParentLink>,
     state: Mutex<State>,
+    /// Counts reuses of freed blocks ([`Image::mapping_epoch`]).
+    reuse_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl VhdxImage {
@@ -221,6 +223,7 @@ impl VhdxImage {
             regions,
             log_region,
             bat,
+            reuse_epoch: Default::default(),
             state: Mutex::new(State {
                 headers,
                 session,
@@ -489,6 +492,10 @@ impl Image for VhdxImage {
 
     fn allocation_block(&self) -> Option<u64> {
         (!self.meta.leave_blocks_allocated).then_some(self.layout.block_size)
+    }
+
+    fn mapping_epoch(&self) -> u64 {
+        self.reuse_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn relocate(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<u64> {

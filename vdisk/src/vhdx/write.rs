@@ -63,6 +63,9 @@ impl VhdxImage {
         let (target, fresh) = if state == bat::PARTIALLY_PRESENT {
             (bat::offset(e), false)
         } else if let Some(off) = st.reusable.pop() {
+            // A reader may still hold the old mapping: the epoch tells it.
+            self.reuse_epoch
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             (off, false)
         } else {
             (self.allocate()?, true)
