@@ -111,6 +111,13 @@ impl VdiImage {
             // are not durable yet: they must be before a slot is reused.
             storage.sync()?;
         }
+        // Slots no block uses below the count (a kill inside a give-back,
+        // an interrupted allocation): the first flush after a write gives
+        // them back, so that qemu-img check finds the count equal to the
+        // slots in use again.
+        let holes = opts.writable
+            && header.image_type != ImageType::Fixed
+            && (!free_slots.is_empty() || header.blocks_allocated > next_slot);
         let parent = (header.image_type == ImageType::Diff).then(|| ParentLink {
             candidates: Vec::new(),
             id: header.uuid_linkage,
@@ -136,7 +143,7 @@ impl VdiImage {
                 free_slots,
                 modified: false,
                 gave_back: false,
-                holes: false,
+                holes,
             }),
             slot_epoch: Default::default(),
             storage,
