@@ -26,7 +26,13 @@ fn base(fmt: Fmt) -> Vec<u8> {
 }
 
 fn mixed(fmt: Fmt, seed: u64) {
-    let mut s = Session::new(&format!("discard mix {fmt:?}"), fmt, base(fmt));
+    mixed_on(
+        Session::new(&format!("discard mix {fmt:?}"), fmt, base(fmt)),
+        seed,
+    );
+}
+
+fn mixed_on(mut s: Session, seed: u64) {
     let size = s.size();
     // Most of the disk allocated and durable first.
     for i in 0..size / MIB * 3 / 4 {
@@ -73,6 +79,32 @@ fn vhdx_discard_mix() {
 #[test]
 fn vdi_discard_mix() {
     mixed(Fmt::Vdi, 0x16_0003);
+}
+
+/// The same mix with holes punched in the container (LIBVHD_IO_PUNCH_HOLES)
+/// where data stays in place: on fixed images (every discard) and on
+/// dynamic ones (parts of blocks).
+#[test]
+fn punched_discard_mix() {
+    for (fmt, opts, seed) in [
+        (Fmt::Vhd, "subformat=fixed", 0x16_0011),
+        (Fmt::Vhdx, "subformat=fixed", 0x16_0012),
+        (Fmt::Vdi, "static=on", 0x16_0013),
+    ] {
+        let name = format!("punched fixed {fmt:?}");
+        mixed_on(
+            Session::new(&name, fmt, qemu_create(fmt, "16M", opts)).punching(),
+            seed,
+        );
+    }
+    for (fmt, seed) in [
+        (Fmt::Vhd, 0x16_0021),
+        (Fmt::Vhdx, 0x16_0022),
+        (Fmt::Vdi, 0x16_0023),
+    ] {
+        let name = format!("punched dynamic {fmt:?}");
+        mixed_on(Session::new(&name, fmt, base(fmt)).punching(), seed);
+    }
 }
 
 /// Compaction (`Image::relocate`, what `vhdio compact` runs) after half the

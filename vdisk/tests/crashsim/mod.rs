@@ -154,6 +154,15 @@ impl vdisk::Storage for RecordingStorage {
     fn is_writable(&self) -> bool {
         self.writable
     }
+    /// A hole reads zeros: recorded as a write of zeros, which a crash may
+    /// lose, reorder or tear like any write not yet synced.
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let end = (offset + len).min(self.rec.lock().data.len() as u64);
+        if offset < end {
+            self.write_at(&vec![0u8; (end - offset) as usize], offset)?;
+        }
+        Ok(())
+    }
 }
 
 /// The three formats under test, with the names qemu-img uses.
@@ -407,6 +416,31 @@ impl Session {
     }
     pub fn size(&self) -> u64 {
         self.disk.size()
+    }
+    /// Discards punch holes in the container ([`vdisk::Disk::with_punch_holes`]).
+    pub fn punching(self) -> Session {
+        let Session {
+            name,
+            fmt,
+            path,
+            rec,
+            disk,
+            initial_file,
+            initial_virtual,
+            writes,
+            flushes,
+        } = self;
+        Session {
+            disk: disk.with_punch_holes(true),
+            name,
+            fmt,
+            path,
+            rec,
+            initial_file,
+            initial_virtual,
+            writes,
+            flushes,
+        }
     }
     pub fn write(&mut self, offset: u64, data: &[u8]) {
         let op_start = self.rec.op_count();
