@@ -465,7 +465,9 @@ impl Image for VdiImage {
     }
 
     fn reclaim_pending(&self) -> bool {
-        self.state().holes
+        // Only after a write of this open: a flush alone changes nothing.
+        let st = self.state();
+        st.holes && st.modified
     }
 
     fn reclaim(&self) -> Result<()> {
