@@ -68,8 +68,7 @@ pub struct VdiImage {
     parent: Option<ParentLink>,
     /// Header and allocation state; taken by writes only.
     state: Mutex<State>,
-    /// Counts give-backs, which move blocks into freed slots and free the
-    /// slots above ([`Image::mapping_epoch`]).
+    /// Counts give-backs ([`Image::mapping_epoch`]).
     slot_epoch: std::sync::atomic::AtomicU64,
 }
 
@@ -111,10 +110,8 @@ impl VdiImage {
             // are not durable yet: they must be before a slot is reused.
             storage.sync()?;
         }
-        // Slots no block uses below the count (a kill inside a give-back,
-        // an interrupted allocation): the first flush after a write gives
-        // them back, so that qemu-img check finds the count equal to the
-        // slots in use again.
+        // Unused slots below the count (a kill in a give-back): the first
+        // flush after a write gives them back (qemu-img check wants none).
         let holes = opts.writable
             && header.image_type != ImageType::Fixed
             && (!free_slots.is_empty() || header.blocks_allocated > next_slot);
