@@ -321,7 +321,7 @@ impl Disk {
     pub fn flush(&self) -> Result<()> {
         let was_dirty = self.dirty.swap(false, Ordering::AcqRel);
         let top = &self.layers[0];
-        let flushed = if top.reclaim_pending() {
+        let flushed = if top.reclaim_pending(was_dirty) {
             // Blocks move: no overwrite in place may run meanwhile.
             let _serial = self.write_lock.write().unwrap_or_else(|e| e.into_inner());
             top.reclaim().and_then(|()| top.flush())

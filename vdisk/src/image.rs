@@ -242,7 +242,10 @@ pub trait Image: Send + Sync {
     /// slots freed by discards): [`crate::Disk::flush`] then runs
     /// [`Image::reclaim`] with every writer shut out, as in-place overwrites
     /// of a block being moved would be lost.
-    fn reclaim_pending(&self) -> bool {
+    /// `written`: the disk was written since the last flush (also by
+    /// overwrites in place, which the image itself does not see).
+    fn reclaim_pending(&self, written: bool) -> bool {
+        let _ = written;
         false
     }
     /// Gives back the space [`Image::reclaim_pending`] announced. The

@@ -461,10 +461,11 @@ impl Image for VdiImage {
         self.slot_epoch.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    fn reclaim_pending(&self) -> bool {
-        // Only after a write of this open: a flush alone changes nothing.
+    fn reclaim_pending(&self, written: bool) -> bool {
+        // Only after a write of this open (an overwrite in place included,
+        // which does not pass through `write`): a flush alone changes nothing.
         let st = self.state();
-        st.holes && st.modified
+        st.holes && (st.modified || written)
     }
 
     fn reclaim(&self) -> Result<()> {
