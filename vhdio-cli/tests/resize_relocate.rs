@@ -10,39 +10,15 @@
 mod common;
 #[path = "../../vdisk/tests/vhd_util/mod.rs"]
 mod vhd_util;
+mod vhdio_util;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::{qemu_image_from, qemu_raw, run};
+use vhdio_util::{VHDIO, ok, s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn vhdio(args: &[&str]) -> Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vhdio(args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "vhdio {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `len` bytes at `offset` of the disk as qemu reads it (its raw driver
 /// with offset and size over the image), so a huge disk is not read whole.
