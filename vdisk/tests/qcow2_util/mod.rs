@@ -119,3 +119,23 @@ pub fn write_and_verify(img: &Path, what: &str, seed: u64) {
 pub fn digest(p: &Path) -> String {
     crate::common::sha256_hex(&std::fs::read(p).unwrap())
 }
+
+/// `qemu-img convert -c`: `raw` compressed into the qcow2 `img` made with
+/// the creation options `opts`.
+pub fn compressed_copy(raw: &Path, img: &Path, opts: &str) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(raw),
+            s(img),
+        ],
+    );
+}
