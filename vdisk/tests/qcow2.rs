@@ -76,21 +76,7 @@ fn chains_read_equal() {
     let d = tmp.path();
     let size = 8 * MIB;
     let (data, _) = pattern(5, size);
-    let base = d.join("base.raw");
-    std::fs::write(&base, &data).unwrap();
-    let mid = d.join("mid.qcow2");
-    qemu_child(&mid, "qcow2", "", "base.raw", "raw", None);
-    scribble(&mid, "qcow2", size, 21, 30);
-    let top = d.join("top.qcow2");
-    qemu_child(
-        &top,
-        "qcow2",
-        "extended_l2=on",
-        "mid.qcow2",
-        "qcow2",
-        Some("12M"),
-    );
-    scribble(&top, "qcow2", 12 * MIB, 22, 30);
+    let (_, _, top) = qcow2_qcow2_raw_chain(d, &data, 12, (21, 22));
     assert_reads_like_qemu(&top, "qcow2/qcow2/raw");
     let disk = open(&top, false).unwrap();
     assert_eq!(disk.layers().len(), 3);

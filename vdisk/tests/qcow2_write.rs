@@ -56,21 +56,7 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     let d = tmp.path();
     let size = 6 * MIB;
     let (data, _) = pattern(3, size);
-    let base = d.join("base.raw");
-    std::fs::write(&base, &data).unwrap();
-    let mid = d.join("mid.qcow2");
-    qemu_child(&mid, "qcow2", "", "base.raw", "raw", None);
-    scribble(&mid, "qcow2", size, 81, 30);
-    let top = d.join("top.qcow2");
-    qemu_child(
-        &top,
-        "qcow2",
-        "extended_l2=on",
-        "mid.qcow2",
-        "qcow2",
-        Some("8M"),
-    );
-    scribble(&top, "qcow2", 8 * MIB, 82, 30);
+    let (base, mid, top) = qcow2_qcow2_raw_chain(d, &data, 8, (81, 82));
     let before = (digest(&base), digest(&mid));
     write_and_verify(&top, "qcow2/qcow2/raw", 83);
     assert_eq!(
