@@ -202,6 +202,15 @@ fn safe_rebase_keeps_the_view_and_the_new_parent() {
     }
 }
 
+/// Starts `vhdio args...` and kills it after `delay_ms` (how far it got
+/// depends on the delay), then reaps it.
+fn kill_after(args: &[&str], delay_ms: u64) {
+    let mut p = Command::new(VHDIO).args(args).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    let _ = p.kill();
+    p.wait().unwrap();
+}
+
 #[test]
 fn killed_commit_leaves_the_childs_view() {
     for (ext, fmt, opts) in FORMATS {
@@ -213,13 +222,7 @@ fn killed_commit_leaves_the_childs_view() {
             ok(&["snapshot", s(&parent), s(&child)]);
             write_with_vdisk(&child, &[(0, random(80, 12 * MIB))]);
             let view = vdisk_view(&child);
-            let mut p = Command::new(VHDIO)
-                .args(["commit", s(&child)])
-                .spawn()
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            p.wait().unwrap();
+            kill_after(&["commit", s(&child)], delay_ms);
             assert!(
                 vdisk_view(&child) == view,
                 "{ext}: child's view after kill at {delay_ms} ms"
@@ -243,13 +246,7 @@ fn killed_rebase_leaves_the_childs_view() {
             let other =
                 qemu_image_from(&parent_data(9), dir.path(), &format!("n.{ext}"), fmt, opts);
             let target = if standalone { "" } else { s(&other) };
-            let mut p = Command::new(VHDIO)
-                .args(["rebase", "-b", target, s(&child)])
-                .spawn()
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            p.wait().unwrap();
+            kill_after(&["rebase", "-b", target, s(&child)], delay_ms);
             assert!(
                 vdisk_view(&child) == view,
                 "{ext}: child's view after kill at {delay_ms} ms"
