@@ -197,6 +197,20 @@ fn library_error(image: &Path) -> String {
     e.trim().strip_prefix(&prefix).unwrap_or(&e).to_string()
 }
 
+/// nbdkit with the plugin serving `image` on `socket` fails to start, and
+/// its log holds `expected`.
+fn assert_plugin_fails_with(socket: &Path, image: &Path, expected: &str) {
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(socket)])
+        .arg(plugin())
+        .arg(format!("file={}", s(image)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+}
+
 #[test]
 fn plugin_errors_reach_nbdkits_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,15 +223,7 @@ fn plugin_errors_reach_nbdkits_log() {
     let error = library_error(&child);
     let at = error.find("not found: ").expect(&error) + 11;
     let expected = error[at..error.find("; tried").expect(&error)].to_string();
-    let mut c = Command::new("nbdkit");
-    c.args(["--foreground", "--unix", s(&d.join("a.sock"))])
-        .arg(plugin())
-        .arg(format!("file={}", s(&child)));
-    let (_, out) = failed_start(c);
-    assert!(
-        out.contains(&expected),
-        "nbdkit log lacks {expected:?}: {out}"
-    );
+    assert_plugin_fails_with(&d.join("a.sock"), &child, &expected);
     // A corrupt image: the VDI header's block size zeroed.
     let vdi = d.join("bad.vdi");
     ok("qemu-img", &["create", "-q", "-f", "vdi", s(&vdi), "8M"]);
@@ -225,15 +231,7 @@ fn plugin_errors_reach_nbdkits_log() {
     bytes[0x178..0x17c].fill(0);
     fs::write(&vdi, &bytes).unwrap();
     let expected = library_error(&vdi);
-    let mut c = Command::new("nbdkit");
-    c.args(["--foreground", "--unix", s(&d.join("b.sock"))])
-        .arg(plugin())
-        .arg(format!("file={}", s(&vdi)));
-    let (_, out) = failed_start(c);
-    assert!(
-        out.contains(&expected),
-        "nbdkit log lacks {expected:?}: {out}"
-    );
+    assert_plugin_fails_with(&d.join("b.sock"), &vdi, &expected);
 
     // A read error (the data cut off the file after the open) is EIO to the
     // client; nbdkit keeps serving.
