@@ -131,16 +131,21 @@ fn differencing_vdi_served_to_real_clients() {
     served_chain("vdi");
 }
 
+/// `d/disk.vhdx`, 16 MiB made by qemu-img, its first MiB `byte` written
+/// by qemu-io.
+fn vhdx_first_mib(d: &Path, byte: u8) -> PathBuf {
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    let write = format!("write -P {byte:#04x} 0 1M");
+    ok("qemu-io", &["-f", "vhdx", "-c", &write, s(&img)]);
+    img
+}
+
 #[test]
 fn read_only_and_writer_locks() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = d.join("disk.vhdx");
-    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
-    ok(
-        "qemu-io",
-        &["-f", "vhdx", "-c", "write -P 0x77 0 1M", s(&img)],
-    );
+    let img = vhdx_first_mib(d, 0x77);
 
     // Read-only: reads work, writes are refused, the image is not locked.
     let server = Server::vhdio(d, &["--read-only", s(&img)]);
@@ -359,12 +364,7 @@ fn sector_4k_vhdx_block_sizes() {
 fn plain_nbdkit_locks_at_first_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = d.join("disk.vhdx");
-    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
-    ok(
-        "qemu-io",
-        &["-f", "vhdx", "-c", "write -P 0x21 0 1M", s(&img)],
-    );
+    let img = vhdx_first_mib(d, 0x21);
     let writer_dir = d.join("writer");
     fs::create_dir(&writer_dir).unwrap();
     let mut writer = Server::vhdio(&writer_dir, &[s(&img)]);
