@@ -76,6 +76,36 @@ fn sfdisk(dir: &Path, image: &str, script: &str) {
     );
 }
 
+/// `qemu-img create` of an empty `name` of format `fmt` in `dir`.
+fn create(dir: &Path, fmt: &str, name: &str, size: &str) {
+    plain(dir, "qemu-img", &["create", "-q", "-f", fmt, name, size]);
+}
+
+/// `qemu-img convert` of `img` (format `fmt`) in `dir` into the raw file `raw`.
+fn to_raw(dir: &Path, fmt: &str, img: &str, raw: &str) {
+    plain(
+        dir,
+        "qemu-img",
+        &["convert", "-f", fmt, "-O", "raw", img, raw],
+    );
+}
+
+/// `qemu-img check` of `img` (format `fmt`) in `dir`: must be clean.
+fn qemu_check(dir: &Path, fmt: &str, img: &str) {
+    plain(dir, "qemu-img", &["check", "-q", "-f", fmt, img]);
+}
+
+/// True, after saying why, where the machine has no FUSE: the test skips.
+fn fuse_missing() -> bool {
+    match no_fuse() {
+        Some(why) => {
+            eprintln!("skipping: {why}");
+            true
+        }
+        None => false,
+    }
+}
+
 fn text(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -194,11 +224,7 @@ print("ok")
 fn regular_file_mode_stat_of_disk_and_partition() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    plain(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "vhdx", "disk.vhdx", "32M"],
-    );
+    create(dir, "vhdx", "disk.vhdx", "32M");
     sfdisk(dir, "disk.vhdx", "label: dos\n,8M,83\n,,83\n");
     std::os::unix::fs::symlink("disk.vhdx", dir.join("disk.vhdx2")).unwrap();
     let part = 32 * 1024 * 1024 - 9 * 1024 * 1024; // from sector 2048 + 8 MiB
@@ -264,11 +290,7 @@ for p in sys.argv[1:]:
 fn realpath_keeps_a_partition_links_name() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = fs::canonicalize(tmp.path()).unwrap();
-    plain(
-        &dir,
-        "qemu-img",
-        &["create", "-q", "-f", "vpc", "disk.vhd", "8M"],
-    );
+    create(&dir, "vpc", "disk.vhd", "8M");
     fs::create_dir(dir.join("sub")).unwrap();
     std::os::unix::fs::symlink("../disk.vhd", dir.join("sub/disk.vhd1")).unwrap();
     std::os::unix::fs::symlink("sub", dir.join("via")).unwrap();
@@ -334,69 +356,35 @@ fn ntfs3g_round_trip(dir: &Path, dev: &str) -> Option<Vec<u8>> {
 
 #[test]
 fn ntfs3g_mounts_a_whole_disk_image() {
-    if let Some(why) = no_fuse() {
-        eprintln!("skipping: {why}");
+    if fuse_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    plain(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "vhdx", "disk.vhdx", "64M"],
-    );
+    create(dir, "vhdx", "disk.vhdx", "64M");
     let Some(g) = ntfs3g_round_trip(dir, "disk.vhdx") else {
         return;
     };
-    plain(
-        dir,
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            "disk.vhdx",
-            "disk.raw",
-        ],
-    );
+    to_raw(dir, "vhdx", "disk.vhdx", "disk.raw");
     let back = plain(dir, "ntfscat", &["disk.raw", "g.bin"]).stdout;
     assert!(back == g, "ntfscat of g.bin on qemu-img's raw");
-    plain(dir, "qemu-img", &["check", "-q", "-f", "vhdx", "disk.vhdx"]);
+    qemu_check(dir, "vhdx", "disk.vhdx");
 }
 
 #[test]
 fn ntfs3g_mounts_a_partition_link() {
-    if let Some(why) = no_fuse() {
-        eprintln!("skipping: {why}");
+    if fuse_missing() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    plain(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "vhdx", "disk.vhdx", "64M"],
-    );
+    create(dir, "vhdx", "disk.vhdx", "64M");
     sfdisk(dir, "disk.vhdx", "label: dos\n,16M,7\n,,7\n");
     std::os::unix::fs::symlink("disk.vhdx", dir.join("disk.vhdx2")).unwrap();
     let Some(g) = ntfs3g_round_trip(dir, "disk.vhdx2") else {
         return;
     };
-    plain(
-        dir,
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            "disk.vhdx",
-            "disk.raw",
-        ],
-    );
+    to_raw(dir, "vhdx", "disk.vhdx", "disk.raw");
     // Partition 2 from sector 2048 + 16 MiB to the end, cut out with dd.
     let start = (1u64 << 20) + (16 << 20);
     plain(
@@ -420,7 +408,7 @@ fn ntfs3g_mounts_a_partition_link() {
         raw[512..start as usize].iter().all(|&b| b == 0),
         "bytes outside partition 2 (but the table) were written"
     );
-    plain(dir, "qemu-img", &["check", "-q", "-f", "vhdx", "disk.vhdx"]);
+    qemu_check(dir, "vhdx", "disk.vhdx");
 }
 
 /// fuse2fs works in the default mode (it does not ask for a block device):
@@ -428,8 +416,7 @@ fn ntfs3g_mounts_a_partition_link() {
 /// mount.
 #[test]
 fn fuse2fs_mounts_an_image() {
-    if let Some(why) = no_fuse() {
-        eprintln!("skipping: {why}");
+    if fuse_missing() {
         return;
     }
     if Command::new("fuse2fs").arg("--help").output().is_err() {
@@ -438,11 +425,7 @@ fn fuse2fs_mounts_an_image() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    plain(
-        dir,
-        "qemu-img",
-        &["create", "-q", "-f", "vdi", "disk.vdi", "64M"],
-    );
+    create(dir, "vdi", "disk.vdi", "64M");
     lib(dir, &[], "mkfs.ext4", &["-q", "disk.vdi"]);
     let h = payload(3, 200_000);
     fs::write(dir.join("h.bin"), &h).unwrap();
@@ -458,7 +441,7 @@ fn fuse2fs_mounts_an_image() {
     lib(dir, &[], "e2fsck", &["-fn", "disk.vdi"]);
     let back = lib(dir, &[], "debugfs", &["-R", "cat /h.bin", "disk.vdi"]).stdout;
     assert!(back == h, "debugfs cat of h.bin through the library");
-    plain(dir, "qemu-img", &["check", "-q", "-f", "vdi", "disk.vdi"]);
+    qemu_check(dir, "vdi", "disk.vdi");
 }
 
 const TRUNCATE_PY: &str = r#"

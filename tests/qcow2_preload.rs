@@ -11,7 +11,7 @@ mod vhd_util;
 
 use std::path::Path;
 
-use common::{pattern, qemu_raw, run as tool};
+use common::{pattern, qemu_child, qemu_create, qemu_raw, run as tool};
 use vhd_util::{apply_writes, random_writes};
 
 const MIB: u64 = 1 << 20;
@@ -83,35 +83,9 @@ fn pwrites_into_qemu_images_compressed_and_chains() {
     }
     // qcow2 over qcow2 over raw; the backing files keep every byte.
     let mid = d.join("mid.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "src.raw",
-            "-F",
-            "raw",
-            s(&mid),
-        ],
-    );
+    qemu_child(&mid, "qcow2", "", "src.raw", "raw", None);
     let top = d.join("top.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-        ],
-    );
+    qemu_child(&top, "qcow2", "", "mid.qcow2", "qcow2", None);
     let before = (std::fs::read(&raw).unwrap(), std::fs::read(&mid).unwrap());
     writes_equal_model(d, &top, data.clone(), 20, "qcow2/qcow2/raw");
     assert!(
@@ -125,24 +99,9 @@ fn mkfs_ext4_on_qcow2_over_vhdx_and_partition_link() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let base = d.join("base.vhdx");
-    tool("qemu-img", &["create", "-q", "-f", "vhdx", s(&base), "64M"]);
+    qemu_create(&base, "vhdx", "", "64M");
     let img = d.join("disk.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "cluster_size=4k",
-            "-b",
-            "base.vhdx",
-            "-F",
-            "vhdx",
-            s(&img),
-        ],
-    );
+    qemu_child(&img, "qcow2", "cluster_size=4k", "base.vhdx", "vhdx", None);
     let base_before = std::fs::read(&base).unwrap();
     preload::run(d, "mkfs.ext4", &["-q", "disk.qcow2"]);
     preload::run(d, "e2fsck", &["-fn", "disk.qcow2"]);
@@ -160,7 +119,7 @@ fn mkfs_ext4_on_qcow2_over_vhdx_and_partition_link() {
 
     // `disk.qcow21 -> disk.qcow2` is partition 1 of a dos label.
     let p = d.join("p.qcow2");
-    tool("qemu-img", &["create", "-q", "-f", "qcow2", s(&p), "16M"]);
+    qemu_create(&p, "qcow2", "", "16M");
     preload::sh(
         d,
         "printf 'label: dos\\n,4M,83\\n,,83\\n' | sfdisk -q p.qcow2",

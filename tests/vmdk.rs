@@ -12,7 +12,7 @@ mod vhd_util;
 
 use std::path::Path;
 
-use common::{pattern, qemu_image_from, qemu_raw, run as tool};
+use common::{pattern, qemu_child, qemu_create, qemu_image_from, qemu_raw, run as tool};
 use vhd_util::{apply_writes, random_writes};
 
 const MIB: u64 = 1 << 20;
@@ -80,20 +80,7 @@ fn child_made_by_qemu_reads_and_writes_parent_unchanged() {
     let (mut model, _) = pattern(100, size as usize);
     let base = qemu_image_from(&model, dir, "base.vmdk", "vmdk", "");
     let child = dir.join("child.vmdk");
-    tool(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            child.to_str().unwrap(),
-        ],
-    );
+    qemu_child(&child, "vmdk", "", "base.vmdk", "vmdk", None);
     let before = std::fs::read(&base).unwrap();
     assert!(preload::run(dir, "cat", &["child.vmdk"]).stdout == model);
     let ops = random_writes(101, size, 64 << 10, 25);
@@ -144,10 +131,7 @@ fn mkfs_ext4_and_a_partition_by_name() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = dir.join("disk.vmdk");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "vmdk", img.to_str().unwrap(), "64M"],
-    );
+    qemu_create(&img, "vmdk", "", "64M");
     preload::run(dir, "mkfs.ext4", &["-q", "-F", "disk.vmdk"]);
     preload::run(dir, "e2fsck", &["-fn", "disk.vmdk"]);
     let raw = dir.join("disk.raw");
@@ -166,10 +150,7 @@ fn mkfs_ext4_and_a_partition_by_name() {
 
     // A partitioned disk: partition 2 through its name.
     let p = dir.join("p.vmdk");
-    tool(
-        "qemu-img",
-        &["create", "-q", "-f", "vmdk", p.to_str().unwrap(), "16M"],
-    );
+    qemu_create(&p, "vmdk", "", "16M");
     preload::sh(
         dir,
         "printf 'start=2048,size=8192\\nstart=10240,size=20480\\n' | sfdisk -q p.vmdk",

@@ -6,7 +6,7 @@ mod common;
 #[path = "qcow2_util/mod.rs"]
 mod qcow2_util;
 
-use common::{open, pattern, qemu_image_from, qemu_raw, read_all, run};
+use common::{open, pattern, qemu_child, qemu_image_from, qemu_raw, read_all, run};
 use qcow2_util::*;
 
 #[test]
@@ -59,21 +59,7 @@ fn compressed_images_read_equal() {
     .enumerate()
     {
         let img = tmp.path().join(format!("c{i}.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                s(&raw),
-                s(&img),
-            ],
-        );
+        compressed_copy(&raw, &img, opts);
         assert_reads_like_qemu(&img, opts);
         assert_eq!(qemu_raw(&img, "qcow2"), data, "{opts}: qemu-img itself");
         // Partial overwrites of compressed clusters, by qemu.
@@ -90,41 +76,7 @@ fn chains_read_equal() {
     let d = tmp.path();
     let size = 8 * MIB;
     let (data, _) = pattern(5, size);
-    let base = d.join("base.raw");
-    std::fs::write(&base, &data).unwrap();
-    let mid = d.join("mid.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&mid),
-        ],
-    );
-    scribble(&mid, "qcow2", size, 21, 30);
-    let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-            "12M",
-        ],
-    );
-    scribble(&top, "qcow2", 12 * MIB, 22, 30);
+    let (_, _, top) = qcow2_qcow2_raw_chain(d, &data, 12, (21, 22));
     assert_reads_like_qemu(&top, "qcow2/qcow2/raw");
     let disk = open(&top, false).unwrap();
     assert_eq!(disk.layers().len(), 3);
@@ -133,37 +85,13 @@ fn chains_read_equal() {
     run("qemu-img", &["create", "-f", "vhdx", s(&vhdx), "8M"]);
     scribble(&vhdx, "vhdx", size, 23, 20);
     let over = d.join("over vhdx.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.vhdx",
-            "-F",
-            "vhdx",
-            s(&over),
-        ],
-    );
+    qemu_child(&over, "qcow2", "", "base.vhdx", "vhdx", None);
     scribble(&over, "qcow2", size, 24, 20);
     assert_reads_like_qemu(&over, "qcow2 over vhdx");
 
     // No backing format recorded: probed (vhdx), or raw if not an image.
     let probed = d.join("probed.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&probed),
-        ],
-    );
+    qemu_child(&probed, "qcow2", "", "base.raw", "raw", None);
     // qemu-img no longer writes images without one: hide the extension.
     let mut bytes = std::fs::read(&probed).unwrap();
     let at = bytes

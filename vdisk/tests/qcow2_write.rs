@@ -7,7 +7,7 @@ mod common;
 #[path = "qcow2_util/mod.rs"]
 mod qcow2_util;
 
-use common::{open, pattern, qemu_image_from, qemu_raw, run};
+use common::{open, pattern, qemu_child, qemu_image_from, qemu_raw, run};
 use qcow2_util::*;
 
 #[test]
@@ -45,21 +45,7 @@ fn random_writes_match_qemu_in_every_variant() {
     .enumerate()
     {
         let img = tmp.path().join(format!("wc{i}.qcow2"));
-        run(
-            "qemu-img",
-            &[
-                "convert",
-                "-c",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-o",
-                opts,
-                s(&raw),
-                s(&img),
-            ],
-        );
+        compressed_copy(&raw, &img, opts);
         write_and_verify(&img, opts, i as u64 + 70);
     }
 }
@@ -70,41 +56,7 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     let d = tmp.path();
     let size = 6 * MIB;
     let (data, _) = pattern(3, size);
-    let base = d.join("base.raw");
-    std::fs::write(&base, &data).unwrap();
-    let mid = d.join("mid.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.raw",
-            "-F",
-            "raw",
-            s(&mid),
-        ],
-    );
-    scribble(&mid, "qcow2", size, 81, 30);
-    let top = d.join("top.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            s(&top),
-            "8M",
-        ],
-    );
-    scribble(&top, "qcow2", 8 * MIB, 82, 30);
+    let (base, mid, top) = qcow2_qcow2_raw_chain(d, &data, 8, (81, 82));
     let before = (digest(&base), digest(&mid));
     write_and_verify(&top, "qcow2/qcow2/raw", 83);
     assert_eq!(
@@ -117,19 +69,7 @@ fn chain_writes_leave_backing_files_and_snapshots_intact() {
     run("qemu-img", &["create", "-f", "vhdx", s(&vhdx), "6M"]);
     scribble(&vhdx, "vhdx", size, 84, 20);
     let over = d.join("over.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.vhdx",
-            "-F",
-            "vhdx",
-            s(&over),
-        ],
-    );
+    qemu_child(&over, "qcow2", "", "base.vhdx", "vhdx", None);
     let before = digest(&vhdx);
     write_and_verify(&over, "qcow2 over vhdx", 85);
     assert_eq!(digest(&vhdx), before, "the VHDX base changed");
@@ -249,22 +189,7 @@ fn subcluster_writes_copy_nothing_up() {
     let base = d.join("b.raw");
     std::fs::write(&base, &data).unwrap();
     let top = d.join("t.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            "extended_l2=on",
-            "-b",
-            "b.raw",
-            "-F",
-            "raw",
-            s(&top),
-        ],
-    );
+    qemu_child(&top, "qcow2", "extended_l2=on", "b.raw", "raw", None);
     let mut model = data.clone();
     {
         let disk = open(&top, true).unwrap();

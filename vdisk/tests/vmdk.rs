@@ -8,7 +8,7 @@ mod vhd_util;
 
 use std::path::Path;
 
-use common::{open, pattern, qemu_image_from, qemu_raw, read_all, run};
+use common::{open, pattern, qemu_child, qemu_create, qemu_image_from, qemu_raw, read_all, run};
 use vhd_util::{apply_writes, random_writes};
 
 const MIB: u64 = 1 << 20;
@@ -108,19 +108,7 @@ fn extents_of_two_gib_split_the_disk_where_qemu_does() {
         let dir = tmp.path().join(sub);
         std::fs::create_dir(&dir).unwrap();
         let img = dir.join("d.vmdk");
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                s(&img),
-                &size.to_string(),
-            ],
-        );
+        qemu_create(&img, "vmdk", &format!("subformat={sub}"), &size.to_string());
         run(
             "qemu-io",
             &[
@@ -169,20 +157,7 @@ fn child_reads_through_parent_and_writes_leave_it_unchanged() {
     let (mut model, _) = pattern(60, size as usize);
     let base = qemu_image_from(&model, dir, "base.vmdk", "vmdk", "");
     let child = dir.join("child.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            s(&child),
-        ],
-    );
+    qemu_child(&child, "vmdk", "", "base.vmdk", "vmdk", None);
     run("qemu-io", &["-c", "write -P 0x77 1M 100k", s(&child)]);
     model[MIB as usize..MIB as usize + 102400].fill(0x77);
     let before = std::fs::read(&base).unwrap();
@@ -212,22 +187,9 @@ fn child_of_a_changed_parent_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let base = dir.join("base.vmdk");
-    run("qemu-img", &["create", "-q", "-f", "vmdk", s(&base), "4M"]);
+    qemu_create(&base, "vmdk", "", "4M");
     let child = dir.join("child.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            s(&child),
-        ],
-    );
+    qemu_child(&child, "vmdk", "", "base.vmdk", "vmdk", None);
     // Written after the snapshot: the parent gets a new CID.
     {
         let disk = open(&base, true).unwrap();
@@ -248,19 +210,7 @@ fn first_write_changes_only_the_cid_line() {
     let tmp = tempfile::tempdir().unwrap();
     for sub in ["monolithicFlat", "monolithicSparse"] {
         let img = tmp.path().join(format!("{sub}.vmdk"));
-        run(
-            "qemu-img",
-            &[
-                "create",
-                "-q",
-                "-f",
-                "vmdk",
-                "-o",
-                &format!("subformat={sub}"),
-                s(&img),
-                "2M",
-            ],
-        );
+        qemu_create(&img, "vmdk", &format!("subformat={sub}"), "2M");
         let text = |p: &Path| {
             let b = std::fs::read(p).unwrap();
             let at = if sub == "monolithicSparse" { 512 } else { 0 };
@@ -316,25 +266,13 @@ fn missing_extent_and_corrupt_tables_are_errors() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = dir.join("f.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "subformat=monolithicFlat",
-            s(&img),
-            "1M",
-        ],
-    );
+    qemu_create(&img, "vmdk", "subformat=monolithicFlat", "1M");
     std::fs::remove_file(dir.join("f-flat.vmdk")).unwrap();
     let e = open(&img, false).unwrap_err().to_string();
     assert!(e.contains("f-flat.vmdk"), "{e}");
     // A grain table entry past the end of the file.
     let sp = dir.join("s.vmdk");
-    run("qemu-img", &["create", "-q", "-f", "vmdk", s(&sp), "1M"]);
+    qemu_create(&sp, "vmdk", "", "1M");
     run("qemu-io", &["-c", "write -P 1 0 64k", s(&sp)]);
     let mut b = std::fs::read(&sp).unwrap();
     let gd = u64::from_le_bytes(b[56..64].try_into().unwrap()) as usize * 512;
@@ -421,22 +359,7 @@ fn zeros_over_a_parent_grain_use_a_zeroed_grain_entry() {
     let (model, _) = pattern(120, 4 * MIB as usize);
     qemu_image_from(&model, dir, "base.vmdk", "vmdk", "");
     let child = dir.join("child.vmdk");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-o",
-            "zeroed_grain=on",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            s(&child),
-        ],
-    );
+    qemu_child(&child, "vmdk", "zeroed_grain=on", "base.vmdk", "vmdk", None);
     let before = std::fs::metadata(&child).unwrap().len();
     {
         let disk = open(&child, true).unwrap();

@@ -3,38 +3,15 @@
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
+mod vhdio_util;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{qemu_image_from, qemu_raw, run};
+use common::{qemu_image_from, qemu_raw, vdisk_view, write_with_vdisk};
+use vhdio_util::{VHDIO, check_clean, ok, s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: usize = 1 << 20;
-
-fn vhdio(args: &[&str]) -> Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vhdio(args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "vhdio {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// (extension, qemu format, qemu options).
 const FORMATS: [(&str, &str, &str); 3] = [
@@ -56,21 +33,6 @@ fn parent_data(seed: u64) -> Vec<u8> {
     d
 }
 
-fn write_through_library(path: &Path, writes: &[(u64, Vec<u8>)]) {
-    let disk = common::open(path, true).unwrap();
-    for (off, b) in writes {
-        disk.write_at(b, *off).unwrap();
-    }
-    disk.close().unwrap();
-}
-
-fn library_view(path: &Path) -> Vec<u8> {
-    let disk = common::open(path, false).unwrap();
-    let mut v = vec![0u8; disk.size() as usize];
-    disk.read_at(&mut v, 0).unwrap();
-    v
-}
-
 /// What the child's writes are: data over parent data, zeros over parent
 /// data, data in the parent's hole, an unaligned small write.
 fn child_writes() -> Vec<(u64, Vec<u8>)> {
@@ -87,16 +49,8 @@ fn parent_and_child(dir: &Path, ext: &str, fmt: &str, opts: &str) -> (PathBuf, P
     let parent = qemu_image_from(&parent_data(1), dir, &format!("parent.{ext}"), fmt, opts);
     let child = dir.join(format!("child.{ext}"));
     ok(&["snapshot", s(&parent), s(&child)]);
-    write_through_library(&child, &child_writes());
+    write_with_vdisk(&child, &child_writes());
     (parent, child)
-}
-
-fn check_clean(img: &Path, fmt: &str) {
-    let out = ok(&["check", s(img)]);
-    assert!(out.contains("No problems found"), "{out}");
-    if fmt != "vpc" {
-        run("qemu-img", &["check", "-f", fmt, s(img)]);
-    }
 }
 
 #[test]
@@ -104,7 +58,7 @@ fn commit_writes_the_childs_view_into_the_parent() {
     for (ext, fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let (parent, child) = parent_and_child(dir.path(), ext, fmt, opts);
-        let view = library_view(&child);
+        let view = vdisk_view(&child);
         assert!(view != parent_data(1));
         // A child of the child: it must still find its parent afterwards.
         let grandchild = dir.path().join(format!("grandchild.{ext}"));
@@ -112,7 +66,7 @@ fn commit_writes_the_childs_view_into_the_parent() {
         let child_len = std::fs::metadata(&child).unwrap().len();
         ok(&["commit", "-p", s(&child)]);
         assert!(
-            library_view(&grandchild) == view,
+            vdisk_view(&grandchild) == view,
             "{ext}: grandchild after commit"
         );
         assert!(
@@ -122,7 +76,7 @@ fn commit_writes_the_childs_view_into_the_parent() {
         // The parent alone, read by qemu-img, is the child's former view.
         assert!(qemu_raw(&parent, fmt) == view, "{ext}: parent after commit");
         // The child is an empty child of it: same view, nothing stored.
-        assert!(library_view(&child) == view, "{ext}: child after commit");
+        assert!(vdisk_view(&child) == view, "{ext}: child after commit");
         let info = ok(&["info", s(&child)]);
         assert!(info.contains("0 B of 12 MiB"), "{ext}: {info}");
         check_clean(&parent, fmt);
@@ -136,8 +90,8 @@ fn commit_into_a_base_further_down() {
     let (base, mid) = parent_and_child(dir.path(), "vhdx", "vhdx", "block_size=1M");
     let top = dir.path().join("top.vhdx");
     ok(&["snapshot", s(&mid), s(&top)]);
-    write_through_library(&top, &[(3 * MIB as u64, random(60, 8192))]);
-    let view = library_view(&top);
+    write_with_vdisk(&top, &[(3 * MIB as u64, random(60, 8192))]);
+    let view = vdisk_view(&top);
     let o = vhdio(&["commit", "-b", s(&base), s(&top)]);
     assert_eq!(o.status.code(), Some(0));
     // The stale image in between is named, with why.
@@ -152,7 +106,7 @@ fn commit_into_a_base_further_down() {
         "{warned}"
     );
     assert!(qemu_raw(&base, "vhdx") == view);
-    assert!(library_view(&top) == view);
+    assert!(vdisk_view(&top) == view);
     // It refuses to open rather than show a wrong disk (VHDX's guard: its
     // parent's DataWriteGuid changed).
     let o = vhdio(&["info", s(&mid)]);
@@ -182,7 +136,7 @@ fn rebase_u_after_moving_the_parent() {
     for (ext, fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let (parent, child) = parent_and_child(dir.path(), ext, fmt, opts);
-        let view = library_view(&child);
+        let view = vdisk_view(&child);
         // VDI records no path (its parent is searched by UUID in the
         // child's folder): it is renamed there; the others move away.
         let moved = if ext == "vdi" {
@@ -201,7 +155,7 @@ fn rebase_u_after_moving_the_parent() {
         assert_eq!(o.status.code(), Some(2), "{ext}: other identity accepted");
         assert!(String::from_utf8_lossy(&o.stderr).contains("--force"));
         ok(&["rebase", "-u", "-b", s(&moved), s(&child)]);
-        assert!(library_view(&child) == view, "{ext}: view after rebase -u");
+        assert!(vdisk_view(&child) == view, "{ext}: view after rebase -u");
         let info = ok(&["info", s(&child)]);
         assert!(
             info.contains(moved.file_name().unwrap().to_str().unwrap()),
@@ -210,7 +164,7 @@ fn rebase_u_after_moving_the_parent() {
         check_clean(&child, "vpc");
         // --force links the other one (same content: same view).
         ok(&["rebase", "-u", "--force", "-b", s(&other), s(&child)]);
-        assert!(library_view(&child) == view, "{ext}: view after --force");
+        assert!(vdisk_view(&child) == view, "{ext}: view after --force");
         let info = ok(&["info", s(&child)]);
         assert!(info.contains(&format!("o.{ext}")), "{info}");
     }
@@ -221,13 +175,13 @@ fn safe_rebase_keeps_the_view_and_the_new_parent() {
     for (ext, fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let (_, child) = parent_and_child(dir.path(), ext, fmt, opts);
-        let view = library_view(&child);
+        let view = vdisk_view(&child);
         let mut other_data = parent_data(7);
         other_data[..MIB].copy_from_slice(&parent_data(1)[..MIB]);
         let other = qemu_image_from(&other_data, dir.path(), &format!("n.{ext}"), fmt, opts);
         let before = std::fs::read(&other).unwrap();
         ok(&["rebase", "-p", "-b", s(&other), s(&child)]);
-        assert!(library_view(&child) == view, "{ext}: view after rebase");
+        assert!(vdisk_view(&child) == view, "{ext}: view after rebase");
         assert!(
             std::fs::read(&other).unwrap() == before,
             "{ext}: new parent written"
@@ -237,7 +191,7 @@ fn safe_rebase_keeps_the_view_and_the_new_parent() {
         check_clean(&child, "vpc");
         // Standalone.
         ok(&["rebase", "-b", "", s(&child)]);
-        assert!(library_view(&child) == view, "{ext}: view standalone");
+        assert!(vdisk_view(&child) == view, "{ext}: view standalone");
         assert!(
             qemu_raw(&child, fmt) == view,
             "{ext}: qemu reads the standalone image"
@@ -246,6 +200,15 @@ fn safe_rebase_keeps_the_view_and_the_new_parent() {
         assert!(!info.contains("differencing"), "{info}");
         check_clean(&child, fmt);
     }
+}
+
+/// Starts `vhdio args...` and kills it after `delay_ms` (how far it got
+/// depends on the delay), then reaps it.
+fn kill_after(args: &[&str], delay_ms: u64) {
+    let mut p = Command::new(VHDIO).args(args).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+    let _ = p.kill();
+    p.wait().unwrap();
 }
 
 #[test]
@@ -257,17 +220,11 @@ fn killed_commit_leaves_the_childs_view() {
                 qemu_image_from(&parent_data(1), dir.path(), &format!("p.{ext}"), fmt, opts);
             let child = dir.path().join(format!("c.{ext}"));
             ok(&["snapshot", s(&parent), s(&child)]);
-            write_through_library(&child, &[(0, random(80, 12 * MIB))]);
-            let view = library_view(&child);
-            let mut p = Command::new(VHDIO)
-                .args(["commit", s(&child)])
-                .spawn()
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            p.wait().unwrap();
+            write_with_vdisk(&child, &[(0, random(80, 12 * MIB))]);
+            let view = vdisk_view(&child);
+            kill_after(&["commit", s(&child)], delay_ms);
             assert!(
-                library_view(&child) == view,
+                vdisk_view(&child) == view,
                 "{ext}: child's view after kill at {delay_ms} ms"
             );
             ok(&["commit", s(&child)]);
@@ -285,24 +242,18 @@ fn killed_rebase_leaves_the_childs_view() {
         for (delay_ms, standalone) in [(10u64, false), (40, true), (90, false)] {
             let dir = tempfile::tempdir().unwrap();
             let (_, child) = parent_and_child(dir.path(), ext, fmt, opts);
-            let view = library_view(&child);
+            let view = vdisk_view(&child);
             let other =
                 qemu_image_from(&parent_data(9), dir.path(), &format!("n.{ext}"), fmt, opts);
             let target = if standalone { "" } else { s(&other) };
-            let mut p = Command::new(VHDIO)
-                .args(["rebase", "-b", target, s(&child)])
-                .spawn()
-                .unwrap();
-            std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-            let _ = p.kill();
-            p.wait().unwrap();
+            kill_after(&["rebase", "-b", target, s(&child)], delay_ms);
             assert!(
-                library_view(&child) == view,
+                vdisk_view(&child) == view,
                 "{ext}: child's view after kill at {delay_ms} ms"
             );
             ok(&["rebase", "-b", target, s(&child)]);
             assert!(
-                library_view(&child) == view,
+                vdisk_view(&child) == view,
                 "{ext}: rebase after a killed one"
             );
         }

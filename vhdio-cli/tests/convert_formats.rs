@@ -3,31 +3,12 @@
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
-
-use std::path::Path;
-use std::process::Command;
+mod vhdio_util;
 
 use common::{qemu_image_from, qemu_raw, run};
+use vhdio_util::{ok, s};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: usize = 1 << 20;
-
-fn ok(args: &[&str]) {
-    let o = Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "vhdio {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 #[test]
 fn convert_to_and_from_vmdk_and_qcow2() {

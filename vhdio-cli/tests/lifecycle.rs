@@ -3,39 +3,16 @@
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
+mod vhdio_util;
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{qemu_image_from, qemu_raw, run};
+use common::{qemu_image_from, qemu_raw, run, vdisk_view, write_with_vdisk};
+use vhdio_util::{VHDIO, ok, s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: usize = 1 << 20;
-
-fn vhdio(args: &[&str]) -> Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vhdio(args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "vhdio {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// 10 MiB: random data, an explicit zero block, a hole, zero pages inside
 /// data, data in the last sector.
@@ -141,22 +118,6 @@ fn convert_every_pair_reads_back_equal_and_checks_clean() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// Opens `path` writable with vdisk and writes `(offset, bytes)` pairs.
-fn write_through_library(path: &Path, writes: &[(u64, Vec<u8>)]) {
-    let disk = common::open(path, true).unwrap();
-    for (off, b) in writes {
-        disk.write_at(b, *off).unwrap();
-    }
-    disk.close().unwrap();
-}
-
-fn library_view(path: &Path) -> Vec<u8> {
-    let disk = common::open(path, false).unwrap();
-    let mut v = vec![0u8; disk.size() as usize];
-    disk.read_at(&mut v, 0).unwrap();
-    v
-}
-
 /// base <- mid <- top, each written by the library; returns the top.
 fn vhdx_chain(dir: &Path, data: &[u8]) -> PathBuf {
     // 1 MiB blocks: a write into a child allocates (copies) a whole block.
@@ -164,12 +125,12 @@ fn vhdx_chain(dir: &Path, data: &[u8]) -> PathBuf {
     let mid = dir.join("mid.vhdx");
     let top = dir.join("top.vhdx");
     ok(&["snapshot", s(&base), s(&mid)]);
-    write_through_library(
+    write_with_vdisk(
         &mid,
         &[(0, vec![0xAA; 4096]), (3 * MIB as u64, vec![0xBB; MIB])],
     );
     ok(&["snapshot", s(&mid), s(&top)]);
-    write_through_library(
+    write_with_vdisk(
         &top,
         &[
             (4096, vec![0xCC; 512]),
@@ -185,7 +146,7 @@ fn vhdx_chain(dir: &Path, data: &[u8]) -> PathBuf {
 fn convert_flattens_a_differencing_vhdx_chain() {
     let dir = tempfile::tempdir().unwrap();
     let top = vhdx_chain(dir.path(), &test_disk());
-    let view = library_view(&top);
+    let view = vdisk_view(&top);
     for (out, o_fmt, _, q_fmt) in [OUTPUTS[0], OUTPUTS[1], OUTPUTS[3], OUTPUTS[5]] {
         let dest = dir.path().join(format!("flat-{out}"));
         ok(&["convert", "-p", "-O", o_fmt, s(&top), s(&dest)]);
@@ -214,7 +175,7 @@ fn convert_with_backing_writes_only_what_differs() {
         std::fs::write(&src, &changed).unwrap();
         let child = dir.path().join(format!("child.{fmt}"));
         ok(&["convert", "-O", fmt, "-B", s(&base), s(&src), s(&child)]);
-        assert!(library_view(&child) == changed, "{fmt}: child's view");
+        assert!(vdisk_view(&child) == changed, "{fmt}: child's view");
         // Only the two blocks with changed pages are stored.
         let stored = top_layer_data(&child);
         assert!(stored <= 2 * block, "{fmt}: child holds {stored}");

@@ -7,29 +7,17 @@
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
+mod vhdio_util;
 
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::process::Command;
 
 use common::{qemu_image_from, qemu_raw, run};
 use vdisk::vhdx::{CreateOptions, ParentInfo, create};
+use vhdio_util::{s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: u64 = 1 << 20;
 const SECTORS: usize = (MIB / 512) as usize;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-fn vhdio(args: &[&str]) -> std::process::Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
 
 fn poke(path: &Path, at: u64, bytes: &[u8]) {
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();

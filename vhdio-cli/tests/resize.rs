@@ -4,38 +4,15 @@
 
 #[path = "../../vdisk/tests/common/mod.rs"]
 mod common;
+mod vhdio_util;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::{qemu_image_from, qemu_raw, run};
+use vhdio_util::{VHDIO, check_clean, ok, s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: usize = 1 << 20;
-
-fn vhdio(args: &[&str]) -> Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vhdio(args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "vhdio {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The size of the disk: `blockdev --getsize64` through the library when
 /// it is built (as the README's `cargo build --release` does), else vdisk's.
@@ -50,14 +27,6 @@ fn disk_size(img: &Path) -> u64 {
         lib.display()
     );
     common::open(img, false).unwrap().size()
-}
-
-fn check_clean(img: &Path, fmt: &str) {
-    let out = ok(&["check", s(img)]);
-    assert!(out.contains("No problems found"), "{out}");
-    if fmt != "vpc" {
-        run("qemu-img", &["check", "-f", fmt, s(img)]);
-    }
 }
 
 #[test]

@@ -10,39 +10,15 @@
 mod common;
 #[path = "../../vdisk/tests/vhd_util/mod.rs"]
 mod vhd_util;
+mod vhdio_util;
 
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::{qemu_image_from, qemu_raw, run};
+use vhdio_util::{VHDIO, ok, s, vhdio};
 
-const VHDIO: &str = env!("CARGO_BIN_EXE_vhdio");
 const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
-
-fn vhdio(args: &[&str]) -> Output {
-    Command::new(VHDIO)
-        .args(args)
-        .env_remove("LD_PRELOAD")
-        .output()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) -> String {
-    let o = vhdio(args);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "vhdio {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// `len` bytes at `offset` of the disk as qemu reads it (its raw driver
 /// with offset and size over the image), so a huge disk is not read whole.
@@ -106,6 +82,16 @@ fn write_through_library(img: &Path, data: &[u8], offset: u64) {
     ]);
 }
 
+/// `len` bytes at `at` of `img` as vdisk reads it, after checking that
+/// vdisk sees a disk of `size` bytes.
+fn read_sized(img: &Path, size: u64, at: u64, len: u64) -> Vec<u8> {
+    let disk = common::open(img, false).unwrap();
+    assert_eq!(disk.size(), size);
+    let mut v = vec![0u8; len as usize];
+    disk.read_at(&mut v, at).unwrap();
+    v
+}
+
 fn check_clean(img: &Path, fmt: &str) {
     let out = ok(&["check", s(img)]);
     assert!(out.contains("No problems found"), "{out}");
@@ -164,13 +150,7 @@ fn vhdx_child_grow_past_its_bat_region() {
     );
     let out = ok(&["check", s(&child)]);
     assert!(out.contains("No problems found"), "{out}");
-    let read = |at: u64, len: u64| {
-        let disk = common::open(&child, false).unwrap();
-        assert_eq!(disk.size(), size);
-        let mut v = vec![0u8; len as usize];
-        disk.read_at(&mut v, at).unwrap();
-        v
-    };
+    let read = |at: u64, len: u64| read_sized(&child, size, at, len);
     let head = read(0, 16 * MIB);
     assert!(head[..4 * MIB as usize].iter().all(|&b| b == 0x11));
     assert!(head[4 * MIB as usize..6 * MIB as usize] == own[..]);
@@ -313,13 +293,7 @@ fn vhd_child_grow_moves_its_bat() {
     // qemu reads a VHD child alone (it ignores VHD parents): its own data.
     assert_eq!(qemu_size(&child), size);
     assert!(qemu_slice(&child, "vpc", 4 * MIB, 3 * MIB) == own);
-    let read = |at: u64, len: u64| {
-        let disk = common::open(&child, false).unwrap();
-        assert_eq!(disk.size(), size);
-        let mut v = vec![0u8; len as usize];
-        disk.read_at(&mut v, at).unwrap();
-        v
-    };
+    let read = |at: u64, len: u64| read_sized(&child, size, at, len);
     let head = read(0, 16 * MIB);
     assert!(head[..4 * MIB as usize].iter().all(|&b| b == 0x11));
     assert!(head[4 * MIB as usize..7 * MIB as usize] == own[..]);

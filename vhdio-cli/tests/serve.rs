@@ -131,16 +131,21 @@ fn differencing_vdi_served_to_real_clients() {
     served_chain("vdi");
 }
 
+/// `d/disk.vhdx`, 16 MiB made by qemu-img, its first MiB `byte` written
+/// by qemu-io.
+fn vhdx_first_mib(d: &Path, byte: u8) -> PathBuf {
+    let img = d.join("disk.vhdx");
+    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
+    let write = format!("write -P {byte:#04x} 0 1M");
+    ok("qemu-io", &["-f", "vhdx", "-c", &write, s(&img)]);
+    img
+}
+
 #[test]
 fn read_only_and_writer_locks() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = d.join("disk.vhdx");
-    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
-    ok(
-        "qemu-io",
-        &["-f", "vhdx", "-c", "write -P 0x77 0 1M", s(&img)],
-    );
+    let img = vhdx_first_mib(d, 0x77);
 
     // Read-only: reads work, writes are refused, the image is not locked.
     let server = Server::vhdio(d, &["--read-only", s(&img)]);
@@ -197,6 +202,20 @@ fn library_error(image: &Path) -> String {
     e.trim().strip_prefix(&prefix).unwrap_or(&e).to_string()
 }
 
+/// nbdkit with the plugin serving `image` on `socket` fails to start, and
+/// its log holds `expected`.
+fn assert_plugin_fails_with(socket: &Path, image: &Path, expected: &str) {
+    let mut c = Command::new("nbdkit");
+    c.args(["--foreground", "--unix", s(socket)])
+        .arg(plugin())
+        .arg(format!("file={}", s(image)));
+    let (_, out) = failed_start(c);
+    assert!(
+        out.contains(expected),
+        "nbdkit log lacks {expected:?}: {out}"
+    );
+}
+
 #[test]
 fn plugin_errors_reach_nbdkits_log() {
     let dir = tempfile::tempdir().unwrap();
@@ -209,15 +228,7 @@ fn plugin_errors_reach_nbdkits_log() {
     let error = library_error(&child);
     let at = error.find("not found: ").expect(&error) + 11;
     let expected = error[at..error.find("; tried").expect(&error)].to_string();
-    let mut c = Command::new("nbdkit");
-    c.args(["--foreground", "--unix", s(&d.join("a.sock"))])
-        .arg(plugin())
-        .arg(format!("file={}", s(&child)));
-    let (_, out) = failed_start(c);
-    assert!(
-        out.contains(&expected),
-        "nbdkit log lacks {expected:?}: {out}"
-    );
+    assert_plugin_fails_with(&d.join("a.sock"), &child, &expected);
     // A corrupt image: the VDI header's block size zeroed.
     let vdi = d.join("bad.vdi");
     ok("qemu-img", &["create", "-q", "-f", "vdi", s(&vdi), "8M"]);
@@ -225,15 +236,7 @@ fn plugin_errors_reach_nbdkits_log() {
     bytes[0x178..0x17c].fill(0);
     fs::write(&vdi, &bytes).unwrap();
     let expected = library_error(&vdi);
-    let mut c = Command::new("nbdkit");
-    c.args(["--foreground", "--unix", s(&d.join("b.sock"))])
-        .arg(plugin())
-        .arg(format!("file={}", s(&vdi)));
-    let (_, out) = failed_start(c);
-    assert!(
-        out.contains(&expected),
-        "nbdkit log lacks {expected:?}: {out}"
-    );
+    assert_plugin_fails_with(&d.join("b.sock"), &vdi, &expected);
 
     // A read error (the data cut off the file after the open) is EIO to the
     // client; nbdkit keeps serving.
@@ -361,12 +364,7 @@ fn sector_4k_vhdx_block_sizes() {
 fn plain_nbdkit_locks_at_first_client() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = d.join("disk.vhdx");
-    ok("qemu-img", &["create", "-q", "-f", "vhdx", s(&img), "16M"]);
-    ok(
-        "qemu-io",
-        &["-f", "vhdx", "-c", "write -P 0x21 0 1M", s(&img)],
-    );
+    let img = vhdx_first_mib(d, 0x21);
     let writer_dir = d.join("writer");
     fs::create_dir(&writer_dir).unwrap();
     let mut writer = Server::vhdio(&writer_dir, &[s(&img)]);

@@ -162,6 +162,38 @@ pub fn qemu_image_from(
     img
 }
 
+/// `qemu-img create`: an empty `img` of format `fmt` with the creation
+/// options `opts` (none if empty) and the size `size`.
+pub fn qemu_create(img: &Path, fmt: &str, opts: &str, size: &str) {
+    let mut args = vec!["create", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend([img.to_str().unwrap(), size]);
+    run("qemu-img", &args);
+}
+
+/// `qemu-img create`: `img` of format `fmt` over `backing` (a name relative
+/// to `img`'s folder, as qemu-img stores it) of format `backing_fmt`, with
+/// the creation options `opts` (none if empty) and the size `size` (the
+/// backing file's if `None`).
+pub fn qemu_child(
+    img: &Path,
+    fmt: &str,
+    opts: &str,
+    backing: &str,
+    backing_fmt: &str,
+    size: Option<&str>,
+) {
+    let mut args = vec!["create", "-f", fmt];
+    if !opts.is_empty() {
+        args.extend(["-o", opts]);
+    }
+    args.extend(["-b", backing, "-F", backing_fmt, img.to_str().unwrap()]);
+    args.extend(size);
+    run("qemu-img", &args);
+}
+
 /// The virtual disk of `img` as qemu-img reads it (the independent reader).
 pub fn qemu_raw(img: &Path, fmt: &str) -> Vec<u8> {
     let out = img.with_extension("qemu.raw");
@@ -195,6 +227,24 @@ pub fn open(path: &Path, writable: bool) -> vdisk::Result<vdisk::Disk> {
         vdisk::OpenOptions { writable },
         &vdisk::StdParentOpener,
     )
+}
+
+/// Opens `path` writable with vdisk, writes the `(offset, bytes)` pairs and
+/// closes it (a close error fails the test).
+pub fn write_with_vdisk(path: &Path, writes: &[(u64, Vec<u8>)]) {
+    let disk = open(path, true).unwrap();
+    for (off, b) in writes {
+        disk.write_at(b, *off).unwrap();
+    }
+    disk.close().unwrap();
+}
+
+/// The whole disk of `path` as vdisk reads it, in one read.
+pub fn vdisk_view(path: &Path) -> Vec<u8> {
+    let disk = open(path, false).unwrap();
+    let mut v = vec![0u8; disk.size() as usize];
+    disk.read_at(&mut v, 0).unwrap();
+    v
 }
 
 /// Reads the whole disk in odd-sized pieces that cross sectors and blocks.

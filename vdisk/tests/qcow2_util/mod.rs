@@ -1,9 +1,9 @@
 //! Helpers of the qcow2 tests (`qcow2.rs`, `qcow2_write.rs`).
 #![allow(dead_code)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::common::{Rng, open, qemu_raw, read_all, run};
+use crate::common::{Rng, open, qemu_child, qemu_raw, read_all, run};
 
 pub const MIB: usize = 1 << 20;
 
@@ -118,4 +118,52 @@ pub fn write_and_verify(img: &Path, what: &str, seed: u64) {
 
 pub fn digest(p: &Path) -> String {
     crate::common::sha256_hex(&std::fs::read(p).unwrap())
+}
+
+/// `qemu-img convert -c`: `raw` compressed into the qcow2 `img` made with
+/// the creation options `opts`.
+pub fn compressed_copy(raw: &Path, img: &Path, opts: &str) {
+    run(
+        "qemu-img",
+        &[
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            opts,
+            s(raw),
+            s(img),
+        ],
+    );
+}
+
+/// A qcow2 chain in `d`: `top.qcow2` (extended L2, `top_mib` MiB) over
+/// `mid.qcow2` over `base.raw` holding `data`; qemu-io scribbles on mid and
+/// then top with the seeds `seeds`. Returns the paths (base, mid, top).
+pub fn qcow2_qcow2_raw_chain(
+    d: &Path,
+    data: &[u8],
+    top_mib: usize,
+    seeds: (u64, u64),
+) -> (PathBuf, PathBuf, PathBuf) {
+    let base = d.join("base.raw");
+    std::fs::write(&base, data).unwrap();
+    let mid = d.join("mid.qcow2");
+    qemu_child(&mid, "qcow2", "", "base.raw", "raw", None);
+    scribble(&mid, "qcow2", data.len(), seeds.0, 30);
+    let top = d.join("top.qcow2");
+    let top_size = format!("{top_mib}M");
+    qemu_child(
+        &top,
+        "qcow2",
+        "extended_l2=on",
+        "mid.qcow2",
+        "qcow2",
+        Some(&top_size),
+    );
+    scribble(&top, "qcow2", top_mib * MIB, seeds.1, 30);
+    (base, mid, top)
 }
