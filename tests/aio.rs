@@ -15,7 +15,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{qemu_raw, run as tool, sha256_hex};
+use common::{qemu_raw, run as tool};
 
 /// (qemu-img format, file extension, creation options)
 const FORMATS: &[(&str, &str, &str)] = &[
