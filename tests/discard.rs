@@ -24,29 +24,6 @@ const FORMATS: &[(&str, &str, &str)] = &[
     ("vdi", "static=off", "vdi"),
 ];
 
-fn data(seed: u64, len: u64) -> Vec<u8> {
-    let mut rng = common::Rng(seed | 1);
-    (0..len).map(|_| rng.next() as u8 | 1).collect()
-}
-
-fn same(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: differs first at byte {i}: {} != {}",
-            actual[i], expected[i]
-        );
-    }
-}
-
-fn assert_clean(fmt: &str, img: &Path) {
-    if fmt == "vpc" {
-        vhd_util::check_file(img).unwrap_or_else(|e| panic!("VHD check: {e}"));
-    } else {
-        common::run("qemu-img", &["check", "-f", fmt, img.to_str().unwrap()]);
-    }
-}
-
 /// The disk (or window) `dev` as a program reads it through the library.
 fn read_through_library(dir: &Path, dev: &str) -> Vec<u8> {
     preload::run(
@@ -120,22 +97,22 @@ fn blkdiscard_and_fallocate_on_each_format() {
     for &(fmt, opts, ext) in FORMATS {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let mut model = data(5, SIZE);
+        let mut model = common::nonzero_data(5, SIZE);
         let name = format!("d.{ext}");
         let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
         let before = std::fs::metadata(&img).unwrap().len();
         tool_requests(dir, &name, &mut model);
-        same(
+        common::assert_same(
             &read_through_library(dir, &name),
             &model,
             &format!("{fmt}: library"),
         );
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
         let after = std::fs::metadata(&img).unwrap().len();
         assert!(
             after <= before,
@@ -143,17 +120,17 @@ fn blkdiscard_and_fallocate_on_each_format() {
         );
         // A whole-disk discard leaves zeros (and little but metadata).
         preload::run(dir, "blkdiscard", &["-f", &name]);
-        same(
+        common::assert_same(
             &read_through_library(dir, &name),
             &vec![0; SIZE as usize],
             &format!("{fmt}: all"),
         );
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &vec![0; SIZE as usize],
             &format!("{fmt}: qemu all"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -162,7 +139,7 @@ fn discard_in_a_differencing_child_never_shows_the_parent() {
     for &(fmt, opts, ext) in FORMATS {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let mut model = data(9, SIZE);
+        let mut model = common::nonzero_data(9, SIZE);
         let parent = common::qemu_image_from(&model, dir, &format!("p.{ext}"), fmt, opts);
         let parent_bytes = std::fs::read(&parent).unwrap();
         let child = dir.join(format!("c.{ext}"));
@@ -173,7 +150,7 @@ fn discard_in_a_differencing_child_never_shows_the_parent() {
         }
         let name = format!("c.{ext}");
         tool_requests(dir, &name, &mut model);
-        same(
+        common::assert_same(
             &read_through_library(dir, &name),
             &model,
             &format!("{fmt} child"),
@@ -193,7 +170,7 @@ fn blkdiscard_of_a_partition_stays_inside_it() {
     let raw = common::sfdisk_raw(dir, "src.raw", SIZE, "label: dos\n,8M,83\n,,83\n");
     let mut model = std::fs::read(&raw).unwrap();
     // Data everywhere after the partition table.
-    let fill = data(3, SIZE - MIB);
+    let fill = common::nonzero_data(3, SIZE - MIB);
     model[MIB as usize..].copy_from_slice(&fill);
     for &(fmt, opts, ext) in FORMATS {
         let name = format!("d.{ext}");
@@ -202,12 +179,12 @@ fn blkdiscard_of_a_partition_stays_inside_it() {
         let mut want = model.clone();
         preload::run(dir, "blkdiscard", &["-f", &format!("{name}2")]);
         want[9 * MIB as usize..].fill(0);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &want,
             &format!("{fmt}: partition 2 only"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -249,7 +226,7 @@ fn bad_requests_get_the_kernels_errors_and_change_nothing() {
     std::fs::write(dir.join("probe.py"), PROBE_PY).unwrap();
     for &(fmt, opts, ext) in FORMATS {
         let name = format!("d.{ext}");
-        let mut model = data(4, SIZE);
+        let mut model = common::nonzero_data(4, SIZE);
         let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
         let out = preload::run(
             dir,
@@ -267,7 +244,7 @@ fn bad_requests_get_the_kernels_errors_and_change_nothing() {
         // Only the last request (ZERO_RANGE|KEEP_SIZE cut at the end) zeroed.
         let end = model.len();
         model[end - 512..].fill(0);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: after bad requests"),

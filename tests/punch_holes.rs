@@ -24,29 +24,6 @@ const FIXED: &[(&str, &str, &str)] = &[
     ("vdi", "static=on", "vdi"),
 ];
 
-fn data(seed: u64, len: u64) -> Vec<u8> {
-    let mut rng = common::Rng(seed | 1);
-    (0..len).map(|_| rng.next() as u8 | 1).collect()
-}
-
-fn same(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: differs first at byte {i}: {} != {}",
-            actual[i], expected[i]
-        );
-    }
-}
-
-fn assert_clean(fmt: &str, img: &Path) {
-    if fmt == "vpc" {
-        vhd_util::check_file(img).unwrap_or_else(|e| panic!("VHD check: {e}"));
-    } else {
-        common::run("qemu-img", &["check", "-f", fmt, img.to_str().unwrap()]);
-    }
-}
-
 /// Bytes the host file system holds for the file (st_blocks).
 fn allocated(img: &Path) -> u64 {
     std::fs::metadata(img).unwrap().blocks() * 512
@@ -124,7 +101,7 @@ fn fixed_image(punch: bool) {
     for &(fmt, opts, ext) in FIXED {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let mut model = data(11, SIZE);
+        let mut model = common::nonzero_data(11, SIZE);
         let name = format!("d.{ext}");
         let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
         let (len_before, before) = (std::fs::metadata(&img).unwrap().len(), allocated(&img));
@@ -153,17 +130,17 @@ fn fixed_image(punch: bool) {
             len_before,
             "{fmt}: file length changed"
         );
-        same(
+        common::assert_same(
             &read_through_library(dir, &name),
             &model,
             &format!("{fmt}: library"),
         );
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -190,7 +167,7 @@ fn parts_of_dynamic_blocks_punch_holes_with_the_option() {
         for punch in [true, false] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path();
-            let mut model = data(13, SIZE);
+            let mut model = common::nonzero_data(13, SIZE);
             let name = format!("d.{ext}");
             let img = common::qemu_image_from(&model, dir, &name, fmt, opts);
             let before = allocated(&img);
@@ -211,17 +188,17 @@ fn parts_of_dynamic_blocks_punch_holes_with_the_option() {
                     "{fmt}: {before} -> {after} without the option"
                 );
             }
-            same(
+            common::assert_same(
                 &read_through_library(dir, &name),
                 &model,
                 &format!("{fmt} punch={punch}: library"),
             );
-            same(
+            common::assert_same(
                 &common::qemu_raw(&img, fmt),
                 &model,
                 &format!("{fmt} punch={punch}: qemu-img"),
             );
-            assert_clean(fmt, &img);
+            vhd_util::assert_clean(fmt, &img);
         }
     }
 }
@@ -232,7 +209,7 @@ fn parts_of_dynamic_blocks_punch_holes_with_the_option() {
 fn zeroout_keeps_the_space_even_with_the_option() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mut model = data(17, SIZE);
+    let mut model = common::nonzero_data(17, SIZE);
     let img = common::qemu_image_from(&model, dir, "d.vhdx", "vhdx", "subformat=fixed");
     let before = allocated(&img);
     run(
@@ -251,6 +228,6 @@ fn zeroout_keeps_the_space_even_with_the_option() {
     );
     model[MIB as usize..5 * MIB as usize].fill(0);
     assert!(allocated(&img) >= before, "BLKZEROOUT punched holes");
-    same(&read_through_library(dir, "d.vhdx"), &model, "library");
-    assert_clean("vhdx", &img);
+    common::assert_same(&read_through_library(dir, "d.vhdx"), &model, "library");
+    vhd_util::assert_clean("vhdx", &img);
 }

@@ -9,7 +9,6 @@ mod common;
 #[path = "vhd_util/mod.rs"]
 mod vhd_util;
 
-use std::path::Path;
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;
@@ -20,31 +19,6 @@ const FORMATS: [(&str, &str); 3] = [
     ("vhdx", "subformat=dynamic,block_size=1M"),
     ("vdi", "static=off"),
 ];
-
-/// Equal, or a panic naming the first differing offset (no byte dumps).
-fn same(actual: &[u8], expected: &[u8], what: &str) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: differs first at byte {i}: {} != {}",
-            actual[i], expected[i]
-        );
-    }
-}
-
-fn data(seed: u64) -> Vec<u8> {
-    let mut rng = common::Rng(seed | 1);
-    (0..SIZE).map(|_| rng.next() as u8 | 1).collect()
-}
-
-/// Clean for the format's checker (VHD: the suite's; others: qemu-img check).
-fn assert_clean(fmt: &str, img: &Path) {
-    if fmt == "vpc" {
-        vhd_util::check_file(img).unwrap_or_else(|e| panic!("VHD check: {e}"));
-    } else {
-        common::run("qemu-img", &["check", "-f", fmt, img.to_str().unwrap()]);
-    }
-}
 
 /// The ranges every test discards: whole blocks, pieces of blocks, a range
 /// across block boundaries, the last sectors of the disk.
@@ -87,14 +61,14 @@ fn allocated(disk: &vdisk::Disk) -> u64 {
 fn discard_in_base_images_reads_zeros_and_frees_blocks() {
     for (fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
-        let mut model = data(7);
+        let mut model = common::nonzero_data(7, SIZE);
         let img = common::qemu_image_from(&model, dir.path(), &format!("d.{fmt}"), fmt, opts);
         let before = std::fs::metadata(&img).unwrap().len();
         {
             let disk = common::open(&img, true).unwrap();
             let full = allocated(&disk);
             apply(&disk, &mut model);
-            same(
+            common::assert_same(
                 &common::read_all(&disk),
                 &model,
                 &format!("{fmt}: vdisk reads"),
@@ -106,12 +80,12 @@ fn discard_in_base_images_reads_zeros_and_frees_blocks() {
             );
             disk.flush().unwrap();
         }
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img reads"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
         let len = std::fs::metadata(&img).unwrap().len();
         assert!(len <= before, "{fmt}: file grew {before} -> {len}");
         if fmt == "vdi" {
@@ -125,18 +99,18 @@ fn discard_in_base_images_reads_zeros_and_frees_blocks() {
         let new = vec![0x5Au8; 3 * MIB as usize];
         disk.write_at(&new, MIB).unwrap();
         model[MIB as usize..4 * MIB as usize].copy_from_slice(&new);
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt}: rewrite after discard"),
         );
         drop(disk);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img after rewrite"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -144,7 +118,7 @@ fn discard_in_base_images_reads_zeros_and_frees_blocks() {
 fn discard_in_a_child_never_shows_the_parent() {
     for (fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
-        let mut model = data(11);
+        let mut model = common::nonzero_data(11, SIZE);
         let parent = common::qemu_image_from(&model, dir.path(), &format!("p.{fmt}"), fmt, opts);
         let parent_bytes = std::fs::read(&parent).unwrap();
         let child = dir.path().join(format!("c.{fmt}"));
@@ -160,7 +134,7 @@ fn discard_in_a_child_never_shows_the_parent() {
             disk.write_at(&own, 2 * MIB).unwrap();
             model[2 * MIB as usize..4 * MIB as usize].copy_from_slice(&own);
             apply(&disk, &mut model);
-            same(
+            common::assert_same(
                 &common::read_all(&disk),
                 &model,
                 &format!("{fmt}: vdisk reads the child"),
@@ -169,7 +143,7 @@ fn discard_in_a_child_never_shows_the_parent() {
         // qemu reads no differencing image of these formats: vdisk reads
         // the child afresh instead.
         let disk = common::open(&child, false).unwrap();
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt}: child reopened"),
@@ -186,7 +160,7 @@ fn discard_in_a_child_never_shows_the_parent() {
 fn misaligned_or_out_of_range_discards_change_nothing() {
     for (fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
-        let model = data(3);
+        let model = common::nonzero_data(3, SIZE);
         let img = common::qemu_image_from(&model, dir.path(), &format!("m.{fmt}"), fmt, opts);
         let file = std::fs::read(&img).unwrap();
         let disk = common::open(&img, true).unwrap();
@@ -218,7 +192,7 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
     for (fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
         let mut model = vec![0u8; SIZE as usize];
-        let half = data(13);
+        let half = common::nonzero_data(13, SIZE);
         model[..(SIZE / 2) as usize].copy_from_slice(&half[..(SIZE / 2) as usize]);
         let img = common::qemu_image_from(&model, dir.path(), &format!("z.{fmt}"), fmt, opts);
         let disk = common::open(&img, true).unwrap();
@@ -237,18 +211,18 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
             allocated(&disk) + 2 * MIB <= full,
             "{fmt}: whole-block zero write kept its blocks"
         );
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt}: reads after zero writes"),
         );
         drop(disk);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img after zero writes"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
 
         // A child: zeros over the parent's zeros are nothing, over its data they count.
         let child = dir.path().join(format!("zc.{fmt}"));
@@ -268,7 +242,7 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
         );
         disk.write_at(&zeros, 0).unwrap();
         model[..4096].fill(0);
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt} child: reads"),
@@ -283,7 +257,7 @@ fn zero_writes_allocate_nothing_where_zeros_are_read() {
 fn relocate_fills_holes_and_cuts_the_file() {
     for (fmt, opts) in FORMATS {
         let dir = tempfile::tempdir().unwrap();
-        let mut model = data(17);
+        let mut model = common::nonzero_data(17, SIZE);
         let img = common::qemu_image_from(&model, dir.path(), &format!("r.{fmt}"), fmt, opts);
         let full = std::fs::metadata(&img).unwrap().len();
         {
@@ -296,7 +270,7 @@ fn relocate_fills_holes_and_cuts_the_file() {
         }
         let disk = common::open(&img, true).unwrap();
         let moved = disk.layers()[0].relocate(&mut |_, _| {}).unwrap();
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt}: after relocate"),
@@ -309,23 +283,23 @@ fn relocate_fills_holes_and_cuts_the_file() {
             len <= full / 2 + 3 * MIB,
             "{fmt}: file {full} -> {len} bytes after relocating {moved} blocks"
         );
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img after relocate"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
         let disk = common::open(&img, true).unwrap();
         let new = vec![0x3Cu8; 3 * MIB as usize];
         disk.write_at(&new, 8 * MIB).unwrap();
         model[8 * MIB as usize..11 * MIB as usize].copy_from_slice(&new);
         drop(disk);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: write after relocate"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -338,7 +312,7 @@ fn freed_blocks_are_reused_after_a_flush() {
         let (fmt, opts) = (*fmt, *opts);
         let dir = tempfile::tempdir().unwrap();
         let mut model = vec![0u8; SIZE as usize];
-        let first = data(19);
+        let first = common::nonzero_data(19, SIZE);
         model[..(SIZE / 2) as usize].copy_from_slice(&first[..(SIZE / 2) as usize]);
         let img = common::qemu_image_from(&model, dir.path(), &format!("u.{fmt}"), fmt, opts);
         let disk = common::open(&img, true).unwrap();
@@ -353,7 +327,7 @@ fn freed_blocks_are_reused_after_a_flush() {
             disk.write_at(&[0xABu8; 512], at).unwrap();
             model[at as usize..at as usize + 512].fill(0xAB);
         }
-        same(
+        common::assert_same(
             &common::read_all(&disk),
             &model,
             &format!("{fmt}: reads after reuse"),
@@ -364,12 +338,12 @@ fn freed_blocks_are_reused_after_a_flush() {
             len,
             "{fmt}: the file grew"
         );
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img after reuse"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }
 
@@ -386,7 +360,7 @@ fn a_place_freed_in_the_same_open_is_zeroed_when_reused() {
         let mut model = vec![0u8; SIZE as usize];
         let img = common::qemu_image_from(&model, dir.path(), &format!("r.{fmt}"), fmt, opts);
         let disk = common::open(&img, true).unwrap();
-        let d = data(23);
+        let d = common::nonzero_data(23, SIZE);
         disk.write_at(&d[..4 * MIB as usize], 8 * MIB).unwrap();
         model[8 * MIB as usize..12 * MIB as usize].copy_from_slice(&d[..4 * MIB as usize]);
         disk.flush().unwrap();
@@ -398,13 +372,13 @@ fn a_place_freed_in_the_same_open_is_zeroed_when_reused() {
             disk.write_at(&[0xCDu8; 512], at).unwrap();
             model[at as usize..at as usize + 512].fill(0xCD);
         }
-        same(&common::read_all(&disk), &model, &format!("{fmt}: vdisk"));
+        common::assert_same(&common::read_all(&disk), &model, &format!("{fmt}: vdisk"));
         drop(disk);
-        same(
+        common::assert_same(
             &common::qemu_raw(&img, fmt),
             &model,
             &format!("{fmt}: qemu-img after reuse"),
         );
-        assert_clean(fmt, &img);
+        vhd_util::assert_clean(fmt, &img);
     }
 }

@@ -100,6 +100,25 @@ pub fn run(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `len` seeded pseudo-random bytes, none of them zero (so that a range that
+/// reads zeros afterwards was zeroed, not left as written).
+pub fn nonzero_data(seed: u64, len: u64) -> Vec<u8> {
+    let mut rng = Rng(seed | 1);
+    (0..len).map(|_| rng.next() as u8 | 1).collect()
+}
+
+/// Asserts `actual == expected`, naming the first differing byte (not a
+/// dump of megabytes).
+pub fn assert_same(actual: &[u8], expected: &[u8], what: &str) {
+    assert_eq!(actual.len(), expected.len(), "{what}: length");
+    if let Some(i) = actual.iter().zip(expected).position(|(a, b)| a != b) {
+        panic!(
+            "{what}: differs first at byte {i}: {} != {}",
+            actual[i], expected[i]
+        );
+    }
+}
+
 /// Deterministic test data of `len` bytes: runs of pseudo-random bytes, zeros
 /// and untouched holes (the caller decides what a hole is), chosen by `seed`.
 /// Returns the data and the (offset, len) list of non-hole runs.

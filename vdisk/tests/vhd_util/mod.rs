@@ -264,6 +264,26 @@ pub fn check_file(path: &Path) -> Result<Layout, String> {
     check(&std::fs::read(path).unwrap()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Asserts that `img` is clean for its format's checker: this checker for
+/// VHD (`fmt` "vpc"; qemu-img has no check for it), `qemu-img check` else.
+pub fn assert_clean(fmt: &str, img: &Path) {
+    if fmt == "vpc" {
+        check_file(img).unwrap_or_else(|e| panic!("VHD check: {e}"));
+        return;
+    }
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-f", fmt])
+        .arg(img)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img (install it: see README): {e}"));
+    assert!(
+        out.status.success(),
+        "qemu-img check -f {fmt} {img:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Reads the sector bitmap of an allocated block (MSB first).
 pub fn bitmap_of(d: &[u8], bitmap_offset: u64, block_size: u64) -> Vec<u8> {
     let n = (block_size / 512).div_ceil(8).div_ceil(512) * 512;
