@@ -6,12 +6,13 @@ use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use libc::c_int;
 
 use crate::errno;
 use crate::fdtable::{InternalFd, OpenFile};
+use crate::shard_lock::ShardedRwLock;
 use crate::storage::FdStorage;
 use crate::sys;
 
@@ -29,10 +30,11 @@ pub struct ImageObject {
     ino: AtomicU64,
     /// Absolute path it was first opened by.
     pub path: CString,
-    disk: RwLock<Arc<vdisk::Disk>>,
+    /// Sharded: every data call takes it shared (see `shard_lock`).
+    disk: ShardedRwLock<Arc<vdisk::Disk>>,
     /// Writes hold it shared; a snapshot holds it exclusively, so that no
     /// write lands in the file that is becoming a parent.
-    io: RwLock<()>,
+    io: ShardedRwLock<()>,
     /// A second fd on the container, for fstat.
     stat_fd: InternalFd,
     /// The writer locks, taken at the first write, by process.
@@ -68,7 +70,7 @@ impl ImageObject {
     }
     /// Held by every write (see `io`).
     pub fn write_guard(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.io.read().unwrap_or_else(|e| e.into_inner())
+        self.io.read()
     }
     /// fsync and friends: commits and syncs the disk. A process that only
     /// holds a forked copy of the disk's state syncs the file and commits
@@ -111,12 +113,12 @@ impl ImageObject {
     }
 
     pub fn disk(&self) -> Arc<vdisk::Disk> {
-        self.disk.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.disk.read().clone()
     }
     /// Runs `f` on the current disk, without taking a reference to it (the
     /// data path: a snapshot or an upgrade to read-write waits for `f`).
     pub fn with_disk<R>(&self, f: impl FnOnce(&vdisk::Disk) -> R) -> R {
-        f(&self.disk.read().unwrap_or_else(|e| e.into_inner()))
+        f(&self.disk.read())
     }
     pub fn path_str(&self) -> &str {
         self.path.to_str().unwrap_or("<non-UTF-8 path>")
@@ -174,10 +176,7 @@ impl ImageObject {
                 log::warn!("{}: reopening for writing: {e}", self.path_str());
                 errno::from_vdisk(&e)
             })?;
-            let old = std::mem::replace(
-                &mut *self.disk.write().unwrap_or_else(|e| e.into_inner()),
-                Arc::new(disk),
-            );
+            let old = self.disk.replace(Arc::new(disk));
             old.disown();
             self.owner_pid.store(pid, Ordering::Release);
         }
@@ -190,7 +189,7 @@ impl ImageObject {
     /// The current file is renamed to `<stem>.<timestamp>.<ext>` and becomes
     /// the parent; a new child takes its path; every fd moves to the chain.
     pub fn snapshot_in_place(&self) -> Result<(), String> {
-        let _quiet = self.io.write().unwrap_or_else(|e| e.into_inner());
+        let _quiet = self.io.write_all();
         let old = self.disk();
         if !old.is_writable() {
             return Ok(());
@@ -252,7 +251,7 @@ impl ImageObject {
         )
         .map(with_options)
         .map_err(|e| format!("reopen: {e}"))?;
-        *self.disk.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(disk);
+        self.disk.replace(Arc::new(disk));
         self.stat_fd.replace(stat_fd);
         self.dev.store(st.st_dev, Ordering::Release);
         self.ino.store(st.st_ino, Ordering::Release);
@@ -377,10 +376,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         // A read-write open of an image opened read-only so far: every fd of
         // it moves to the writable disk, so all share one metadata cache.
         sys::close(stat_fd);
-        let old = std::mem::replace(
-            &mut *obj.disk.write().unwrap_or_else(|e| e.into_inner()),
-            disk,
-        );
+        let old = obj.disk.replace(disk);
         if obj.owner_pid.load(Ordering::Acquire) != sys::pid() {
             old.disown();
         }
@@ -391,8 +387,8 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
         dev: AtomicU64::new(st.st_dev),
         ino: AtomicU64::new(st.st_ino),
         path: abs.to_owned(),
-        disk: RwLock::new(disk),
-        io: RwLock::new(()),
+        disk: ShardedRwLock::new(disk),
+        io: ShardedRwLock::new(()),
         stat_fd: InternalFd::new(stat_fd),
         writer: Mutex::new(None),
         writer_pid: AtomicI32::new(0),
@@ -482,7 +478,7 @@ pub fn release(of: Arc<OpenFile>) -> Result<(), c_int> {
 impl Drop for ImageObject {
     fn drop(&mut self) {
         if self.owner_pid.load(Ordering::Acquire) != sys::pid() {
-            self.disk.read().unwrap_or_else(|e| e.into_inner()).disown();
+            self.disk.read().disown();
             return;
         }
         let _ = self.finish("its last close");

@@ -24,6 +24,7 @@ mod init;
 mod lock;
 mod logger;
 mod real;
+mod shard_lock;
 mod snapshot;
 mod storage;
 mod sys;

@@ -202,6 +202,15 @@ pub fn getpid() -> c_int {
     unsafe { syscall!(libc::SYS_getpid) as c_int }
 }
 
+/// The CPU this thread runs on (0 if unknown): glibc reads it from the
+/// thread's rseq area, without a system call.
+#[inline]
+pub fn cpu() -> usize {
+    // SAFETY: no arguments; not a function the library hooks.
+    let c = unsafe { libc::sched_getcpu() };
+    if c < 0 { 0 } else { c as usize }
+}
+
 static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// This process's pid without a syscall (glibc no longer caches it): set at
