@@ -2,12 +2,14 @@
 //! (and of commit and rebase, which copy between layers).
 //!
 //! A reader thread walks the source's allocation map chunk by chunk, reads
-//! only the runs some layer stores (holes are never read) and hands full
-//! buffers to the writer (the calling thread) over a bounded channel, so
-//! reads and writes overlap. The writer skips every granule that reads as
-//! zeros (or, against a backing disk, as the backing disk reads), so a new
-//! destination stays sparse: dynamic images allocate no block for zeros, and
-//! raw or fixed files keep their holes.
+//! only the runs some layer stores (holes are never read), finds the granules
+//! that need writing and hands full buffers to the writer (the calling
+//! thread) over a bounded channel, so reads and writes overlap. Granules that
+//! read as zeros (or, against a backing disk, as the backing disk reads) are
+//! skipped, so a new destination stays sparse: dynamic images allocate no
+//! block for zeros, and raw or fixed files keep their holes. The reader does
+//! the scanning because the writer is the slower side: copying into new
+//! page-cache pages costs more than copying out of cached ones.
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 
@@ -20,7 +22,7 @@ use crate::{Allocation, Disk, Error, Format, Image, Mapping, Result, Storage};
 pub const CHUNK: usize = 1 << 20;
 /// Buffers in flight between the reader and the writer.
 const BUFFERS: usize = 2;
-/// What the writer tests for zeros (or for equality with the backing disk)
+/// What the reader tests for zeros (or for equality with the backing disk)
 /// and skips: a page, the smallest unit a sparse file can leave out.
 pub const GRANULE: usize = 4096;
 
@@ -48,8 +50,8 @@ struct Chunk {
     /// The chunk's bytes (`len` of them) when some layer stores any of it;
     /// `None` for a hole.
     data: Option<Vec<u8>>,
-    /// The backing disk's bytes of the chunk, when copying against one.
-    backing: Option<Vec<u8>>,
+    /// The runs of `data` to write, as (start, end) in the chunk.
+    runs: Vec<(usize, usize)>,
 }
 
 /// Whether `b` is all zeros (a fold the compiler vectorises).
@@ -87,7 +89,7 @@ pub fn copy_disk(
     let (to_writer, from_reader) = sync_channel::<Result<Chunk>>(BUFFERS);
     let (to_reader, spare) = sync_channel::<Vec<u8>>(BUFFERS * 2);
     std::thread::scope(|scope| {
-        let reader = scope.spawn(move || read_chunks(src, backing, to_writer, spare));
+        let reader = scope.spawn(move || read_chunks(src, backing, opts, to_writer, spare));
         let written = write_chunks(dst, size, opts, from_reader, to_reader, progress);
         // The writer stopped (done or failed): the reader sees its channel
         // closed and ends too.
@@ -107,6 +109,7 @@ pub fn copy_disk(
 fn read_chunks(
     src: &Disk,
     backing: Option<&Disk>,
+    opts: CopyOptions,
     to_writer: SyncSender<Result<Chunk>>,
     spare: Receiver<Vec<u8>>,
 ) -> Result<u64> {
@@ -114,6 +117,8 @@ fn read_chunks(
     let mut read = 0u64;
     let mut offset = 0u64;
     let buffer = |spare: &Receiver<Vec<u8>>| spare.try_recv().unwrap_or_else(|_| vec![0; CHUNK]);
+    // The backing disk's bytes of a chunk: compared here, never sent.
+    let mut backing_buf: Option<Vec<u8>> = None;
     while offset < size {
         let len = (size - offset).min(CHUNK as u64) as usize;
         let chunk = (|| {
@@ -139,17 +144,21 @@ fn read_chunks(
             };
             let backing = match (backing, &data) {
                 (Some(disk), Some(_)) if backing_stored => {
-                    let mut buf = buffer(&spare);
+                    let buf = backing_buf.get_or_insert_with(|| vec![0; CHUNK]);
                     disk.read_at(&mut buf[..len], offset)?;
-                    Some(buf)
+                    Some(&buf[..len])
                 }
                 _ => None,
+            };
+            let runs = match &data {
+                Some(d) => runs_to_write(&d[..len], backing, opts),
+                None => Vec::new(),
             };
             Ok(Chunk {
                 offset,
                 len,
                 data,
-                backing,
+                runs,
             })
         })();
         let failed = chunk.is_err();
@@ -180,7 +189,37 @@ fn stored_runs(disk: &Disk, offset: u64, len: usize) -> Result<Vec<(usize, usize
     Ok(runs)
 }
 
-/// The writer: each chunk's granules that need writing, merged into runs.
+/// The granules of `data` that need writing, merged into (start, end) runs:
+/// those that differ from `backing` (copying against a backing disk), or
+/// else those that are not all zeros (all of them with `write_zeros`).
+fn runs_to_write(data: &[u8], backing: Option<&[u8]>, opts: CopyOptions) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut run: Option<usize> = None;
+    let mut at = 0usize;
+    while at < data.len() {
+        let end = (at + GRANULE).min(data.len());
+        let g = &data[at..end];
+        let needed = match backing {
+            Some(b) => g != &b[at..end],
+            None => opts.write_zeros || !is_zero(g),
+        };
+        match (needed, run) {
+            (true, None) => run = Some(at),
+            (false, Some(start)) => {
+                runs.push((start, at));
+                run = None;
+            }
+            _ => {}
+        }
+        at = end;
+    }
+    if let Some(start) = run {
+        runs.push((start, data.len()));
+    }
+    runs
+}
+
+/// The writer: each chunk's runs that need writing.
 fn write_chunks(
     dst: &Disk,
     size: u64,
@@ -193,41 +232,16 @@ fn write_chunks(
     for chunk in from_reader {
         let chunk = chunk?;
         if let Some(data) = &chunk.data {
-            let data = &data[..chunk.len];
-            let backing = chunk.backing.as_ref().map(|b| &b[..chunk.len]);
-            let mut run: Option<usize> = None;
-            let mut at = 0usize;
-            let mut flush_run = |start: usize, end: usize| -> Result<()> {
+            for &(start, end) in &chunk.runs {
                 dst.write_at(&data[start..end], chunk.offset + start as u64)?;
                 written += (end - start) as u64;
-                Ok(())
-            };
-            while at < chunk.len {
-                let end = (at + GRANULE).min(chunk.len);
-                let g = &data[at..end];
-                let needed = match backing {
-                    Some(b) => g != &b[at..end],
-                    None => opts.write_zeros || !is_zero(g),
-                };
-                match (needed, run) {
-                    (true, None) => run = Some(at),
-                    (false, Some(start)) => {
-                        flush_run(start, at)?;
-                        run = None;
-                    }
-                    _ => {}
-                }
-                at = end;
-            }
-            if let Some(start) = run {
-                flush_run(start, chunk.len)?;
             }
         } else if opts.write_zeros {
             let zeros = vec![0u8; chunk.len];
             dst.write_at(&zeros, chunk.offset)?;
             written += chunk.len as u64;
         }
-        for buf in [chunk.data, chunk.backing].into_iter().flatten() {
+        if let Some(buf) = chunk.data {
             let _ = to_reader.try_send(buf);
         }
         progress(chunk.offset + chunk.len as u64, size);
