@@ -353,7 +353,7 @@ pub fn open(abs: &CStr, writable: bool) -> Result<Opened, c_int> {
     let stat_fd = sys::fcntl(fd, libc::F_DUPFD_CLOEXEC, INTERNAL_FD_FLOOR as libc::c_long)
         .map_err(|e| errno::from_io(&e))? as c_int;
     let disk = vdisk::open_disk(
-        Box::new(storage),
+        Box::new(storage.with_read_fds()),
         path_of(abs),
         vdisk::OpenOptions { writable },
         &RawParentOpener,
@@ -503,7 +503,7 @@ fn reopen_writable(abs: &CStr, id: (u64, u64)) -> vdisk::Result<vdisk::Disk> {
         ));
     }
     vdisk::open_disk(
-        Box::new(storage),
+        Box::new(storage.with_read_fds()),
         path_of(abs),
         vdisk::OpenOptions { writable: true },
         &RawParentOpener,
@@ -558,7 +558,7 @@ impl vdisk::ParentOpener for RawParentOpener {
         if st.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        Ok(Box::new(storage))
+        Ok(Box::new(storage.with_read_fds()))
     }
 
     /// VMDK extent files, with the access mode of the image's open.

@@ -34,7 +34,9 @@ pub struct WriteAll<'a, T> {
 impl<T: Clone> ShardedRwLock<T> {
     pub fn new(value: T) -> ShardedRwLock<T> {
         ShardedRwLock {
-            shards: (0..SHARDS).map(|_| Shard(RwLock::new(value.clone()))).collect(),
+            shards: (0..SHARDS)
+                .map(|_| Shard(RwLock::new(value.clone())))
+                .collect(),
         }
     }
 

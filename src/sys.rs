@@ -211,6 +211,26 @@ pub fn cpu() -> usize {
     if c < 0 { 0 } else { c as usize }
 }
 
+/// CPUs this thread may run on (1 if unknown).
+pub fn cpu_count() -> usize {
+    // SAFETY: a zeroed cpu_set_t is valid, and the kernel writes at most
+    // its size.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        syscall!(
+            libc::SYS_sched_getaffinity,
+            0,
+            std::mem::size_of::<libc::cpu_set_t>(),
+            &raw mut set,
+        )
+    };
+    if r <= 0 {
+        return 1;
+    }
+    // SAFETY: the set the kernel filled.
+    (unsafe { libc::CPU_COUNT(&set) }).max(1) as usize
+}
+
 static PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
 
 /// This process's pid without a syscall (glibc no longer caches it): set at

@@ -1273,6 +1273,8 @@ fn scenario_fd_lifecycle(c: &Cell) {
         ("survive_closefrom", r(off)),
         ("survive_close_range", r(off)),
         ("survive_close_loop", r(off)),
+        ("survive_dup2_over", r(off)),
+        ("survive_dup2_closed", r(off)),
         ("survive_write", "16".into()),
         ("survive_fsync", "0".into()),
         ("dup_a", r(0)),

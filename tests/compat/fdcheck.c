@@ -18,6 +18,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <sched.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -47,6 +48,43 @@ static void prd(const char *key, int fd, off_t off) {
     unsigned char b[16];
     ssize_t n = pread(fd, b, sizeof b, off);
     hex(key, b, n, errno);
+}
+
+/* prd on every CPU this process may run on, one after another: the library
+ * reads an image through one open file of its own per CPU. Prints the first
+ * CPU's bytes, or ERR if a read on any CPU failed or read other bytes. */
+static void prd_cpus(const char *key, int fd, off_t off) {
+    cpu_set_t all, one;
+    unsigned char first[16] = {0};
+    ssize_t n0 = -1;
+    int err = ENOENT;
+    if (sched_getaffinity(0, sizeof all, &all) != 0) {
+        prd(key, fd, off);
+        return;
+    }
+    for (int c = 0; c < CPU_SETSIZE; c++) {
+        if (!CPU_ISSET(c, &all)) continue;
+        CPU_ZERO(&one);
+        CPU_SET(c, &one);
+        if (sched_setaffinity(0, sizeof one, &one) != 0) continue;
+        unsigned char b[16];
+        ssize_t n = pread(fd, b, sizeof b, off);
+        if (n != (ssize_t)sizeof b) {
+            n0 = -1;
+            err = n < 0 ? errno : EIO;
+            break;
+        }
+        if (n0 < 0 && err == ENOENT) {
+            memcpy(first, b, sizeof b);
+            n0 = n;
+        } else if (memcmp(first, b, sizeof b) != 0) {
+            n0 = -1;
+            err = EILSEQ;
+            break;
+        }
+    }
+    sched_setaffinity(0, sizeof all, &all);
+    hex(key, first, n0, err);
 }
 
 /* Opens `path` until the kernel hands out number `want` (libc may have
@@ -177,11 +215,20 @@ int main(int argc, char **argv) {
     /* The library's own fds survive the program closing everything above. */
     fd = must_open(img, O_RDWR);
     closefrom(fd + 1);
-    prd("survive_closefrom", fd, off);
+    prd_cpus("survive_closefrom", fd, off);
     close_range(fd + 1, ~0U, 0);
-    prd("survive_close_range", fd, off);
+    prd_cpus("survive_close_range", fd, off);
     for (int i = fd + 1; i < 1024; i++) close(i);
-    prd("survive_close_loop", fd, off);
+    prd_cpus("survive_close_loop", fd, off);
+    /* dup2 of another file onto every number above (the library's fds
+     * among them: they move away first), then closed again. */
+    int other = must_open(plain, O_RDONLY);
+    for (int i = fd + 1; i < 1024; i++)
+        if (i != other) dup2(other, i);
+    prd_cpus("survive_dup2_over", fd, off);
+    for (int i = fd + 1; i < 1024; i++) close(i);
+    if (other < fd) close(other);
+    prd_cpus("survive_dup2_closed", fd, off);
     printf("survive_write=%ld\n", (long)pwrite(fd, "SURVIVOR-WRITE!!", 16, woff));
     printf("survive_fsync=%d\n", fsync(fd));
     close(fd);
