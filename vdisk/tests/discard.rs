@@ -9,7 +9,6 @@ mod common;
 #[path = "vhd_util/mod.rs"]
 mod vhd_util;
 
-
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 24 * MIB;
 
