@@ -56,8 +56,7 @@ static void prd(const char *key, int fd, off_t off) {
 static void prd_cpus(const char *key, int fd, off_t off) {
     cpu_set_t all, one;
     unsigned char first[16] = {0};
-    ssize_t n0 = -1;
-    int err = ENOENT;
+    int reads = 0, err = ENOENT; /* ENOENT: no CPU could be pinned */
     if (sched_getaffinity(0, sizeof all, &all) != 0) {
         prd(key, fd, off);
         return;
@@ -70,21 +69,20 @@ static void prd_cpus(const char *key, int fd, off_t off) {
         unsigned char b[16];
         ssize_t n = pread(fd, b, sizeof b, off);
         if (n != (ssize_t)sizeof b) {
-            n0 = -1;
             err = n < 0 ? errno : EIO;
+            reads = -1;
             break;
         }
-        if (n0 < 0 && err == ENOENT) {
-            memcpy(first, b, sizeof b);
-            n0 = n;
-        } else if (memcmp(first, b, sizeof b) != 0) {
-            n0 = -1;
+        if (reads > 0 && memcmp(first, b, sizeof b) != 0) {
             err = EILSEQ;
+            reads = -1;
             break;
         }
+        memcpy(first, b, sizeof b);
+        reads++;
     }
     sched_setaffinity(0, sizeof all, &all);
-    hex(key, first, n0, err);
+    hex(key, first, reads > 0 ? (ssize_t)sizeof first : -1, err);
 }
 
 /* Opens `path` until the kernel hands out number `want` (libc may have
